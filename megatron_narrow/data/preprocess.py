@@ -1,0 +1,529 @@
+"""Parallel, deterministic, resumable tokenization of raw corpora into Arrow shards.
+
+How the guarantees are met:
+- Determinism for any worker count: the input is cut into chunks by raw-byte size at record
+  boundaries, independently of the workers; chunk i becomes shard i, whoever tokenizes it.
+- Resume after SIGKILL: a finished shard is renamed into place, then a small progress record naming
+  its input checksum is renamed into `.progress/`. A rerun skips chunks whose record matches and redoes
+  the rest; the manifest is written last, from the records alone, so it has no timing in it.
+- Bad input costs nothing: every record is classified, rejects are counted by kind (and written to the
+  reject file with their source and line), and every valid record becomes exactly one document.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gzip
+import hashlib
+import json
+import multiprocessing
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from megatron_narrow.data.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    encode_shard,
+    shard_name,
+)
+from megatron_narrow.data.tokenizer import TokenizerType, load_tokenizer, tokenizer_description
+
+REJECT_KINDS = ("invalid_json", "missing_key", "not_a_string", "invalid_utf8", "empty", "too_large")
+PROGRESS_DIR = ".progress"
+TOKENIZE_BATCH_BYTES = 1 << 21  # tokenize ~2 MB of text at a time: bounded memory, long enough batches
+
+
+@dataclass(kw_only=True, slots=True)
+class PreprocessConfig:
+    """Everything that decides the output bytes, plus the worker count and reject file (which do not)."""
+
+    inputs: list[str]
+    """Input files: JSONL or plain text, optionally gzipped (.gz)."""
+
+    output_dir: str
+    """Directory for index.json and the shards."""
+
+    tokenizer_type: TokenizerType
+    """sentencepiece (.model) or wordpiece (vocab.txt or tokenizer.json)."""
+
+    tokenizer_model: str
+    """Path of the tokenizer file."""
+
+    workers: int = 1
+    """Tokenizing processes; the output is byte-identical for any value."""
+
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    """JSONL keys whose string values form the document, in order, each starting a new paragraph."""
+
+    input_format: Literal["auto", "jsonl", "text"] = "auto"
+    """auto: .jsonl/.json (optionally .gz) is JSONL, anything else plain text."""
+
+    text_mode: Literal["line", "block"] = "line"
+    """Plain text: one document per line, or one per block of lines separated by blank lines."""
+
+    split_sentences: bool = False
+    """Split paragraphs into sentences (blingfire, no download); otherwise a paragraph is one sentence."""
+
+    max_document_bytes: int = 10_000_000
+    """Documents whose UTF-8 text is larger are rejected as too_large."""
+
+    shard_size_bytes: int = 256 << 20
+    """Raw input bytes per shard; bounds each shard's size and each worker's memory."""
+
+    reject_file: str | None = None
+    """Where rejected records go (JSONL: kind, source, line, record); None keeps counts only."""
+
+    overwrite: bool = False
+    """Replace an output directory that holds a different dataset instead of refusing."""
+
+    progress: bool = True
+    """Show a progress bar and a closing summary on stderr."""
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("preprocess: give at least one --input file")
+        for path in self.inputs:
+            if not Path(path).is_file():
+                raise ValueError(f"preprocess: input {path} does not exist")
+        if self.workers < 1:
+            raise ValueError(f"preprocess: --workers must be >= 1, got {self.workers}")
+        if not self.json_keys:
+            raise ValueError("preprocess: --json-keys needs at least one key")
+        if self.max_document_bytes < 1:
+            raise ValueError(f"preprocess: --max-document-bytes must be positive, got {self.max_document_bytes}")
+        if self.shard_size_bytes < 1:
+            raise ValueError(f"preprocess: the shard size must be positive, got {self.shard_size_bytes}")
+
+    def output_settings(self) -> dict:
+        """The settings that determine the output bytes (workers, reject file and progress do not)."""
+        settings = asdict(self)
+        for key in ("inputs", "output_dir", "tokenizer_model", "workers", "reject_file", "overwrite", "progress"):
+            settings.pop(key)
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One raw input record: its bytes, and where it came from (for the reject file)."""
+
+    source: int
+    line: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Chunk:
+    index: int
+    records: list[Record]
+    input_sha256: str
+    input_bytes: int
+
+
+def input_format_of(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path[:-3] if path.endswith(".gz") else path
+    return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_records(paths: list[str], config: PreprocessConfig, position: list[int]) -> Iterator[Record]:
+    """Yield raw records of all inputs in order. `position[0]` tracks on-disk bytes consumed (for ETA)."""
+    done_bytes = 0
+    for source, path in enumerate(paths):
+        block_mode = input_format_of(path, config.input_format) == "text" and config.text_mode == "block"
+        with open(path, "rb") as raw, (gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
+            block: list[bytes] = []
+            block_line = 1
+            for line_no, line in enumerate(f, start=1):
+                position[0] = done_bytes + raw.tell()
+                if not block_mode:
+                    yield Record(source, line_no, line)
+                elif line.strip():
+                    if not block:
+                        block_line = line_no
+                    block.append(line)
+                elif block:
+                    yield Record(source, block_line, b"".join(block))
+                    block = []
+            if block:
+                yield Record(source, block_line, b"".join(block))
+        done_bytes += Path(path).stat().st_size
+        position[0] = done_bytes
+
+
+def iter_chunks(records: Iterable[Record], shard_size_bytes: int) -> Iterator[Chunk]:
+    """Group records into chunks of about `shard_size_bytes`, independent of the worker count."""
+    batch: list[Record] = []
+    size = 0
+    digest = hashlib.sha256()
+    index = 0
+    for record in records:
+        batch.append(record)
+        size += len(record.data)
+        digest.update(len(record.data).to_bytes(8, "little"))
+        digest.update(record.data)
+        if size >= shard_size_bytes:
+            yield Chunk(index, batch, digest.hexdigest(), size)
+            batch, size, digest, index = [], 0, hashlib.sha256(), index + 1
+    if batch or index == 0:
+        yield Chunk(index, batch, digest.hexdigest(), size)
+
+
+class Rejected(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def document_text(record: Record, *, is_json: bool, json_keys: list[str], max_bytes: int) -> str:
+    """Decode and validate one record; raises Rejected(kind) for every kind of bad input."""
+    try:
+        raw = record.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("invalid_utf8") from None
+    if is_json:
+        if not raw.strip():
+            raise Rejected("empty")
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            raise Rejected("invalid_json") from None
+        if not isinstance(obj, dict):
+            raise Rejected("invalid_json")
+        values = []
+        for key in json_keys:
+            if key not in obj:
+                raise Rejected("missing_key")
+            if not isinstance(obj[key], str):
+                raise Rejected("not_a_string")
+            values.append(obj[key])
+        text = "\n".join(values)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")  # JSON escapes can smuggle lone surrogates in
+            except UnicodeEncodeError:
+                raise Rejected("invalid_utf8") from None
+    else:
+        text = raw
+    if not text.strip():
+        raise Rejected("empty")
+    if len(record.data) > max_bytes and len(text.encode("utf-8")) > max_bytes:
+        raise Rejected("too_large")
+    return text
+
+
+@lru_cache(maxsize=4)
+def _cached_tokenizer(kind: str, path: str):
+    """One tokenizer per worker process, loaded in the worker (never inherited across fork)."""
+    return load_tokenizer(kind, path)
+
+
+@lru_cache(maxsize=1)
+def _sentence_splitter():
+    import blingfire
+
+    return blingfire.text_to_sentences
+
+
+def split_paragraphs(text: str, split_sentences: bool) -> list[str]:
+    paragraphs = [p for p in text.splitlines() if p.strip()]
+    if not split_sentences:
+        return paragraphs
+    splitter = _sentence_splitter()
+    return [s for p in paragraphs for s in splitter(p).split("\n") if s.strip()]
+
+
+@dataclass(slots=True)
+class ShardResult:
+    """What a worker reports for one chunk; also the progress record that lets a rerun skip it."""
+
+    index: int
+    file: str
+    input_sha256: str
+    input_bytes: int
+    documents: int
+    tokens: int
+    bytes: int
+    sha256: str
+    rejected: dict[str, int]
+    fingerprint: str
+
+
+def process_chunk(chunk: Chunk, config: PreprocessConfig, formats: list[bool], fingerprint: str) -> ShardResult:
+    """Validate, split and tokenize one chunk; write its shard, rejects and progress record atomically."""
+    tokenizer = _cached_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    out = Path(config.output_dir)
+    rejected = dict.fromkeys(REJECT_KINDS, 0)
+    reject_lines: list[bytes] = []
+    token_parts: list[np.ndarray] = []
+    sentence_parts: list[np.ndarray] = []
+    sentences_per_doc: list[int] = []
+    pending: list[list[str]] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        flat = [s for doc in pending for s in doc]
+        ids = tokenizer.encode_batch(flat) if flat else []
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        token_parts.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())))
+        # sentences that tokenize to nothing (stray control characters) are dropped
+        start = 0
+        for doc in pending:
+            doc_lengths = lengths[start:start + len(doc)]
+            start += len(doc)
+            doc_lengths = doc_lengths[doc_lengths > 0]
+            sentence_parts.append(doc_lengths)
+            sentences_per_doc.append(len(doc_lengths))
+        pending, pending_bytes = [], 0
+
+    for record in chunk.records:
+        try:
+            text = document_text(record, is_json=formats[record.source], json_keys=config.json_keys,
+                                 max_bytes=config.max_document_bytes)
+        except Rejected as reject:
+            rejected[reject.kind] += 1
+            if config.reject_file:
+                reject_lines.append(_reject_line(reject.kind, config.inputs[record.source], record))
+            continue
+        pending.append(split_paragraphs(text, config.split_sentences))
+        pending_bytes += len(record.data)
+        if pending_bytes >= TOKENIZE_BATCH_BYTES:
+            flush()
+    flush()
+
+    tokens = np.concatenate(token_parts)
+    sentence_lengths = np.concatenate(sentence_parts).astype(np.int32)
+    sentence_offsets = np.concatenate([[0], np.cumsum(sentences_per_doc)]).astype(np.int32)
+    token_offsets = np.concatenate([[0], np.cumsum(sentence_lengths, dtype=np.int64)])[sentence_offsets]
+    if token_offsets[-1] >= 2**31:
+        raise ValueError(f"chunk {chunk.index} has over 2^31 tokens; lower the shard size")
+    data = encode_shard(tokens, token_offsets.astype(np.int32), sentence_lengths, sentence_offsets)
+
+    name = shard_name(chunk.index)
+    atomic_write_bytes(out / name, data)
+    progress = out / PROGRESS_DIR
+    if config.reject_file:
+        atomic_write_bytes(progress / f"{name}.rejects.jsonl", b"".join(reject_lines))
+    result = ShardResult(
+        index=chunk.index, file=name, input_sha256=chunk.input_sha256, input_bytes=chunk.input_bytes,
+        documents=len(sentences_per_doc), tokens=int(len(tokens)), bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), rejected=rejected, fingerprint=fingerprint,
+    )
+    atomic_write_json(progress / f"{name}.json", asdict(result))
+    return result
+
+
+def _reject_line(kind: str, source: str, record: Record) -> bytes:
+    entry = {"kind": kind, "source": source, "line": record.line,
+             "record": record.data.decode("utf-8", errors="replace")}
+    return (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _finished(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> ShardResult | None:
+    """The progress record of a chunk an earlier run finished, if its inputs and shard still match."""
+    out = Path(config.output_dir)
+    name = shard_name(chunk.index)
+    record_path = out / PROGRESS_DIR / f"{name}.json"
+    if not record_path.is_file():
+        return None
+    try:
+        result = ShardResult(**json.loads(record_path.read_text()))
+    except (json.JSONDecodeError, TypeError):
+        return None
+    shard = out / name
+    if (result.fingerprint != fingerprint or result.input_sha256 != chunk.input_sha256
+            or not shard.is_file() or shard.stat().st_size != result.bytes):
+        return None
+    if config.reject_file and not (out / PROGRESS_DIR / f"{name}.rejects.jsonl").is_file():
+        return None
+    return result
+
+
+def _prepare_output(config: PreprocessConfig, fingerprint: str) -> bool:
+    """Create the output directory; True when it already holds this exact dataset (nothing to do)."""
+    out = Path(config.output_dir)
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text()).get("fingerprint")
+        except json.JSONDecodeError:
+            previous = None
+        if previous == fingerprint and (not config.reject_file or Path(config.reject_file).is_file()):
+            return True
+        if previous != fingerprint and not config.overwrite:
+            raise ValueError(
+                f"{out} already holds a dataset preprocessed with other inputs or settings; "
+                "choose another --output-dir or pass --overwrite"
+            )
+        manifest_path.unlink()
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    for tmp in chain(out.glob("*.tmp"), (out / PROGRESS_DIR).glob("*.tmp")):
+        tmp.unlink()
+    return False
+
+
+def run_fingerprint(config: PreprocessConfig, tokenizer_identity: str) -> str:
+    inputs = [(Path(p).name, Path(p).stat().st_size) for p in config.inputs]
+    blob = json.dumps({"settings": config.output_settings(), "tokenizer": tokenizer_identity, "inputs": inputs},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def preprocess(config: PreprocessConfig) -> dict:
+    """Run the whole preprocessing; returns the manifest that was written."""
+    tokenizer = load_tokenizer(config.tokenizer_type, config.tokenizer_model)  # validates before any work
+    description = tokenizer_description(tokenizer)
+    del tokenizer  # workers load their own
+    fingerprint = run_fingerprint(config, description["identity"])
+    out = Path(config.output_dir)
+    if _prepare_output(config, fingerprint):
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        if config.progress:
+            print(f"{out} already holds this dataset ({manifest['totals']['documents']} documents); "
+                  "nothing to do", file=sys.stderr)
+        return manifest
+
+    formats = [input_format_of(p, config.input_format) == "jsonl" for p in config.inputs]
+    total_bytes = sum(Path(p).stat().st_size for p in config.inputs)
+    position = [0]
+    chunks = iter_chunks(iter_records(config.inputs, config, position), config.shard_size_bytes)
+    meter = _Progress(total_bytes, enabled=config.progress)
+    results: list[ShardResult] = []
+
+    def consume(result: ShardResult, input_position: int, skipped: bool) -> None:
+        results.append(result)
+        meter.update(input_position, result, skipped)
+
+    if config.workers == 1:
+        for chunk in chunks:
+            done = _finished(chunk, config, fingerprint)
+            consume(done or process_chunk(chunk, config, formats, fingerprint), position[0], done is not None)
+    else:
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with cf.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+            in_flight: deque[tuple[cf.Future | ShardResult, int]] = deque()
+            for chunk in chunks:
+                done = _finished(chunk, config, fingerprint)
+                job = done or pool.submit(process_chunk, chunk, config, formats, fingerprint)
+                in_flight.append((job, position[0]))
+                while len(in_flight) > 2 * config.workers:  # bounded memory: a few chunks in flight
+                    _drain_one(in_flight, consume)
+            while in_flight:
+                _drain_one(in_flight, consume)
+
+    manifest = _write_outputs(config, description, fingerprint, results)
+    meter.close(manifest)
+    return manifest
+
+
+def _drain_one(in_flight: deque, consume) -> None:
+    job, input_position = in_flight.popleft()
+    if isinstance(job, ShardResult):
+        consume(job, input_position, True)
+    else:
+        consume(job.result(), input_position, False)
+
+
+def _write_outputs(config: PreprocessConfig, tokenizer: dict, fingerprint: str, results: list[ShardResult]) -> dict:
+    out = Path(config.output_dir)
+    rejected = dict.fromkeys(REJECT_KINDS, 0)
+    shards = []
+    first_document = 0
+    for result in results:
+        for kind, count in result.rejected.items():
+            rejected[kind] += count
+        shards.append({"file": result.file, "documents": result.documents, "tokens": result.tokens,
+                       "bytes": result.bytes, "sha256": result.sha256, "first_document": first_document})
+        first_document += result.documents
+    if config.reject_file:
+        reject_path = Path(config.reject_file)
+        reject_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = reject_path.with_name(reject_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            for result in results:
+                with open(out / PROGRESS_DIR / f"{result.file}.rejects.jsonl", "rb") as part:
+                    shutil.copyfileobj(part, f)
+        tmp.replace(reject_path)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "tokenizer": tokenizer,
+        "schema": {"input_ids": "list<int32>", "sentence_lengths": "list<int32>"},
+        "settings": config.output_settings(),
+        "inputs": [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in config.inputs],
+        "shards": shards,
+        "totals": {
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": len(shards),
+        },
+        "rejected": rejected,
+        "rejected_total": sum(rejected.values()),
+    }
+    listed = {s["file"] for s in shards}
+    for stale in out.glob("shard_*.arrow"):  # left by an earlier, different run in this directory
+        if stale.name not in listed:
+            stale.unlink()
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(out / PROGRESS_DIR)
+    return manifest
+
+
+class _Progress:
+    """tqdm bar over input bytes with documents/s and tokens/s, and a closing summary."""
+
+    def __init__(self, total_bytes: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.documents = self.tokens = self.skipped = 0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def update(self, input_position: int, result: ShardResult, skipped: bool) -> None:
+        self.documents += result.documents
+        self.tokens += result.tokens
+        self.skipped += skipped
+        if self.bar is not None:
+            self.bar.update(max(0, input_position - self.bar.n))
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix(docs_per_s=f"{self.documents / elapsed:,.0f}",
+                                 tokens_per_s=f"{self.tokens / elapsed:,.0f}", refresh=False)
+
+    def close(self, manifest: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.close()
+        elapsed = time.perf_counter() - self.start
+        totals = manifest["totals"]
+        rejects = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items() if v) or "none"
+        print(
+            f"preprocessed {totals['documents']:,} documents, {totals['tokens']:,} tokens into {totals['shards']} "
+            f"shards ({totals['bytes'] / 2**20:,.1f} MiB) in {elapsed:,.1f} s "
+            f"({totals['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s); "
+            f"{self.skipped} shards reused from an earlier run; rejected: {rejects}",
+            file=sys.stderr,
+        )

@@ -1,0 +1,203 @@
+"""The on-disk format: Arrow IPC stream shards, one row per document, and an `index.json` manifest.
+
+Stream format (not the random-access "file" format) because that is what `datasets.Dataset.from_file`
+memory-maps; plain `pyarrow.ipc.open_stream` reads it too. Each shard is a single record batch, so a
+memory-mapped read gives zero-copy numpy views of the flat token array and its offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "megatron_narrow.documents"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "index.json"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("sentence_lengths", pa.list_(pa.int32()), nullable=False),
+    ]
+)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.arrow"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that it either does not exist or is complete: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def encode_shard(doc_tokens: np.ndarray, doc_token_offsets: np.ndarray, sent_lengths: np.ndarray,
+                 doc_sentence_offsets: np.ndarray) -> bytes:
+    """Serialise documents given as flat arrays plus int32 offsets (len = documents + 1)."""
+    input_ids = pa.ListArray.from_arrays(pa.array(doc_token_offsets, pa.int32()), pa.array(doc_tokens, pa.int32()))
+    sentences = pa.ListArray.from_arrays(
+        pa.array(doc_sentence_offsets, pa.int32()), pa.array(sent_lengths, pa.int32())
+    )
+    batch = pa.RecordBatch.from_arrays([input_ids, sentences], schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, SCHEMA) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DataError(ValueError):
+    """The data on disk disagrees with its manifest, or with the model that wants to read it."""
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: is {data_dir} a directory written by tools/preprocess_data.py?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
+            f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def check_tokenizer_matches(manifest: dict, *, identity: str | None, vocab_size: int | None, where: str) -> None:
+    """Refuse data tokenized with another tokenizer or another vocabulary size than the model's."""
+    recorded = manifest["tokenizer"]
+    if vocab_size is not None and recorded["vocab_size"] != vocab_size:
+        raise DataError(
+            f"{where}: data was tokenized with vocabulary size {recorded['vocab_size']} but the model expects "
+            f"{vocab_size}; preprocess again with the model's tokenizer"
+        )
+    if identity is not None and recorded["identity"] != identity:
+        raise DataError(
+            f"{where}: data was tokenized with {recorded['file']} ({recorded['identity'][:19]}...) but the model's "
+            f"tokenizer is {identity[:19]}...; preprocess again with the model's tokenizer"
+        )
+
+
+class IndexedDocuments:
+    """Memory-mapped shards of a preprocessed dataset; random access by global document index.
+
+    Opening checks the manifest against the files (shard count, each file's size); `verify()` also
+    compares checksums. Both name the offending shard.
+    """
+
+    def __init__(self, data_dir: str | Path, *, expected_identity: str | None = None,
+                 expected_vocab_size: int | None = None, verify_checksums: bool = False) -> None:
+        from megatron_narrow.data.tokenizer import SpecialTokens
+
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        check_tokenizer_matches(self.manifest, identity=expected_identity, vocab_size=expected_vocab_size,
+                                where=str(self.data_dir))
+        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+        self.special = SpecialTokens(**self.manifest["tokenizer"]["special_ids"])
+        self.check_files()
+        if verify_checksums:
+            self.verify()
+
+        self._tokens: list[np.ndarray] = []
+        self._token_offsets: list[np.ndarray] = []
+        self._sent_lengths: list[np.ndarray] = []
+        self._sent_offsets: list[np.ndarray] = []
+        self._tables: list[pa.Table] = []  # keeps the memory maps alive
+        doc_counts = []
+        for entry in self.manifest["shards"]:
+            path = self.data_dir / entry["file"]
+            try:
+                table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+            except (pa.ArrowInvalid, OSError) as error:
+                raise DataError(f"shard {entry['file']} in {self.data_dir} cannot be read: {error}") from error
+            if table.num_rows != entry["documents"]:
+                raise DataError(
+                    f"shard {entry['file']} in {self.data_dir} holds {table.num_rows} documents, "
+                    f"manifest says {entry['documents']}"
+                )
+            table = table.combine_chunks()
+            self._tables.append(table)
+            ids, sents = table.column("input_ids"), table.column("sentence_lengths")
+            ids_array = ids.chunk(0) if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
+            sents_array = sents.chunk(0) if sents.num_chunks else pa.array([], pa.list_(pa.int32()))
+            self._tokens.append(ids_array.values.to_numpy(zero_copy_only=False))
+            self._token_offsets.append(ids_array.offsets.to_numpy(zero_copy_only=False))
+            self._sent_lengths.append(sents_array.values.to_numpy(zero_copy_only=False))
+            self._sent_offsets.append(sents_array.offsets.to_numpy(zero_copy_only=False))
+            doc_counts.append(table.num_rows)
+        self._shard_starts = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
+
+    def check_files(self) -> None:
+        shards = self.manifest["shards"]
+        present = sorted(p.name for p in self.data_dir.glob("shard_*.arrow"))
+        if len(present) != len(shards):
+            missing = sorted({s["file"] for s in shards} - set(present))
+            raise DataError(
+                f"{self.data_dir}: manifest lists {len(shards)} shards, found {len(present)} on disk"
+                + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            )
+        for entry in shards:
+            path = self.data_dir / entry["file"]
+            if not path.is_file():
+                raise DataError(f"shard {entry['file']} listed in {self.data_dir}/index.json is missing")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise DataError(
+                    f"shard {entry['file']} in {self.data_dir} is {size} bytes, manifest says {entry['bytes']} "
+                    "(truncated or modified)"
+                )
+
+    def verify(self) -> None:
+        """Compare every shard's sha256 with the manifest; raise naming the first shard that differs."""
+        for entry in self.manifest["shards"]:
+            digest = sha256_file(self.data_dir / entry["file"])
+            if digest != entry["sha256"]:
+                raise DataError(
+                    f"shard {entry['file']} in {self.data_dir} fails its checksum (sha256 {digest[:16]}..., "
+                    f"manifest {entry['sha256'][:16]}...): the file is corrupt"
+                )
+
+    def __len__(self) -> int:
+        return int(self._shard_starts[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        return shard, index - int(self._shard_starts[shard])
+
+    def tokens(self, index: int) -> np.ndarray:
+        shard, row = self._locate(index)
+        offsets = self._token_offsets[shard]
+        return self._tokens[shard][offsets[row]:offsets[row + 1]]
+
+    def sentence_lengths(self, index: int) -> np.ndarray:
+        shard, row = self._locate(index)
+        offsets = self._sent_offsets[shard]
+        return self._sent_lengths[shard][offsets[row]:offsets[row + 1]]
+
+    def document_lengths(self) -> np.ndarray:
+        """int64[documents]: tokens per document, for building sample indices without touching tokens."""
+        return np.concatenate([np.diff(o).astype(np.int64) for o in self._token_offsets] or [np.zeros(0, np.int64)])

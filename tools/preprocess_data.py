@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Tokenize raw corpora (JSONL or plain text, optionally gzipped) into sharded Arrow files + index.json.
+
+Example:
+  python tools/preprocess_data.py --input corpus.jsonl.gz --output-dir data/corpus \\
+      --tokenizer-type wordpiece --tokenizer-model vocab.txt --workers 8 --split-sentences
+
+The output is byte-identical for any --workers. Killed and rerun with the same arguments, it skips the
+shards it finished. Bad records (invalid JSON or UTF-8, missing or non-string keys, empty or oversized
+documents) are counted by kind in the summary and the manifest, and written to --reject-file if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_narrow.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                        help="input files, read in the order given (.jsonl/.json/.ndjson are JSONL, others text)")
+    parser.add_argument("--output-dir", required=True, help="directory for index.json and shard_*.arrow")
+    parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "wordpiece"])
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="sentencepiece .model, or WordPiece vocab.txt / tokenizer.json")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="JSONL keys that form each document, joined as paragraphs (default: text)")
+    parser.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                        help="override detection by file extension")
+    parser.add_argument("--text-mode", choices=["line", "block"], default="line",
+                        help="plain text: one document per line, or per blank-line-separated block")
+    parser.add_argument("--split-sentences", action="store_true",
+                        help="split paragraphs into sentences (blingfire; no download needed)")
+    parser.add_argument("--max-document-bytes", type=int, default=10_000_000,
+                        help="reject documents larger than this many UTF-8 bytes (default 10 MB)")
+    parser.add_argument("--shard-size-mb", type=float, default=256.0,
+                        help="raw input MiB per output shard (default 256)")
+    parser.add_argument("--reject-file", default=None, help="write rejected records here as JSONL")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory that holds a different dataset")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    args = parser.parse_args(argv)
+    return PreprocessConfig(
+        inputs=args.input, output_dir=args.output_dir, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model, workers=args.workers, json_keys=args.json_keys,
+        input_format=args.input_format, text_mode=args.text_mode, split_sentences=args.split_sentences,
+        max_document_bytes=args.max_document_bytes, shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)),
+        reject_file=args.reject_file, overwrite=args.overwrite, progress=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        preprocess(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
