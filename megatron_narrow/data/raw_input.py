@@ -1,0 +1,168 @@
+"""Raw corpus input: cutting files into chunks, splitting chunks into records, validating records.
+
+The main process only cuts: it reads about `chunk_bytes` at a time and extends the cut to the next
+record boundary (a newline; a blank line in block mode), so it does C-speed work only. Workers split
+their chunk into records and decode them. Chunks never span files, and where a cut falls depends on
+the bytes alone, never on the worker count.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+REJECT_KINDS = ("invalid_json", "missing_key", "not_a_string", "invalid_utf8", "empty", "too_large")
+
+InputFormat = Literal["auto", "jsonl", "text"]
+TextMode = Literal["line", "block"]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One raw input record: its bytes, and where it came from (for the reject file)."""
+
+    source: int
+    line: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of whole records from one input file; chunk `index` becomes shard `index`."""
+
+    index: int
+    source: int
+    first_line: int
+    data: bytes
+    is_json: bool
+    block_mode: bool
+
+    @property
+    def input_sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def input_format_of(path: str, configured: InputFormat) -> Literal["jsonl", "text"]:
+    if configured != "auto":
+        return configured
+    name = path[:-3] if path.endswith(".gz") else path
+    return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
+
+
+def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat, text_mode: TextMode,
+                position: list[int] | None = None) -> Iterator[Chunk]:
+    """Cut every input into chunks of about `chunk_bytes` at record boundaries, in order.
+
+    `position[0]` is kept at the on-disk bytes consumed so far (compressed bytes for .gz), for an ETA.
+    """
+    position = position if position is not None else [0]
+    index, done_bytes = 0, 0
+    for source, path in enumerate(paths):
+        is_json = input_format_of(path, input_format) == "jsonl"
+        block_mode = not is_json and text_mode == "block"
+        first_line = 1
+        with open(path, "rb") as raw, (gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
+            while data := f.read(chunk_bytes):
+                parts = [data]
+                if not data.endswith(b"\n"):  # complete the last line (b"" at EOF)
+                    parts.append(f.readline())
+                if block_mode:  # and in block mode, go on to a blank line so no block is cut
+                    last_line = _last_line(b"".join(parts))
+                    while last_line.strip() and (line := f.readline()):
+                        parts.append(line)
+                        last_line = line
+                data = b"".join(parts)
+                position[0] = done_bytes + raw.tell()
+                yield Chunk(index, source, first_line, data, is_json, block_mode)
+                index += 1
+                first_line += data.count(b"\n")
+        done_bytes += Path(path).stat().st_size
+        position[0] = done_bytes
+
+
+def _last_line(data: bytes) -> bytes:
+    return data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+
+
+def chunk_records(chunk: Chunk) -> Iterator[Record]:
+    """Split a chunk into records: lines, or blocks of non-blank lines in block mode."""
+    lines = chunk.data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the chunk ends with a newline
+    if not chunk.block_mode:
+        for offset, line in enumerate(lines):
+            yield Record(chunk.source, chunk.first_line + offset, line)
+        return
+    block: list[bytes] = []
+    block_line = chunk.first_line
+    for offset, line in enumerate(lines):
+        if line.strip():
+            if not block:
+                block_line = chunk.first_line + offset
+            block.append(line)
+        elif block:
+            yield Record(chunk.source, block_line, b"\n".join(block))
+            block = []
+    if block:
+        yield Record(chunk.source, block_line, b"\n".join(block))
+
+
+class Rejected(Exception):
+    """A record that is not a valid document; `kind` is one of REJECT_KINDS."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def document_text(record: Record, *, is_json: bool, json_keys: list[str], max_bytes: int) -> str:
+    """Decode and validate one record; raises Rejected(kind) for every kind of bad input."""
+    try:
+        raw = record.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("invalid_utf8") from None
+    if is_json:
+        if not raw.strip():
+            raise Rejected("empty")
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            raise Rejected("invalid_json") from None
+        if not isinstance(obj, dict):
+            raise Rejected("invalid_json")
+        values = []
+        for key in json_keys:
+            if key not in obj:
+                raise Rejected("missing_key")
+            if not isinstance(obj[key], str):
+                raise Rejected("not_a_string")
+            values.append(obj[key])
+        text = "\n".join(values)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")  # JSON escapes can smuggle lone surrogates in
+            except UnicodeEncodeError:
+                raise Rejected("invalid_utf8") from None
+    else:
+        text = raw
+    if not text.strip():
+        raise Rejected("empty")
+    if len(record.data) > max_bytes and len(text.encode("utf-8")) > max_bytes:
+        raise Rejected("too_large")
+    return text
+
+
+def iter_documents(paths: list[str], *, json_keys: list[str], input_format: InputFormat = "auto",
+                   text_mode: TextMode = "line", max_bytes: int = 10_000_000) -> Iterator[str]:
+    """The valid documents of the inputs in order, skipping bad records exactly as preprocessing does."""
+    for chunk in iter_chunks(paths, chunk_bytes=1 << 24, input_format=input_format, text_mode=text_mode):
+        for record in chunk_records(chunk):
+            try:
+                yield document_text(record, is_json=chunk.is_json, json_keys=json_keys, max_bytes=max_bytes)
+            except Rejected:
+                continue

@@ -1,0 +1,289 @@
+"""BERT pretraining samples: a deterministic sample index over documents, and samples cut from it.
+
+The index packs consecutive sentences of one document greedily up to the target length (seq_len - 2
+for MLM only, seq_len - 3 with a pair task); a sentence longer than the target is cut into target-length
+pieces, so every token of every document lands in exactly one sample per epoch. The index is built once
+with numpy (one Python call per document to read sentence lengths) and stored as flat arrays.
+
+`ds[i]` accepts any non-negative global index: epoch = i // len(ds), and the sample is a pure function
+of (config.seed, i): the epoch's order is a permutation seeded by (seed, epoch, name) and the pair/mask
+randomness comes from a Philox generator keyed by (seed, name, i). Any worker, rank or restart that asks
+for sample i gets the same tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+
+from megatron_narrow.config import DataConfig, split_fractions
+from megatron_narrow.data.documents import DocumentSource
+from megatron_narrow.data.masking import mask_tokens
+
+# Distinguishes the two uses of the seed (epoch shuffle vs per-sample randomness).
+_SHUFFLE_SALT = 0x5EED_0001
+_SAMPLE_SALT = 0x5EED_0002
+
+
+def split_documents(num_documents: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contiguous (train, valid, test) document ranges by the normalised fractions of `split`.
+
+    Boundaries are the cumulative fractions times num_documents, rounded half up, with the last one
+    pinned to num_documents: every document lands in exactly one split and each split is within one
+    document of its exact share.
+    """
+    if num_documents < 0:
+        raise ValueError(f"num_documents must be >= 0, got {num_documents}")
+    fractions = split_fractions(split)
+    bounds = [0]
+    cumulative = 0.0
+    for fraction in fractions[:-1]:
+        cumulative += fraction
+        bounds.append(min(num_documents, int(np.floor(cumulative * num_documents + 0.5))))
+    bounds.append(num_documents)
+    return tuple(np.arange(lo, hi, dtype=np.int64) for lo, hi in itertools.pairwise(bounds))
+
+
+class BertSampleDataset:
+    """Static-shape BERT samples over the documents of one split.
+
+    Each item is a dict of numpy arrays: input_ids, attention_mask, token_type_ids (int64[S]),
+    target_positions, target_ids (int64[M]), target_valid (bool[M]), and pair_label (int64 scalar array)
+    when config.pair_task is not "none". Layout: `[CLS] A [SEP]`, or `[CLS] A [SEP] B [SEP]` with token
+    type 1 on B and its [SEP].
+    """
+
+    def __init__(
+        self,
+        documents: DocumentSource,
+        document_indices: np.ndarray,
+        config: DataConfig,
+        *,
+        word_start: np.ndarray | None = None,
+        name: str = "train",
+    ) -> None:
+        """
+        Args:
+            documents: where tokens and sentence lengths come from.
+            document_indices: the global document indices of this split (e.g. from split_documents).
+            config: sequence length, masking and pair task; config.seed seeds everything.
+            word_start: bool[vocab_size], True where a token starts a word; needed for whole-word masking.
+            name: salts the shuffle and masking streams, so the train and valid splits draw differently.
+        """
+        self.documents = documents
+        self.document_indices = np.asarray(document_indices, dtype=np.int64)
+        self.config = config
+        self.name = name
+        self.vocab_size = int(documents.vocab_size)
+        self.special = documents.special
+        if self.document_indices.ndim != 1:
+            raise ValueError(f"document_indices must be 1-D, got shape {self.document_indices.shape}")
+        if self.document_indices.size and (
+            self.document_indices.min() < 0 or self.document_indices.max() >= len(documents)
+        ):
+            raise ValueError(
+                f"document_indices must lie in [0, {len(documents)}), got range "
+                f"[{self.document_indices.min()}, {self.document_indices.max()}]"
+            )
+        if config.whole_word_masking:
+            if word_start is None:
+                raise ValueError("data.whole_word_masking=True needs word_start (tokenizer.word_start_mask())")
+            word_start = np.asarray(word_start, dtype=bool)
+            if word_start.shape != (self.vocab_size,):
+                raise ValueError(f"word_start must be bool[{self.vocab_size}], got shape {word_start.shape}")
+        self.word_start = word_start
+        self.target_length = config.seq_len - (2 if config.pair_task == "none" else 3)
+
+        salt = zlib.crc32(name.encode("utf-8"))
+        self._shuffle_seed = [config.seed, salt, _SHUFFLE_SALT]
+        # Philox key = (hash of seed and name, global sample index): one independent stream per sample.
+        self._key_high = int(np.random.SeedSequence([config.seed, salt, _SAMPLE_SALT]).generate_state(1, np.uint64)[0])
+        self._perm_epoch = -1
+        self._perm = np.zeros(0, dtype=np.int64)
+        self._build_index()
+
+    # ----------------------------------------------------------------------------------- index
+
+    def _build_index(self) -> None:
+        """Cut sentences into pieces <= target_length and pack consecutive pieces of a document greedily."""
+        t = self.target_length
+        lengths = [np.asarray(self.documents.sentence_lengths(int(d)), dtype=np.int64) for d in self.document_indices]
+        n_docs = len(lengths)
+        sent_counts = np.array([x.size for x in lengths], dtype=np.int64)
+        sent_len = np.concatenate(lengths) if n_docs else np.zeros(0, dtype=np.int64)
+        sent_doc = np.repeat(np.arange(n_docs, dtype=np.int64), sent_counts)
+        # Token offset of each sentence inside its document.
+        global_start = np.cumsum(sent_len) - sent_len
+        first_sentence = np.cumsum(sent_counts) - sent_counts
+        doc_base = np.zeros(n_docs, dtype=np.int64)
+        has_sentences = sent_counts > 0
+        doc_base[has_sentences] = global_start[first_sentence[has_sentences]]
+        sent_start = global_start - np.repeat(doc_base, sent_counts)
+
+        # Pieces: ceil(len / t) per sentence (none for an empty sentence), each t long but the last.
+        n_pieces = -(-sent_len // t)
+        piece_sent = np.repeat(np.arange(sent_len.size, dtype=np.int64), n_pieces)
+        first_piece_of_sent = np.cumsum(n_pieces) - n_pieces
+        k = np.arange(piece_sent.size, dtype=np.int64) - first_piece_of_sent[piece_sent]
+        piece_start = sent_start[piece_sent] + k * t
+        piece_len = np.minimum(t, sent_len[piece_sent] - k * t)
+        piece_doc = sent_doc[piece_sent]
+        doc_ids = np.arange(n_docs, dtype=np.int64)
+        self._doc_first_piece = np.searchsorted(piece_doc, doc_ids, side="left")
+        self._doc_end_piece = np.searchsorted(piece_doc, doc_ids, side="right")
+        self._piece_start = piece_start
+        self._piece_len = piece_len
+        self._nonempty_docs = np.flatnonzero(self._doc_end_piece > self._doc_first_piece)
+
+        # Greedy packing, one sample per document per round, all documents at once: from piece `cur`,
+        # take pieces while the running token total stays <= t (searchsorted on the global cumsum).
+        cum = np.concatenate([[0], np.cumsum(piece_len)])
+        doc = self._nonempty_docs
+        cur = self._doc_first_piece[doc]
+        end = self._doc_end_piece[doc]
+        out_doc, out_first, out_end = [], [], []
+        while doc.size:
+            stop = np.minimum(np.searchsorted(cum, cum[cur] + t, side="right") - 1, end)
+            out_doc.append(doc)
+            out_first.append(cur)
+            out_end.append(stop)
+            more = stop < end
+            doc, cur, end = doc[more], stop[more], end[more]
+        sample_doc = np.concatenate(out_doc) if out_doc else np.zeros(0, dtype=np.int64)
+        sample_first = np.concatenate(out_first) if out_first else np.zeros(0, dtype=np.int64)
+        sample_end = np.concatenate(out_end) if out_end else np.zeros(0, dtype=np.int64)
+        order = np.lexsort((sample_first, sample_doc))  # document order, then position
+        self._sample_local_doc = sample_doc[order]
+        self._sample_first_piece = sample_first[order]
+        self._sample_end_piece = sample_end[order]
+
+    @property
+    def sample_documents(self) -> np.ndarray:
+        """int64[N]: global document index of each sample (index order, before shuffling)."""
+        return self.document_indices[self._sample_local_doc]
+
+    @property
+    def sample_token_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) int64[N]: each sample's token range inside its document (A and B together)."""
+        last = self._sample_end_piece - 1
+        return self._piece_start[self._sample_first_piece], self._piece_start[last] + self._piece_len[last]
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return int(self._sample_local_doc.size)
+
+    # ----------------------------------------------------------------------------------- samples
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """int64[N]: index-order sample behind each position of `epoch`; the current epoch's is cached."""
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([*self._shuffle_seed, epoch])
+            self._perm = rng.permutation(len(self))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_rng(self, index: int) -> np.random.Generator:
+        """The generator of global sample `index`: a pure function of (seed, name, index)."""
+        return np.random.Generator(np.random.Philox(key=(self._key_high << 64) | index))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        n = len(self)
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        if n == 0:
+            raise IndexError(f"dataset {self.name!r} has no samples (its documents hold no tokens)")
+        epoch, j = divmod(index, n)
+        s = int(self.epoch_permutation(epoch)[j])
+        rng = self.sample_rng(index)
+
+        local_doc = int(self._sample_local_doc[s])
+        first, stop = int(self._sample_first_piece[s]), int(self._sample_end_piece[s])
+        start = int(self._piece_start[first])
+        end = int(self._piece_start[stop - 1] + self._piece_len[stop - 1])
+        doc_tokens = self.documents.tokens(int(self.document_indices[local_doc]))
+        if end > len(doc_tokens):
+            raise ValueError(
+                f"document {self.document_indices[local_doc]} has {len(doc_tokens)} tokens but its sentence "
+                f"lengths reach {end}"
+            )
+        tokens = doc_tokens[start:end]
+
+        pair_label = None
+        if self.config.pair_task == "none":
+            a, b = tokens, None
+        else:
+            a, b, pair_label = self._pair(rng, tokens, local_doc, first, stop, start)
+        sample = self._layout(a, b, rng)
+        if pair_label is not None:
+            sample["pair_label"] = np.array(pair_label, dtype=np.int64)
+        return sample
+
+    def _pair(
+        self, rng: np.random.Generator, tokens: np.ndarray, local_doc: int, first: int, stop: int, start: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Split the packed tokens into A and B for SOP (swap, label 1 = swapped) or NSP (label 1 = random B)."""
+        if stop - first >= 2:
+            # A random sentence (piece) boundary inside the sample.
+            cut = int(self._piece_start[first + int(rng.integers(1, stop - first))]) - start
+        else:
+            cut = max(1, len(tokens) // 2)  # the middle; a one-token sample keeps it in A
+        a, b = tokens[:cut], tokens[cut:]
+        if self.config.pair_task == "sop":
+            if rng.random() < 0.5:
+                return b, a, 1
+            return a, b, 0
+        # NSP: with probability 0.5, B is taken from a random other (non-empty) document of the split.
+        others = self._nonempty_docs.size - 1
+        if others < 1 or rng.random() >= 0.5:
+            return a, b, 0
+        r = int(rng.integers(0, others))
+        r += r >= int(np.searchsorted(self._nonempty_docs, local_doc))  # skip this sample's own document
+        other = int(self._nonempty_docs[r])
+        piece = int(rng.integers(self._doc_first_piece[other], self._doc_end_piece[other]))
+        other_tokens = self.documents.tokens(int(self.document_indices[other]))
+        b_start = int(self._piece_start[piece])
+        b = other_tokens[b_start : b_start + self.target_length - len(a)]
+        return a, b, 1
+
+    def _layout(self, a: np.ndarray, b: np.ndarray | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Place [CLS] A [SEP] (B [SEP]) into static-shape arrays and mask them."""
+        seq_len, sp = self.config.seq_len, self.special
+        la = len(a)
+        lb = 0 if b is None else len(b)
+        real = la + 2 + (0 if b is None else lb + 1)
+        if real > seq_len:  # cannot happen with the index's target length; guards a bad source
+            raise ValueError(f"sample of {real} tokens exceeds seq_len={seq_len}")
+        input_ids = np.full(seq_len, sp.pad, dtype=np.int64)
+        token_type_ids = np.zeros(seq_len, dtype=np.int64)
+        attention_mask = np.zeros(seq_len, dtype=np.int64)
+        candidates = np.zeros(seq_len, dtype=bool)
+        input_ids[0] = sp.cls
+        input_ids[1 : 1 + la] = a
+        input_ids[1 + la] = sp.sep
+        candidates[1 : 1 + la] = True
+        if b is not None:
+            input_ids[2 + la : 2 + la + lb] = b
+            input_ids[2 + la + lb] = sp.sep
+            token_type_ids[2 + la : 3 + la + lb] = 1
+            candidates[2 + la : 2 + la + lb] = True
+        attention_mask[:real] = 1
+        masked, positions, ids, valid = mask_tokens(
+            input_ids,
+            candidate_mask=candidates,
+            config=self.config,
+            rng=rng,
+            vocab_size=self.vocab_size,
+            special=sp,
+            word_start=self.word_start,
+        )
+        return {
+            "input_ids": masked,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "target_positions": positions,
+            "target_ids": ids,
+            "target_valid": valid,
+        }
