@@ -71,7 +71,7 @@ def time_reader(data_dir: Path, samples: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here")
-    parser.add_argument("--repeat", type=int, default=16, help="copies of the stdlib corpus (default 16: 32 MB)")
+    parser.add_argument("--repeat", type=int, default=16, help="copies of the stdlib corpus (default 16: ~24 MB)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds (default 3)")
     parser.add_argument("--reader-samples", type=int, default=5000, help="samples timed per round")
     args = parser.parse_args(argv)
