@@ -83,3 +83,162 @@ def split_fractions(split: str) -> tuple[float, float, float]:
         raise ValueError(f"data.split must be up to three non-negative numbers with a positive sum, got {split!r}")
     total = sum(parts)
     return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+Variant = Literal["bert", "narrow", "token_drop"]
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """A post-LayerNorm BERT encoder with Hugging Face's maths, and which sparse variant runs it."""
+
+    vocab_size: int = 30522
+    """Real vocabulary size; the embedding is padded to a multiple of 128 x TP (stripped on export)."""
+
+    hidden_size: int = 768
+    """Width of the residual stream."""
+
+    num_layers: int = 12
+    """Transformer layers."""
+
+    num_heads: int = 12
+    """Attention heads; split across tensor-parallel ranks."""
+
+    intermediate_size: int | None = None
+    """FFN width; None derives 4 x hidden_size."""
+
+    max_position_embeddings: int = 512
+    """Learned position table size: the longest sequence the model accepts."""
+
+    type_vocab_size: int = 2
+    """Token type (segment) ids."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and on each sublayer's output."""
+
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's 1e-12)."""
+
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of weights and embeddings."""
+
+    variant: Variant = "bert"
+    """bert: every layer on every position. narrow: NarrowBERT sparse queries. token_drop: Hou et al."""
+
+    full_length_layers: int = 2
+    """narrow: layers run on all positions before the narrow layers (whose K/V read their output)."""
+
+    token_drop_keep_ratio: float = 0.5
+    """token_drop: fraction of seq_len that the middle layers keep, in (0, 1]."""
+
+    token_drop_keep_tokens: int | None = None
+    """token_drop: keep exactly this many tokens instead (k); overrides the ratio."""
+
+    importance_beta: float = 0.995
+    """token_drop: EMA factor of the per-token-id importance (running MLM loss)."""
+
+    importance_init: float = 10.0
+    """token_drop: initial importance of every token id."""
+
+    init_seed: int = 1234
+    """Seed of the master-weight initialisation (identical weights for any TP size)."""
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.variant not in ("bert", "narrow", "token_drop"):
+            raise ValueError(f"model.variant must be bert, narrow or token_drop, got {self.variant!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        if not 0 <= self.full_length_layers <= self.num_layers:
+            raise ValueError(
+                f"model.full_length_layers={self.full_length_layers} is out of range [0, num_layers={self.num_layers}]"
+            )
+        if self.variant == "token_drop" and self.num_layers < 3:
+            raise ValueError(f"model.variant=token_drop needs num_layers >= 3, got {self.num_layers}")
+        if not 0 < self.token_drop_keep_ratio <= 1:
+            raise ValueError(f"model.token_drop_keep_ratio must be in (0, 1], got {self.token_drop_keep_ratio}")
+        if self.token_drop_keep_tokens is not None and self.token_drop_keep_tokens < 1:
+            raise ValueError(f"model.token_drop_keep_tokens must be >= 1, got {self.token_drop_keep_tokens}")
+        if not 0 < self.importance_beta < 1:
+            raise ValueError(f"model.importance_beta must be in (0, 1), got {self.importance_beta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def kept_tokens(self, seq_len: int) -> int:
+        """token_drop: k, the number of tokens the middle layers keep for sequences of `seq_len`."""
+        if self.token_drop_keep_tokens is not None:
+            return min(self.token_drop_keep_tokens, seq_len)
+        return max(1, round(self.token_drop_keep_ratio * seq_len))
+
+    def validate(self, *, tensor_parallel: int = 1, seq_len: int | None = None,
+                 max_predictions: int | None = None) -> None:
+        """Refuse combinations that depend on the run: TP size, sequence length, targets per sequence."""
+        if self.num_heads % tensor_parallel:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not divisible by parallel.tensor_parallel={tensor_parallel}"
+            )
+        if self.intermediate_size % tensor_parallel:
+            raise ValueError(
+                f"model.intermediate_size={self.intermediate_size} is not divisible by "
+                f"parallel.tensor_parallel={tensor_parallel}"
+            )
+        if seq_len is not None and seq_len > self.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds model.max_position_embeddings={self.max_position_embeddings}"
+            )
+        if seq_len is not None and max_predictions is not None and max_predictions > seq_len:
+            raise ValueError(f"data.max_predictions={max_predictions} is more targets than seq_len={seq_len} positions")
+        keep = self.token_drop_keep_tokens
+        if self.variant == "token_drop" and seq_len is not None and keep is not None and keep > seq_len:
+            raise ValueError(f"model.token_drop_keep_tokens={keep} exceeds seq_len={seq_len}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """The TP x PP x DP layout. Plain arithmetic, checked without building any process group."""
+
+    tensor_parallel: int = 1
+    """Ranks that split each layer's heads, FFN columns and vocabulary (Megatron tensor parallelism)."""
+
+    pipeline_parallel: int = 1
+    """Pipeline stages (DeepSpeed PipelineModule)."""
+
+    data_parallel: int | None = None
+    """Model replicas; None derives it as world_size / (tensor_parallel * pipeline_parallel)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_parallel is not None and self.data_parallel < 1:
+            raise ValueError(f"parallel.data_parallel must be >= 1, got {self.data_parallel}")
+
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """The layout with data_parallel filled in; raises unless tp * pp * dp == world_size."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_parallel={self.tensor_parallel} x "
+                f"pipeline_parallel={self.pipeline_parallel}"
+            )
+        dp = world_size // model_parallel
+        if self.data_parallel is not None and self.data_parallel != dp:
+            raise ValueError(
+                f"tensor_parallel={self.tensor_parallel} x pipeline_parallel={self.pipeline_parallel} x "
+                f"data_parallel={self.data_parallel} = {model_parallel * self.data_parallel}, "
+                f"but the world size is {world_size}"
+            )
+        return ParallelConfig(tensor_parallel=self.tensor_parallel, pipeline_parallel=self.pipeline_parallel,
+                              data_parallel=dp)

@@ -1,0 +1,74 @@
+"""Export a trained BertForPreTraining as a Hugging Face masked-LM directory.
+
+bert and token_drop become a stock BertForMaskedLM (token dropping changes training only: its trained
+model is plain BERT, so the importance vector is left behind). narrow becomes NarrowBertForMaskedLM,
+whose modelling files are saved beside the weights (`auto_map`; load with `trust_remote_code=True`).
+The pooler and NSP/SOP head, when present, have no place in a masked-LM model and are not exported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import BertConfig, BertForMaskedLM
+
+from megatron_narrow.config import ModelConfig
+from megatron_narrow.convert.hf_bert import to_hf_state_dict
+from megatron_narrow.convert.hf_narrow import NarrowBertConfig, NarrowBertForMaskedLM
+from megatron_narrow.model import BertForPreTraining
+
+_NOT_IN_MASKED_LM = ("bert.pooler.", "cls.seq_relationship.")
+
+
+def hf_config_from_model_config(config: ModelConfig, **overrides) -> BertConfig:
+    """The HF config of our model (NarrowBertConfig for variant narrow); `overrides` go to the HF config."""
+    fields = dict(
+        vocab_size=config.vocab_size,  # the real vocabulary: our padding rows are stripped on export
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act="gelu",  # erf GELU, as ours
+        hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    if config.variant == "narrow":
+        return NarrowBertConfig(full_length_layers=config.full_length_layers, **fields)
+    return BertConfig(**fields)
+
+
+def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
+                 tokenizer_files: list[str | Path] | None = None) -> Path:
+    """Write `model` (TP=1, or merged into a TP=1 model) to `output_dir` as safetensors + config.
+
+    Returns the directory; `AutoModelForMaskedLM.from_pretrained` loads it (narrow: trust_remote_code=True).
+    """
+    tp = model.groups.tensor.size
+    if tp != 1:
+        raise ValueError(f"export_to_hf needs a TP=1 model, got tensor_parallel={tp}: merge the shards first "
+                         "(merge_tensor_parallel) and load them into a TP=1 model")
+    config = model.bert.config
+    hf_config = hf_config_from_model_config(config)
+    state = {k: v for k, v in to_hf_state_dict(model.state_dict(), config.vocab_size).items()
+             if not k.startswith(_NOT_IN_MASKED_LM)}
+    if config.variant == "narrow":
+        NarrowBertConfig.register_for_auto_class()
+        NarrowBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+        hf_model = NarrowBertForMaskedLM(hf_config)
+    else:
+        hf_model = BertForMaskedLM(hf_config)
+    hf_model.load_state_dict(state, strict=True)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(output_dir)  # model.safetensors + config.json
+    for file in tokenizer_files or []:
+        shutil.copy2(file, output_dir / Path(file).name)
+    return output_dir

@@ -1,0 +1,158 @@
+"""Hugging Face BERT state dicts <-> ours: a declarative key map, then padding and TP slicing.
+
+Our modules use Hugging Face's names, so the map is short: HF BertModel keys have no "bert." prefix,
+the MLM decoder is tied to the word embeddings (its weight is never stored on our side, and HF's
+`cls.predictions.decoder.bias` is the same tensor as `cls.predictions.bias`), the importance vector of
+token dropping has no HF counterpart, and our vocabulary rows are padded to a multiple of 128 x TP.
+Tensor-parallel parameters carry `tensor_parallel_dim`; slicing and merging read it, so no table of
+split dimensions is kept by hand.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+# Keys inside bert.encoder.layer.N, and outside the layers; HF uses the same names (with "bert." for heads).
+_LAYER_KEYS = [
+    "attention.self.query.weight", "attention.self.query.bias",
+    "attention.self.key.weight", "attention.self.key.bias",
+    "attention.self.value.weight", "attention.self.value.bias",
+    "attention.output.dense.weight", "attention.output.dense.bias",
+    "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias",
+    "intermediate.dense.weight", "intermediate.dense.bias",
+    "output.dense.weight", "output.dense.bias",
+    "output.LayerNorm.weight", "output.LayerNorm.bias",
+]
+_FIXED_KEYS = [
+    "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight",
+    "bert.embeddings.token_type_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias",
+    "bert.pooler.dense.weight",
+    "bert.pooler.dense.bias",
+    "cls.predictions.transform.dense.weight",
+    "cls.predictions.transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight",
+    "cls.predictions.transform.LayerNorm.bias",
+    "cls.predictions.bias",
+    "cls.seq_relationship.weight",
+    "cls.seq_relationship.bias",
+]
+VOCAB_ROWS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
+NO_HF_COUNTERPART = ("bert.token_importance.importance",)
+_HF_ALIASES = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+_HF_IGNORED = re.compile(r"(position_ids|cls\.predictions\.decoder\.weight)$")  # buffers; the tied decoder
+_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def _known(key: str) -> bool:
+    match = _LAYER.match(key)
+    return key in _FIXED_KEYS or (match is not None and match.group(2) in _LAYER_KEYS)
+
+
+def _normalise_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF keys of BertModel, BertForMaskedLM or BertForPreTraining, as our (bert.-prefixed) keys."""
+    decoder = hf_state.get("cls.predictions.decoder.weight")
+    words = hf_state.get("bert.embeddings.word_embeddings.weight")
+    if decoder is not None and words is not None and not torch.equal(decoder, words):
+        raise ValueError("this checkpoint's MLM decoder is not tied to its word embeddings; BERT ties them "
+                         "and so do we, so its decoder weights would be lost")
+    out = {}
+    for key, value in hf_state.items():
+        if _HF_IGNORED.search(key):
+            continue
+        key = _HF_ALIASES.get(key, key)
+        if not key.startswith(("bert.", "cls.")):
+            key = "bert." + key
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # TF-era LayerNorm names
+        out[key] = value
+    return out
+
+
+def tensor_parallel_dims(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> the dimension it is split along under tensor parallelism."""
+    return {name: p.tensor_parallel_dim for name, p in model.named_parameters() if hasattr(p, "tensor_parallel_dim")}
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict for `model` (this rank's TP shards, padded vocabulary) from an HF BERT state dict.
+
+    Raises if HF holds a tensor that has no place here or a shape that does not fit. Tensors the
+    model has but HF lacks (the MLM head of a BertModel checkpoint) are left out of the result."""
+    source = _normalise_hf(hf_state)
+    target = model.state_dict()
+    dims = tensor_parallel_dims(model)
+    unknown = sorted(k for k in source if not _known(k))
+    if unknown:
+        raise KeyError(f"Hugging Face tensors with no counterpart here: {unknown[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for key, mine in target.items():
+        if key in NO_HF_COUNTERPART or key not in source:
+            continue
+        full = source[key].to(mine.dtype)
+        if key in VOCAB_ROWS:
+            padded_rows = mine.shape[0] * _tp_size(model)
+            full = torch.cat([full, full.new_zeros((padded_rows - full.shape[0], *full.shape[1:]))])
+        if key in dims:
+            parts = full.chunk(_tp_size(model), dim=dims[key])
+            full = parts[_tp_rank(model)]
+        if full.shape != mine.shape:
+            raise ValueError(f"{key}: Hugging Face shape {tuple(source[key].shape)} does not fit ours "
+                             f"{tuple(mine.shape)}")
+        out[key] = full.clone()
+    return out
+
+
+def load_hf_state_dict(model: nn.Module, hf_state: dict[str, torch.Tensor]) -> list[str]:
+    """Load HF weights into `model`; returns our keys that HF did not provide (e.g. a fresh head)."""
+    converted = from_hf_state_dict(hf_state, model)
+    missing = model.load_state_dict(converted, strict=False).missing_keys
+    return [k for k in missing if k not in NO_HF_COUNTERPART]
+
+
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    """One full state dict from the state dicts of all TP ranks (rank order); replicated tensors from rank 0."""
+    merged = {}
+    for key, value in shards[0].items():
+        merged[key] = torch.cat([s[key] for s in shards], dim=dims[key]) if key in dims else value
+    return merged
+
+
+def to_hf_state_dict(full_state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """An HF BertForMaskedLM/BertForPreTraining state dict from our merged (TP=1) state dict.
+
+    Vocabulary padding is stripped, the tied decoder weight and bias are written out as HF expects,
+    and buffers without an HF counterpart are dropped."""
+    out = {}
+    for key, value in full_state.items():
+        if key in NO_HF_COUNTERPART:
+            continue
+        if not _known(key):
+            raise KeyError(f"{key} has no Hugging Face counterpart")
+        if key in VOCAB_ROWS:
+            value = value[:vocab_size]
+        out[key] = value.contiguous()
+    if "cls.predictions.bias" in out:
+        out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
+    return out
+
+
+def _tp_size(model: nn.Module) -> int:
+    return _groups(model).tensor.size
+
+
+def _tp_rank(model: nn.Module) -> int:
+    return _groups(model).tensor.rank
+
+
+def _groups(model: nn.Module):
+    for module in model.modules():
+        groups = getattr(module, "groups", None)
+        if groups is not None:
+            return groups
+    raise ValueError("model has no process groups (expected a megatron_narrow model)")

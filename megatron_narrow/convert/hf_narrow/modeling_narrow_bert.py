@@ -1,0 +1,147 @@
+"""NarrowBERT (sparse queries) for Hugging Face transformers, with BertForMaskedLM's parameter names.
+
+The first `config.full_length_layers` layers are ordinary BERT layers over all positions; their output
+is the context C. Each later ("narrow") layer keeps its own weights and computes queries only for the
+query rows, keys and values from C for all positions (padding masked), then attention output,
+residual, LayerNorm and FFN on the query rows only; the MLM head runs on those rows.
+
+With `query_positions=None` every position is a query row (logits (B, S, V)), so the fill-mask
+pipeline works; the narrow layers still read K/V from C, so this is NarrowBERT, not BERT.
+
+Self-contained (imports only torch, transformers and its sibling configuration file): it is copied
+next to exported weights and loaded with `trust_remote_code=True`.
+"""
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertLayer,
+    BertOnlyMLMHead,
+    BertPreTrainedModel,
+    eager_attention_forward,
+)
+from transformers.pytorch_utils import apply_chunking_to_forward
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_narrow_bert import NarrowBertConfig
+
+
+def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, S, H) at (B, Q) positions -> (B, Q, H)"""
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def narrow_layer_forward(layer: BertLayer, queries: torch.Tensor, context: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A BertLayer whose queries are `queries` (B, Q, H) and whose keys/values come from `context` (B, S, H)."""
+    attn = layer.attention.self
+    d = attn.attention_head_size
+    q = attn.query(queries).view(*queries.shape[:-1], -1, d).transpose(1, 2)  # (B, h, Q, d)
+    k = attn.key(context).view(*context.shape[:-1], -1, d).transpose(1, 2)  # (B, h, S, d)
+    v = attn.value(context).view(*context.shape[:-1], -1, d).transpose(1, 2)  # (B, h, S, d)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(attn, q, k, v, attention_mask, dropout=attn.dropout.p if attn.training else 0.0,
+                       scaling=attn.scaling)  # (B, Q, h, d)
+    out = layer.attention.output(out.reshape(*queries.shape[:-1], -1), queries)  # (B, Q, H)
+    return apply_chunking_to_forward(layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, out)
+
+
+class NarrowBertPreTrainedModel(BertPreTrainedModel):
+    config_class = NarrowBertConfig
+
+
+class NarrowBertEncoder(nn.Module):
+    def __init__(self, config: NarrowBertConfig):
+        super().__init__()
+        if not 0 <= config.full_length_layers <= config.num_hidden_layers:
+            raise ValueError(f"full_length_layers={config.full_length_layers} is out of range "
+                             f"[0, num_hidden_layers={config.num_hidden_layers}]")
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                query_positions: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, S, H), attention_mask (B, S) 1 = real -> (B, Q, H) at query_positions, or (B, S, H)."""
+        full = self.config.full_length_layers
+        self_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.layer[:full]:
+            hidden = layer(hidden, self_mask)
+        context = hidden  # C: fixed from here on
+        queries = context if query_positions is None else gather_rows(context, query_positions)
+        if full < len(self.layer):
+            # (B, 1, Q, S) key-padding mask in the form the configured attention implementation expects
+            cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=queries,
+                                                   attention_mask=attention_mask, encoder_hidden_states=context)
+            for layer in self.layer[full:]:
+                queries = narrow_layer_forward(layer, queries, context, cross_mask)
+        return queries
+
+
+class NarrowBertModel(NarrowBertPreTrainedModel):
+    """Embeddings + NarrowBERT encoder (no pooler); returns hidden states at the query rows."""
+
+    def __init__(self, config: NarrowBertConfig):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = NarrowBertEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        return self.encoder(hidden, attention_mask, query_positions)
+
+
+class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: NarrowBertConfig):
+        super().__init__(config)
+        self.bert = NarrowBertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                query_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> MaskedLMOutput:
+        r"""
+        query_positions (`torch.LongTensor` of shape `(batch_size, num_queries)`, *optional*):
+            Positions whose MLM logits to compute (the narrow layers and the head run on these rows only).
+            None: every position, logits of shape `(batch_size, sequence_length, vocab_size)`.
+        labels (`torch.LongTensor`, *optional*):
+            Aligned with the logits: `(batch_size, sequence_length)` as for BertForMaskedLM, or
+            `(batch_size, num_queries)` when query_positions is given; -100 is ignored.
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_positions, position_ids)
+        logits = self.cls(hidden)  # (B, Q, V) or (B, S, V)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.reshape(-1))
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+__all__ = ["NarrowBertForMaskedLM", "NarrowBertModel", "NarrowBertPreTrainedModel"]

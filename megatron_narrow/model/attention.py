@@ -1,0 +1,100 @@
+"""The one attention primitive: queries for a subset of positions, keys and values from a context.
+
+- ordinary layer: subset = all positions, context = the layer's own input;
+- NarrowBERT narrow layer: subset = the narrow positions, context = the fixed output C of the
+  full-length layers (K/V precomputed for all narrow layers in one GEMM by the encoder);
+- token-drop transition layer: subset = the kept tokens, context = all tokens.
+Heads are split across tensor-parallel ranks (query/key/value column-parallel, output row-parallel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
+from megatron_narrow.parallel.mappings import copy_to_tensor_region
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, T, h*d) -> (B, h, T, d)"""
+    b, t, _ = x.shape
+    return x.view(b, t, -1, head_dim).transpose(1, 2)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator,
+                 tracker: RNGStatesTracker | None = None) -> None:
+        super().__init__()
+        h, std, tp = config.hidden_size, config.initializer_range, groups.tensor
+        self.query = ColumnParallelLinear(h, h, group=tp, init_std=std, generator=generator)
+        self.key = ColumnParallelLinear(h, h, group=tp, init_std=std, generator=generator)
+        self.value = ColumnParallelLinear(h, h, group=tp, init_std=std, generator=generator)
+        self.head_dim = config.head_dim
+        self.dropout_p = config.attention_dropout
+        self.group = tp
+        self.tracker = tracker
+
+    def kv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's [2*H/tp, H] key-then-value weight and bias, for fused K/V GEMMs."""
+        return (torch.cat([self.key.weight, self.value.weight]), torch.cat([self.key.bias, self.value.bias]))
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, h/tp, S, d) of every context position."""
+        weight, bias = self.kv_weight()
+        k, v = F.linear(copy_to_tensor_region(context, self.group), weight, bias).chunk(2, dim=-1)
+        return split_heads(k, self.head_dim), split_heads(v, self.head_dim)
+
+    def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real.
+
+        With neither context nor kv this is ordinary self-attention (one fused QKV GEMM).
+        Returns this rank's heads, (B, Q, H/tp), ready for the row-parallel output projection.
+        """
+        if kv is None and context is None:
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            q, k, v = (split_heads(t, self.head_dim) for t in
+                       F.linear(copy_to_tensor_region(queries, self.group), weight, bias).chunk(3, dim=-1))
+        else:
+            q = split_heads(self.query(queries), self.head_dim)
+            k, v = kv if kv is not None else self.project_kv(context)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
+        dropout_p = self.dropout_p if self.training else 0.0
+        fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
+        with fork:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, h, Q, d)
+        b, _, t, _ = out.shape
+        return out.transpose(1, 2).reshape(b, t, -1)  # (B, Q, h*d)
+
+
+class BertSelfOutput(nn.Module):
+    """LayerNorm(dropout(dense(attention)) + residual): post-LN, as in BERT."""
+
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, group=groups.tensor,
+                                       init_std=config.initializer_range, generator=generator)
+        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, attention: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(attention)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator,
+                 tracker: RNGStatesTracker | None = None) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config, groups, generator, tracker)
+        self.output = BertSelfOutput(config, groups, generator)
+
+    def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.output(self.self(queries, key_mask, context=context, kv=kv), queries)

@@ -1,0 +1,80 @@
+"""Output heads: the MLM head (on target rows only, decoder tied to the word embeddings), pooler,
+sequence- and token-classification heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.parallel import GroupInfo, VocabParallelEmbedding
+from megatron_narrow.parallel.mappings import copy_to_tensor_region
+
+
+def _linear(in_features: int, out_features: int, std: float, generator: torch.Generator) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, std, generator=generator)
+        linear.bias.zero_()
+    return linear
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: ModelConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dense = _linear(config.hidden_size, config.hidden_size, config.initializer_range, generator)
+        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """logits = transform(x) @ E^T + b over this rank's vocabulary shard; padded columns masked to -inf.
+
+    Runs only on the rows it is given (the MLM targets), which is where a sparse head saves the
+    [B*S, V] GEMM of a dense one.
+    """
+
+    def __init__(self, config: ModelConfig, word_embeddings: VocabParallelEmbedding, group: GroupInfo,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config, generator)
+        self.group = group
+        self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered owner
+        local = word_embeddings.vocab_end - word_embeddings.vocab_start
+        self.bias = nn.Parameter(torch.zeros(local))
+        self.bias.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+        padding = torch.arange(word_embeddings.vocab_start, word_embeddings.vocab_end) >= config.vocab_size
+        self.register_buffer("vocab_padding", padding, persistent=False)
+        self.has_padding = bool(padding.any())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
+        weight = self.word_embeddings[0].weight
+        logits = F.linear(copy_to_tensor_region(self.transform(x), self.group), weight, self.bias)
+        return logits.masked_fill(self.vocab_padding, float("-inf")) if self.has_padding else logits
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: ModelConfig, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dense = _linear(config.hidden_size, config.hidden_size, config.initializer_range, generator)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        """(B, H) hidden state of [CLS] -> (B, H)"""
+        return torch.tanh(self.dense(first_token))
+
+
+class ClassificationHead(nn.Module):
+    """dropout + linear, on pooled [CLS] states (sequence) or on token states (token classification)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.classifier = _linear(config.hidden_size, num_labels, config.initializer_range, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(x))

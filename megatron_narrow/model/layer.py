@@ -1,0 +1,51 @@
+"""One post-LN BERT layer: attention (the subset-query primitive) then the feed-forward block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.attention import BertAttention
+from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dense = ColumnParallelLinear(config.hidden_size, config.intermediate_size, group=groups.tensor,
+                                          init_std=config.initializer_range, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))  # erf GELU, as Hugging Face's "gelu"
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator) -> None:
+        super().__init__()
+        self.dense = RowParallelLinear(config.intermediate_size, config.hidden_size, group=groups.tensor,
+                                       init_std=config.initializer_range, generator=generator)
+        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nn.Module):
+    """A layer whose parameters are exactly a Hugging Face BertLayer's; what it attends over is the caller's."""
+
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator,
+                 tracker: RNGStatesTracker | None = None) -> None:
+        super().__init__()
+        self.attention = BertAttention(config, groups, generator, tracker)
+        self.intermediate = BertIntermediate(config, groups, generator)
+        self.output = BertOutput(config, groups, generator)
+
+    def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """queries (B, Q, H) -> (B, Q, H); see BertSelfAttention.forward for context and kv."""
+        x = self.attention(queries, key_mask, context=context, kv=kv)
+        return self.output(self.intermediate(x), x)

@@ -1,0 +1,69 @@
+"""Token dropping (Hou et al. 2022): a running per-token-id MLM loss decides which tokens the middle
+layers may skip.
+
+The importance vector is a non-trainable buffer (so it lives in every checkpoint): initialised to
+`importance_init`, special tokens pinned high and [PAD] pinned low, and updated after each step with
+an EMA of the per-target losses, averaged over duplicates of an id in the batch. Sums and counts are
+all-reduced over data parallel first, so every replica holds the same vector.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_narrow.parallel import GroupInfo
+
+PINNED_HIGH = 1e4
+PINNED_LOW = -1e4
+
+
+class TokenImportance(nn.Module):
+    def __init__(self, vocab_size: int, *, special_ids: tuple[int, ...], pad_id: int, init: float = 10.0,
+                 beta: float = 0.995) -> None:
+        super().__init__()
+        self.beta = beta
+        self.special_ids = tuple(i for i in special_ids if i != pad_id)
+        self.pad_id = pad_id
+        self.register_buffer("importance", torch.full((vocab_size,), float(init)))
+        self._pin()
+
+    def _pin(self) -> None:
+        self.importance[list(self.special_ids)] = PINNED_HIGH
+        self.importance[self.pad_id] = PINNED_LOW
+
+    @torch.no_grad()
+    def update(self, target_ids: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor,
+               data_group: GroupInfo) -> None:
+        """imp[id] = beta * imp[id] + (1 - beta) * mean loss of id's targets in this (global) batch."""
+        ids = target_ids[valid]
+        vocab = self.importance.numel()
+        sums = torch.zeros(vocab, dtype=torch.float64, device=ids.device).index_add_(0, ids, losses[valid].double())
+        counts = torch.zeros(vocab, dtype=torch.float64, device=ids.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float64))
+        if data_group.size > 1:
+            both = torch.stack([sums, counts])
+            dist.all_reduce(both, group=data_group.group)
+            sums, counts = both[0], both[1]
+        seen = counts > 0
+        mean = (sums[seen] / counts[seen]).to(self.importance.dtype)
+        self.importance[seen] = self.beta * self.importance[seen] + (1 - self.beta) * mean
+        self._pin()
+
+    def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, forced_positions: torch.Tensor | None,
+               forced_valid: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence, the k positions to keep, in original order, and which of them are real tokens.
+
+        Every forced position (MLM targets) and special token is kept, padding never (while real tokens
+        remain); the rest by importance of their id. Returns kept (B, k) int64 and kept_real (B, k) bool.
+        """
+        score = self.importance[input_ids].clone()  # (B, S)
+        score[torch.isin(input_ids, torch.tensor(self.special_ids, device=input_ids.device))] = float("inf")
+        if forced_positions is not None:
+            forced = torch.zeros_like(attention_mask, dtype=torch.bool)
+            forced.scatter_(1, forced_positions, forced_valid if forced_valid is not None else True)
+            score[forced] = float("inf")
+        score[attention_mask == 0] = float("-inf")
+        kept = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # original order
+        return kept, attention_mask.gather(1, kept).bool()

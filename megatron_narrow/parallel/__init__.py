@@ -1,0 +1,36 @@
+"""Tensor-parallel building blocks: process groups, autograd collectives, parallel layers, RNG.
+
+Knows nothing about BERT. Every function takes its process group explicitly; size-1 groups return
+early, so TP=1 is the degenerate case of the same code and needs no torch.distributed at all.
+"""
+
+from megatron_narrow.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_narrow.parallel.groups import GroupInfo, ProcessGroups
+from megatron_narrow.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    padded_vocab_size,
+)
+from megatron_narrow.parallel.mappings import (
+    copy_to_tensor_region,
+    gather_from_tensor_region,
+    reduce_from_tensor_region,
+    scatter_to_tensor_region,
+)
+from megatron_narrow.parallel.random import RNGStatesTracker
+
+__all__ = [
+    "ColumnParallelLinear",
+    "GroupInfo",
+    "ProcessGroups",
+    "RNGStatesTracker",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "copy_to_tensor_region",
+    "gather_from_tensor_region",
+    "padded_vocab_size",
+    "reduce_from_tensor_region",
+    "scatter_to_tensor_region",
+    "vocab_parallel_cross_entropy",
+]

@@ -1,0 +1,143 @@
+"""Column- and row-parallel linear layers and a vocabulary-parallel embedding.
+
+Initialisation draws the full master weight from the caller's generator and keeps this rank's slice,
+so TP=1 and TP=N start from identical weights and tests can compare them; the generator advances by
+the same amount whatever the TP size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_narrow.parallel.groups import GroupInfo
+from megatron_narrow.parallel.mappings import (
+    copy_to_tensor_region,
+    gather_from_tensor_region,
+    reduce_from_tensor_region,
+    scatter_to_tensor_region,
+)
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator
+
+
+def _normal_master(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Vocabulary rounded up to a multiple of `multiple * tensor_parallel` (even shards, aligned GEMMs)."""
+    step = multiple * tensor_parallel
+    return -(-vocab_size // step) * step
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b with A split by columns (output features): rank r holds A[:, r*n/p:(r+1)*n/p].
+
+    Args:
+        in_features: input size (replicated on every rank).
+        out_features: full output size, split across the group.
+        group: the tensor-parallel group.
+        bias: add a bias (split like the output).
+        gather_output: all-gather the output so every rank holds all of Y; otherwise Y stays split.
+        init_std: std of the normal master weight; the bias starts at zero.
+        generator: draws the master weight (pass the model's init generator for reproducible init).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group: GroupInfo, bias: bool = True,
+                 gather_output: bool = False, init_std: float = 0.02, generator: torch.Generator | None = None):
+        super().__init__()
+        self.group = group
+        self.gather_output = gather_output
+        self.in_features, self.out_features = in_features, out_features
+        local_out = _divide(out_features, group.size, "out_features")
+        master = _normal_master((out_features, in_features), init_std, generator)
+        self.weight = nn.Parameter(master[group.rank * local_out:(group.rank + 1) * local_out].clone())
+        self.bias = nn.Parameter(torch.zeros(local_out)) if bias else None
+        self.weight.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+        if self.bias is not None:
+            self.bias.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
+        return gather_from_tensor_region(y, self.group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.group.size}"
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b with A split by rows (input features): rank r holds A[r*n/p:(r+1)*n/p, :].
+
+    The partial products are summed with an all-reduce; the bias is replicated and added after it.
+
+    Args:
+        in_features: full input size, split across the group.
+        out_features: output size (replicated on every rank).
+        group: the tensor-parallel group.
+        bias: add a replicated bias.
+        input_is_parallel: X already arrives split (from a column-parallel layer); otherwise it is split here.
+        init_std: std of the normal master weight; the bias starts at zero.
+        generator: draws the master weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group: GroupInfo, bias: bool = True,
+                 input_is_parallel: bool = True, init_std: float = 0.02, generator: torch.Generator | None = None):
+        super().__init__()
+        self.group = group
+        self.input_is_parallel = input_is_parallel
+        self.in_features, self.out_features = in_features, out_features
+        local_in = _divide(in_features, group.size, "in_features")
+        master = _normal_master((out_features, in_features), init_std, generator)
+        self.weight = nn.Parameter(master[:, group.rank * local_in:(group.rank + 1) * local_in].clone())
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight.tensor_parallel_dim = 1  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_region(x, self.group)
+        y = reduce_from_tensor_region(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.group.size}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table split by vocabulary rows; each rank looks up the ids in its range.
+
+    The table is padded to `padded_vocab_size(num_embeddings, tp)` rows; the padding rows start at
+    zero and are stripped on export. Out-of-range ids give zero on that rank; the all-reduce sums them.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: GroupInfo, padded_size: int | None = None,
+                 init_std: float = 0.02, generator: torch.Generator | None = None):
+        super().__init__()
+        self.group = group
+        self.num_embeddings = num_embeddings
+        self.padded_size = padded_size or padded_vocab_size(num_embeddings, group.size)
+        if self.padded_size < num_embeddings:
+            raise ValueError(f"padded vocabulary {self.padded_size} is smaller than the vocabulary {num_embeddings}")
+        local = _divide(self.padded_size, group.size, "padded vocabulary size")
+        self.vocab_start = group.rank * local
+        self.vocab_end = self.vocab_start + local
+        master = torch.zeros(self.padded_size, embedding_dim)
+        master[:num_embeddings] = _normal_master((num_embeddings, embedding_dim), init_std, generator)
+        self.weight = nn.Parameter(master[self.vocab_start:self.vocab_end].clone())
+        self.weight.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.num_embeddings} (padded {self.padded_size}), tp={self.group.size}"
