@@ -5,8 +5,12 @@
 `fn` must be a module-level function of an importable module (it is pickled by reference). Each rank
 returns a picklable value (tensors are detached and moved to the CPU for you); the list of values comes
 back in rank order. If any rank raises, exits abnormally or runs past `timeout`, every rank is killed
-and `DistributedTestError` carries the failing rank's traceback. Children start from a fork server that
-has torch preloaded, so a launch costs a fraction of a second rather than one torch import per rank.
+and `DistributedTestError` carries the failing rank's traceback (the earliest exception first). What the
+ranks print is replayed on this process's stdout, prefixed "[rank N]", so pytest shows it on failure.
+
+Children start from a fork server that has torch preloaded, so a launch costs a fraction of a second
+rather than one torch import per rank. Each child still imports fn's module: keep heavy imports
+(transformers, deepspeed) inside the functions that need them, not at the top of that module.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 # torch.testing.assert_close call in a child would otherwise import again in every rank.
 _PRELOAD = ["__main__", "torch", "torch.distributed", "torch.distributed.tensor", "torch.nn.functional"]
 _GRACE_S = 2.0  # how long the other ranks may take to finish once one rank has failed
+_NO_OUTPUT_HINT = ("(none: did unpickling fn fail before it ran? Is its module importable, and is the main module "
+                   "guarded by if __name__ == '__main__'?)")
 
 
 class DistributedTestError(RuntimeError):
@@ -89,7 +95,7 @@ def _redirect_output(log: Path) -> None:
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, result_dir: str,
-            args: tuple, env: dict[str, str], timeout: float) -> None:
+            args: tuple, env: dict[str, str], timeout: float, init: bool) -> None:
     os.environ.clear()  # a fork-server child inherits the server's environment: use the caller's, as of the launch
     os.environ.update(env)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -104,22 +110,26 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, resul
 
     torch.set_num_threads(1)
     try:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        if init:
+            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                                  timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout))
         value = _to_cpu(fn(rank, world_size, *args))
         try:
             _write(path, ("ok", value))
         except Exception:  # unpicklable return value
             raise TypeError(f"rank {rank} returned a value that cannot be pickled: {type(value)!r}") from None
     except BaseException:
-        _write(path, ("error", traceback.format_exc()))
+        _write(path, ("error", (time.time(), traceback.format_exc())))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # skip interpreter teardown: the other ranks may be stuck in a collective with us
     if dist.is_initialized():
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # interpreter teardown after torch.distributed is slow and has been seen to abort (signal 6)
 
 
 def _tail(path: Path, limit: int = 20000) -> str:
@@ -145,7 +155,8 @@ def _kill(procs: list[mp.process.BaseProcess]) -> None:
         p.join(5)
 
 
-def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float, env: dict[str, str]) -> list[Any]:
+def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float, env: dict[str, str],
+            init: bool) -> list[Any]:
     import torch.distributed as dist
 
     ctx = _context()
@@ -154,9 +165,9 @@ def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float
     # The rendezvous store lives here, on a port the kernel picks (0) and that stays bound for the whole run:
     # no race for a "free" port with concurrent runs, and it is listening before any rank tries to connect.
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
-    port = store.port
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, result_dir, args, env, timeout),
+                          timeout=datetime.timedelta(seconds=timeout)) if init else None
+    port = store.port if store is not None else free_port()  # without init, rank 0 will bind MASTER_PORT itself
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, result_dir, args, env, timeout, init),
                          name=f"rank{r}") for r in range(world_size)]  # not daemonic: ranks may start workers
     try:
         for p in procs:
@@ -182,20 +193,20 @@ def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float
         for rank, (p, path) in enumerate(zip(procs, paths, strict=True)):
             got = _read(path)
             if got is not None and got[0] == "error":
-                problems.append((0, f"rank {rank} raised:\n{got[1]}"))
+                when, text = got[1]
+                problems.append(((0, when), f"rank {rank} raised:\n{text}"))
             elif rank in timed_out:
-                why = "was killed after another rank failed" if failed_at else f"timed out after {timeout} s"
+                why = f"timed out after {timeout} s" if failed_at is None else "was killed after another rank failed"
                 output = f"; its last output:\n{logs[rank][-4000:]}" if logs[rank] else ""
-                problems.append((1, f"rank {rank} {why}{output}"))
+                problems.append(((2, 0.0), f"rank {rank} {why}{output}"))
             elif p.exitcode != 0 or got is None:
                 after = "after returning" if got is not None else "without a result"
-                output = logs[rank][-4000:] or ("(no output: did unpickling fn fail? Is its module importable and the "
-                                        "main module guarded by if __name__ == '__main__'?)")
-                problems.append((0, f"rank {rank} exited with code {p.exitcode} {after}; its output:\n{output}"))
+                output = logs[rank][-4000:] or _NO_OUTPUT_HINT
+                problems.append(((1, 0.0), f"rank {rank} exited with code {p.exitcode} {after}; its output:\n{output}"))
             else:
                 results.append(got[1])
         if problems:
-            problems.sort(key=lambda item: item[0])  # root causes (tracebacks, crashes) first
+            problems.sort(key=lambda item: item[0])  # root cause first: the earliest exception, then crashes
             raise DistributedTestError(f"{fn.__module__}.{fn.__qualname__} on {world_size} ranks failed:\n"
                                        + "\n".join(text for _, text in problems))
         return results
@@ -206,7 +217,7 @@ def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120,
-                    env: dict[str, str] | None = None) -> list[Any]:
+                    env: dict[str, str] | None = None, init_process_group: bool = True) -> list[Any]:
     """Call fn(rank, world_size, *args) on `world_size` gloo CPU processes; return their values in rank order.
 
     Args:
@@ -217,7 +228,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         timeout: seconds for the whole run; past it every rank is killed and DistributedTestError raised.
         env: extra environment variables for every child; children otherwise see this process's os.environ as
             of the call, plus MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE and OMP_NUM_THREADS=1.
+        init_process_group: False leaves the initialisation to fn (code under test that initialises
+            torch.distributed from those environment variables, as torchrun's children do); the harness
+            still destroys the process group if fn leaves one.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return _launch(fn, world_size, args, timeout, {**os.environ, **(env or {})})
+    return _launch(fn, world_size, args, timeout, {**os.environ, **(env or {})}, init_process_group)

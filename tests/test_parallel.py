@@ -65,6 +65,14 @@ def _echo(rank: int, world_size: int, offset: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _init_from_env(rank: int, world_size: int) -> int:
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo")  # env:// from MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+    total = torch.tensor([rank + 1])
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def _fail_on_rank_one(rank: int, world_size: int) -> None:
     if rank == 1:
         raise ValueError("deliberate failure on rank one")
@@ -96,10 +104,16 @@ def test_harness_returns_values_in_rank_order(monkeypatch):
     assert not out[2]["x"].requires_grad and out[2]["x"].item() == 4.0  # detached CPU tensors come back
 
 
+def test_harness_lets_fn_initialise_from_the_environment():
+    assert run_distributed(_init_from_env, 2, init_process_group=False) == [3, 3]
+
+
 def test_harness_raises_with_child_traceback_and_does_not_hang():
     with pytest.raises(DistributedTestError, match="deliberate failure on rank one") as info:
         run_distributed(_fail_on_rank_one, 2, timeout=60)
-    assert "rank 1 raised" in str(info.value) and "Traceback" in str(info.value)
+    message = str(info.value)
+    assert "Traceback" in message
+    assert message.splitlines()[1] == "rank 1 raised:"  # the root cause comes first, before rank 0's fallout
 
 
 def test_harness_reports_a_crash_with_the_rank_output(capsys):
@@ -366,18 +380,20 @@ def _ce_data() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, grad_loss
 
 
-def _ce_reference(logits: torch.Tensor, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_reference(logits: torch.Tensor, grad_loss: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.clone().requires_grad_(True)
-    loss = F.cross_entropy(logits.flatten(0, 1), CE_TARGETS.flatten(), reduction="none").view(CE_TARGETS.shape)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     (loss * grad_loss).sum().backward()
     return loss.detach(), logits.grad
 
 
-def _ce_check(logits_full: torch.Tensor, grad_loss: torch.Tensor, group: GroupInfo) -> None:
-    loss_ref, grad_ref = _ce_reference(logits_full, grad_loss)
+def _ce_check(logits_full: torch.Tensor, grad_loss: torch.Tensor, group: GroupInfo,
+              targets: torch.Tensor = CE_TARGETS) -> None:
+    loss_ref, grad_ref = _ce_reference(logits_full, grad_loss, targets)
     logits = shard(logits_full, group, -1).clone().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(logits, CE_TARGETS, group)
-    assert loss.shape == CE_TARGETS.shape
+    loss = vocab_parallel_cross_entropy(logits, targets, group)
+    assert loss.shape == targets.shape
     close(loss.detach(), loss_ref, CE_TOL)
     (loss * grad_loss).sum().backward()
     close(logits.grad, shard(grad_ref, group, -1), CE_TOL)
@@ -386,6 +402,9 @@ def _ce_check(logits_full: torch.Tensor, grad_loss: torch.Tensor, group: GroupIn
 def test_vocab_parallel_cross_entropy_tp1():
     logits, grad_loss = _ce_data()
     _ce_check(logits, grad_loss, GroupInfo.trivial())
+    padded = logits.clone()
+    padded[..., 12:] = float("-inf")  # padded vocabulary columns, masked as the MLM head does
+    _ce_check(padded, grad_loss, GroupInfo.trivial(), CE_TARGETS % 12)
     _ce_check(logits + 1000.0, grad_loss, GroupInfo.trivial())  # large logits: the max shift keeps exp finite
 
 
@@ -407,6 +426,12 @@ def _ce_tp2(rank: int, world_size: int) -> None:
     boosted[0, :, 2] += 50.0  # row 0: maximum on rank 0's shard
     boosted[1, :, 13] += 50.0  # row 1: maximum on rank 1's shard
     _ce_check(boosted, grad_loss, tp)
+    # padded vocabulary columns masked to -inf, up to a whole shard: no NaN, zero grad there
+    low_targets = CE_TARGETS % 8
+    for first_pad in (12, 8):
+        padded = logits.clone()
+        padded[..., first_pad:] = float("-inf")
+        _ce_check(padded, grad_loss, tp, low_targets)
 
 
 def test_vocab_parallel_cross_entropy_tp2():

@@ -67,7 +67,9 @@ class RNGStatesTracker:
 
     @staticmethod
     def _cuda_devices() -> list[int]:
-        return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        # is_available, not is_initialized: a lazily seeded CUDA generator would otherwise keep the last
+        # stream's seed, and the TP stream would never switch the CUDA generator
+        return [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
     def _capture(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         cuda = torch.cuda.get_rng_state() if self._cuda_devices() else None
