@@ -55,7 +55,8 @@ class BertLMPredictionHead(nn.Module):
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
         weight = self.word_embeddings[0].weight
         logits = F.linear(copy_to_tensor_region(self.transform(x), self.group), weight, self.bias)
-        return logits.masked_fill(self.vocab_padding, float("-inf")) if self.has_padding else logits
+        # in place on the fresh GEMM output (linear does not save it): no second [N, V] copy
+        return logits.masked_fill_(self.vocab_padding, float("-inf")) if self.has_padding else logits
 
 
 class BertPooler(nn.Module):
