@@ -162,3 +162,14 @@ def test_bert_model_classification_path_reads_only_cls(hf_model, batch):
         all_rows = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     assert cls_only.shape == (len(SENTENCES), 1, hf_model.config.hidden_size)
     assert (cls_only[:, 0] - all_rows[:, 0]).abs().max() <= 1e-5
+
+
+def test_masked_lm_state_dict_round_trip(hf_model):
+    """ours -> HF BertForMaskedLM layout -> ours reproduces every tensor (vocabulary padding included)."""
+    ours = ours_from_hf(hf_model)
+    hf_state = to_hf_state_dict(ours.state_dict(), hf_model.config.vocab_size)
+    assert "cls.predictions.decoder.weight" in hf_state
+    again = BertForPreTraining(config_of(hf_model))
+    assert load_hf_state_dict(again, hf_state) == []
+    for key, value in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
