@@ -242,3 +242,167 @@ class ParallelConfig:
             )
         return ParallelConfig(tensor_parallel=self.tensor_parallel, pipeline_parallel=self.pipeline_parallel,
                               data_parallel=dp)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The optimisation loop, checkpoints and logging."""
+
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all data-parallel ranks; None = micro_batch_size x data_parallel."""
+
+    train_steps: int = 1000
+    """Optimizer steps to train for."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+
+    lr_decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay from lr to min_lr over the steps after warmup."""
+
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay; never applied to biases and LayerNorm weights."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+
+    clip_grad: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Our switch over the DeepSpeed config's bf16/fp16 sections."""
+
+    nonfinite_loss: Literal["skip", "stop"] = "stop"
+    """A non-finite loss: skip the step and count it (fp16 loss scaling does this itself), or stop."""
+
+    eval_interval: int = 0
+    """Evaluate on the valid split every N steps (0: never)."""
+
+    eval_steps: int = 10
+    """Micro-batches per evaluation."""
+
+    save_dir: str = "runs/pretrain"
+    """Checkpoints, metrics.jsonl and tensorboard events; a run resumes from here when it holds a checkpoint."""
+
+    save_interval: int = 0
+    """Checkpoint every N steps (0: only at the end and on SIGTERM)."""
+
+    keep_last: int = 2
+    """Checkpoints to keep; older ones are deleted."""
+
+    log_interval: int = 1
+    """Log every N steps (console, metrics.jsonl, tensorboard)."""
+
+    seed: int = 1234
+    """Seed of dropout (data order and masking are seeded by data.seed)."""
+
+    init_from_hf: str | None = None
+    """A Hugging Face BERT directory to start from (continued pretraining)."""
+
+    tokenizer_type: Literal["sentencepiece", "wordpiece"] | None = None
+    """The model's tokenizer; with tokenizer_model it is checked against the data and exported."""
+
+    tokenizer_model: str | None = None
+    """Path of the model's tokenizer file."""
+
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "train_steps", "log_interval", "keep_last", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if self.lr_decay not in ("linear", "cosine", "constant"):
+            raise ValueError(f"train.lr_decay must be linear, cosine or constant, got {self.lr_decay!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"train.nonfinite_loss must be skip or stop, got {self.nonfinite_loss!r}")
+
+    def gradient_accumulation(self, data_parallel: int) -> int:
+        """Micro-batches per step; raises unless global = micro x accumulation x data_parallel."""
+        step = self.micro_batch_size * data_parallel
+        global_batch = self.global_batch_size or step
+        if global_batch % step:
+            raise ValueError(
+                f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch_size} x data_parallel={data_parallel}"
+            )
+        return global_batch // step
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Everything a run needs; YAML sections model/data/parallel/train, overridable as section.key=value."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunConfig:
+        sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
+        built = {}
+        for name, kind in sections.items():
+            values = raw.get(name) or {}
+            known = set(kind.__dataclass_fields__)
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}")
+            fields = kind.__dataclass_fields__
+            built[name] = kind(**{k: _coerce(fields[k], v, f"{name}.{k}") for k, v in values.items()})
+        return cls(**built)
+
+
+def _coerce(spec, value, where: str):
+    """YAML reads 1e-4 as a string (it wants 1.0e-4): convert strings for numeric fields, naming the key."""
+    default = spec.default
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(value) if isinstance(default, float) else int(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    return value
+
+
+def load_run_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """Read a YAML config (or start from defaults) and apply `section.key=value` overrides (YAML values)."""
+    import yaml
+
+    raw: dict = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {override!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][name] = yaml.safe_load(value)
+    return RunConfig.from_dict(raw)

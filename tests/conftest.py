@@ -37,3 +37,33 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_data(tmp_path_factory, stdlib_documents) -> dict[str, Path]:
+    """A preprocessed dataset for training tests: stdlib docstrings, a 1000-piece sentencepiece model."""
+    from megatron_narrow.data.preprocess import PreprocessConfig, preprocess
+    from megatron_narrow.data.train_tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    corpus = write_jsonl(root / "docs.jsonl", stdlib_documents[:3000])
+    model = train_sentencepiece([str(corpus)], str(root / "tokenizer" / "spm"), vocab_size=1000)
+    preprocess(PreprocessConfig(inputs=[str(corpus)], output_dir=str(root / "data"), tokenizer_type="sentencepiece",
+                                tokenizer_model=str(model), workers=1, split_sentences=True, progress=False))
+    return {"data": root / "data", "tokenizer": model, "root": root}
+
+
+def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "narrow", steps: int = 20,
+                         **extra: str) -> list[str]:
+    """Command-line overrides for a seconds-long run of examples/configs/tiny_cpu.yaml on tiny_corpus_data."""
+    settings = {
+        "model.variant": variant, "model.vocab_size": "1000", "model.hidden_size": "64", "model.num_layers": "4",
+        "model.num_heads": "4", "model.max_position_embeddings": "64", "model.token_drop_keep_ratio": "0.75",
+        "data.data_paths": f"[{data['data']}]", "data.seq_len": "64", "data.max_predictions": "10",
+        "train.micro_batch_size": "8", "train.train_steps": str(steps), "train.lr": "2.0e-3",
+        "train.warmup_steps": "2", "train.log_interval": "1", "train.eval_interval": "0",
+        "train.save_interval": "0", "train.save_dir": str(save_dir), "train.tokenizer_type": "sentencepiece",
+        "train.tokenizer_model": str(data["tokenizer"]), "train.num_workers": "0",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]

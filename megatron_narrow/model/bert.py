@@ -88,7 +88,10 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 target_positions: torch.Tensor, target_ids: torch.Tensor, target_valid: torch.Tensor,
-                pair_label: torch.Tensor | None = None) -> PretrainingOutput:
+                pair_label: torch.Tensor | None = None, num_targets: torch.Tensor | None = None) -> PretrainingOutput:
+        """MLM (+ pair) loss. `num_targets` replaces this batch's valid-target count as the MLM loss's
+        denominator: the training loop passes the global batch's count (per rank and micro-batch), so
+        that data parallelism and gradient accumulation reproduce one big batch exactly."""
         if self.cls.seq_relationship is not None:  # the pooler needs [CLS]: query it alongside the targets
             zeros = torch.zeros_like(target_positions[:, :1])
             positions = torch.cat([zeros, target_positions], dim=1)
@@ -99,7 +102,8 @@ class BertForPreTraining(nn.Module):
             hidden = self.bert(input_ids, attention_mask, token_type_ids, target_positions, target_valid)
         logits = self.cls.predictions(hidden)  # (B, M, V/tp)
         losses = vocab_parallel_cross_entropy(logits, target_ids, self.groups.tensor) * target_valid
-        loss = losses.sum() / target_valid.sum().clamp(min=1)
+        denominator = target_valid.sum().clamp(min=1) if num_targets is None else num_targets
+        loss = losses.sum() / denominator
         pair_logits = None
         if self.cls.seq_relationship is not None:
             pair_logits = self.cls.seq_relationship(self.bert.pooler(cls_hidden))
@@ -109,10 +113,16 @@ class BertForPreTraining(nn.Module):
 
     @torch.no_grad()
     def update_importance(self, target_ids: torch.Tensor, target_losses: torch.Tensor,
-                          target_valid: torch.Tensor) -> None:
-        """token_drop: fold this step's per-target losses into the importance vector (no-op otherwise)."""
-        if self.bert.token_importance is not None:
-            self.bert.token_importance.update(target_ids, target_losses, target_valid, self.groups.data)
+                          target_valid: torch.Tensor, *, end_of_step: bool = True) -> None:
+        """token_drop: fold per-target losses into the importance vector (no-op for other variants).
+
+        With gradient accumulation, call it for every micro-batch and pass end_of_step on the last one:
+        the vector then moves once per optimizer step, by the whole global batch."""
+        importance = self.bert.token_importance
+        if importance is not None:
+            importance.accumulate(target_ids, target_losses, target_valid)
+            if end_of_step:
+                importance.apply(self.groups.data)
 
 
 class BertForSequenceClassification(nn.Module):

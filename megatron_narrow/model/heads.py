@@ -10,6 +10,7 @@ from torch import nn
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.parallel import GroupInfo, VocabParallelEmbedding
+from megatron_narrow.parallel.layers import mark_tensor_parallel
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
 
 
@@ -46,7 +47,7 @@ class BertLMPredictionHead(nn.Module):
         self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered owner
         local = word_embeddings.vocab_end - word_embeddings.vocab_start
         self.bias = nn.Parameter(torch.zeros(local))
-        self.bias.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+        mark_tensor_parallel(self.bias, 0)
         padding = torch.arange(word_embeddings.vocab_start, word_embeddings.vocab_end) >= config.vocab_size
         self.register_buffer("vocab_padding", padding, persistent=False)
         self.has_padding = bool(padding.any())

@@ -27,6 +27,7 @@ class TokenImportance(nn.Module):
         self.special_ids = tuple(i for i in special_ids if i != pad_id)
         self.pad_id = pad_id
         self.register_buffer("importance", torch.full((vocab_size,), float(init)))
+        self._pending: torch.Tensor | None = None  # (2, vocab) sums and counts of the step so far
         self._pin()
 
     def _pin(self) -> None:
@@ -34,22 +35,34 @@ class TokenImportance(nn.Module):
         self.importance[self.pad_id] = PINNED_LOW
 
     @torch.no_grad()
-    def update(self, target_ids: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor,
-               data_group: GroupInfo) -> None:
-        """imp[id] = beta * imp[id] + (1 - beta) * mean loss of id's targets in this (global) batch."""
+    def accumulate(self, target_ids: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add one micro-batch's per-target losses to this step's per-id sums and counts."""
         ids = target_ids[valid]
-        vocab = self.importance.numel()
-        sums = torch.zeros(vocab, dtype=torch.float64, device=ids.device).index_add_(0, ids, losses[valid].double())
-        counts = torch.zeros(vocab, dtype=torch.float64, device=ids.device).index_add_(
-            0, ids, torch.ones_like(ids, dtype=torch.float64))
+        if self._pending is None:
+            vocab = self.importance.numel()
+            self._pending = torch.zeros(2, vocab, dtype=torch.float64, device=ids.device)
+        self._pending[0].index_add_(0, ids, losses[valid].double())
+        self._pending[1].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+
+    @torch.no_grad()
+    def apply(self, data_group: GroupInfo) -> None:
+        """End of a step: imp[id] = beta * imp[id] + (1 - beta) * mean loss of id's targets in the global batch."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
         if data_group.size > 1:
-            both = torch.stack([sums, counts])
-            dist.all_reduce(both, group=data_group.group)
-            sums, counts = both[0], both[1]
+            dist.all_reduce(pending, group=data_group.group)
+        sums, counts = pending
         seen = counts > 0
         mean = (sums[seen] / counts[seen]).to(self.importance.dtype)
         self.importance[seen] = self.beta * self.importance[seen] + (1 - self.beta) * mean
         self._pin()
+
+    def update(self, target_ids: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor,
+               data_group: GroupInfo) -> None:
+        """accumulate + apply: one batch that is a whole step."""
+        self.accumulate(target_ids, losses, valid)
+        self.apply(data_group)
 
     def select(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, forced_positions: torch.Tensor | None,
                forced_valid: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:

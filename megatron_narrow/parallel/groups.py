@@ -53,7 +53,7 @@ class ProcessGroups:
 
         def make(kind: str, all_ranks: list[list[int]]) -> None:
             for ranks in all_ranks:  # every rank must create every group, in the same order
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                group = dist.new_group(ranks)  # size-1 groups too: DeepSpeed reads them through the MPU
                 if rank in ranks:
                     mine[kind] = GroupInfo(group=group, rank=ranks.index(rank), size=len(ranks), ranks=tuple(ranks))
 

@@ -20,6 +20,13 @@ from megatron_narrow.parallel.mappings import (
 )
 
 
+def mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
+    """Tag a split parameter: `tensor_parallel_dim` for our converters, `tensor_model_parallel` for
+    DeepSpeed's gradient-norm code (which counts replicated parameters on TP rank 0 only)."""
+    param.tensor_parallel_dim = dim  # type: ignore[attr-defined]
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+
+
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
@@ -59,9 +66,9 @@ class ColumnParallelLinear(nn.Module):
         master = _normal_master((out_features, in_features), init_std, generator)
         self.weight = nn.Parameter(master[group.rank * local_out:(group.rank + 1) * local_out].clone())
         self.bias = nn.Parameter(torch.zeros(local_out)) if bias else None
-        self.weight.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+        mark_tensor_parallel(self.weight, 0)
         if self.bias is not None:
-            self.bias.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+            mark_tensor_parallel(self.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
@@ -96,7 +103,7 @@ class RowParallelLinear(nn.Module):
         master = _normal_master((out_features, in_features), init_std, generator)
         self.weight = nn.Parameter(master[:, group.rank * local_in:(group.rank + 1) * local_in].clone())
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.weight.tensor_parallel_dim = 1  # type: ignore[attr-defined]
+        mark_tensor_parallel(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -129,7 +136,7 @@ class VocabParallelEmbedding(nn.Module):
         master = torch.zeros(self.padded_size, embedding_dim)
         master[:num_embeddings] = _normal_master((num_embeddings, embedding_dim), init_std, generator)
         self.weight = nn.Parameter(master[self.vocab_start:self.vocab_end].clone())
-        self.weight.tensor_parallel_dim = 0  # type: ignore[attr-defined]
+        mark_tensor_parallel(self.weight, 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:

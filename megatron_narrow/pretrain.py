@@ -1,0 +1,61 @@
+"""BERT / NarrowBERT / token-drop pretraining on DeepSpeed.
+
+  deepspeed [--hostfile H] megatron_narrow/pretrain.py --config YAML --deepspeed_config JSON [section.key=value ...]
+  mpirun -np N python megatron_narrow/pretrain.py ...        (ranks found through mpi4py)
+  torchrun --nproc_per_node N megatron_narrow/pretrain.py ...
+
+The YAML has sections model, data, parallel and train (see examples/configs/); each key can be
+overridden on the command line, e.g. `train.lr=2e-4 model.variant=narrow`. The run resumes from
+train.save_dir when it holds a checkpoint and writes metrics.jsonl and tensorboard events there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML run config (sections model, data, parallel, train)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
+                        help="DeepSpeed JSON (ZeRO stage, offload, precision sections); see ds_configs/")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from megatron_narrow.config import load_run_config
+    from megatron_narrow.data.shards import DataError
+
+    try:
+        run = load_run_config(args.config, args.overrides)
+        from megatron_narrow.training.loop import pretrain
+
+        pretrain(run, args.deepspeed_config)
+    except (ValueError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The loop around the DeepSpeed engine: setup, data, optimisation, checkpoints, metrics."""

@@ -1,0 +1,75 @@
+"""Datasets and loaders for pretraining: shards -> splits -> masked samples -> a resumable sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from megatron_narrow.config import DataConfig, ModelConfig, TrainConfig
+from megatron_narrow.data.blending import BlendedDataset
+from megatron_narrow.data.samplers import DistributedPretrainingSampler
+from megatron_narrow.data.samples import BertSampleDataset, split_documents
+from megatron_narrow.data.shards import IndexedDocuments
+from megatron_narrow.data.tokenizer import SpecialTokens, load_tokenizer
+
+
+@dataclass
+class PretrainingData:
+    train: BertSampleDataset | BlendedDataset
+    valid: BertSampleDataset | BlendedDataset | None
+    special: SpecialTokens
+    word_start: np.ndarray | None
+
+
+def check_data_paths(data: DataConfig) -> None:
+    """Refuse a missing path before any process-group work."""
+    from pathlib import Path
+
+    if not data.data_paths:
+        raise ValueError("data.data_paths is empty: give the directories written by tools/preprocess_data.py")
+    for path in data.data_paths:
+        if not (Path(path) / "index.json").is_file():
+            raise ValueError(f"data path {path} has no index.json: preprocess it with tools/preprocess_data.py")
+
+
+def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int) -> PretrainingData:
+    """Open every data path (checking tokenizer identity and vocabulary against the model), split by
+    documents, build masked samples and blend them."""
+    identity = None
+    word_start = None
+    if train.tokenizer_model:
+        tokenizer = load_tokenizer(train.tokenizer_type or "sentencepiece", train.tokenizer_model)
+        identity = tokenizer.identity
+        word_start = tokenizer.word_start_mask() if data.whole_word_masking else None
+    trains, valids, special = [], [], None
+    for index, path in enumerate(data.data_paths):
+        documents = IndexedDocuments(path, expected_identity=identity, expected_vocab_size=model.vocab_size)
+        special = special or documents.special
+        train_docs, valid_docs, _ = split_documents(len(documents), data.split)
+        trains.append(BertSampleDataset(documents, train_docs, data, word_start=word_start, name=f"train{index}"))
+        if len(valid_docs):
+            valids.append(BertSampleDataset(documents, valid_docs, data, word_start=word_start, name=f"valid{index}"))
+    if any(len(d) == 0 for d in trains):
+        raise ValueError("a data path gives no training samples: its train split holds no tokens")
+    train_set = trains[0] if len(trains) == 1 else BlendedDataset(trains, data.data_weights, total_samples)
+    valid_set = None
+    if valids:
+        valid_set = valids[0] if len(valids) == 1 else BlendedDataset(valids, data.data_weights, 10 * total_samples)
+    return PretrainingData(train=train_set, valid=valid_set, special=special, word_start=word_start)
+
+
+def make_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                num_workers: int) -> DataLoader:
+    """An endless loader of this rank's micro-batches, starting after `consumed_samples` global samples."""
+    sampler = DistributedPretrainingSampler(total_samples=None, consumed_samples=consumed_samples,
+                                            micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
+                                            data_parallel_size=dp_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0)
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}

@@ -1,0 +1,182 @@
+"""The pretraining loop around the DeepSpeed engine.
+
+The MLM loss of a step is normalised by the valid targets of the whole global batch (all micro-batches
+on all data-parallel ranks), so data parallelism and gradient accumulation reproduce one big batch.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_narrow.config import RunConfig
+from megatron_narrow.model import BertForPreTraining
+from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
+from megatron_narrow.training import checkpoint
+from megatron_narrow.training.data import build_datasets, make_loader
+from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
+from megatron_narrow.training.metrics import MetricsLogger
+from megatron_narrow.training.optim import build_optimizer, build_scheduler
+from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
+
+
+@dataclass
+class StopSignal:
+    """Set by SIGTERM (cluster preemption); the loop checkpoints and exits at the next step boundary."""
+
+    received: bool = False
+    previous: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def _all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=op, group=group)
+    return value
+
+
+def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
+    """Train (or resume) to run.train.train_steps; returns the records logged by rank 0."""
+    import deepspeed
+
+    ds_config = validate_run(run, ds_config_path)  # every refusal happens before process-group work
+    init_distributed()
+    groups = ProcessGroups.from_world(run.parallel)
+    train = run.train
+    is_rank0 = dist.get_rank() == 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
+                                         pipeline_rank=groups.pipeline.rank)
+
+    gas = ds_config["gradient_accumulation_steps"]
+    global_batch = ds_config["train_batch_size"]
+    data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
+    model = BertForPreTraining(run.model, groups, pair_head=run.data.pair_task != "none", tracker=tracker,
+                               special_ids=data.special.as_dict()).to(device)
+    resuming = checkpoint.latest_tag(train.save_dir) is not None
+    if train.init_from_hf and not resuming:
+        _load_hf(model, train.init_from_hf)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=DeepSpeedMPU(groups) if dist.is_initialized()
+                                           else None)
+    step, consumed, skipped = 0, 0, 0
+    client = checkpoint.load(engine, train.save_dir) if resuming else None
+    if client is not None:
+        step, consumed, skipped = client["step"], client["consumed_samples"], client["skipped_steps"]
+        checkpoint.restore_rng_state(client["rng"], tracker)
+        if is_rank0:
+            print(f"resumed from step {step} ({consumed:,} samples consumed)", flush=True)
+
+    loader = iter(make_loader(data.train, consumed_samples=consumed, micro_batch_size=train.micro_batch_size,
+                              dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=train.num_workers))
+    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps)
+    stop = StopSignal()
+    stop.install()
+    flops_per_sequence = training_flops_per_sequence(run.model, run.data.seq_len, run.data.max_predictions)
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    records = []
+
+    def save() -> None:
+        client_state = {"step": step, "consumed_samples": consumed, "skipped_steps": skipped,
+                        "rng": checkpoint.rng_state(tracker)}
+        checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
+                        tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0)
+
+    engine.train()
+    while step < train.train_steps:
+        started = time.perf_counter()
+        micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
+        counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
+                               float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
+        total_targets, total_tokens = _all_reduce(counts, groups.data.group).tolist()
+        normaliser = torch.tensor(max(total_targets, 1.0) / (groups.data.size * gas), device=device)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        finite = True
+        for index, batch in enumerate(micro_batches):
+            out = engine(**batch, num_targets=normaliser)
+            if not torch.isfinite(out.loss):
+                finite = False
+            engine.backward(out.loss)
+            model.update_importance(batch["target_ids"], out.target_losses.float(), batch["target_valid"],
+                                    end_of_step=index == gas - 1)
+            loss_sum += out.target_losses.double().sum()
+            engine.step()
+        consumed += global_batch
+        finite_everywhere = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN)
+        if finite_everywhere.item() < 1:
+            skipped += 1
+            if train.nonfinite_loss == "stop":
+                raise FloatingPointError(f"non-finite loss at step {step + 1}; stopping (train.nonfinite_loss="
+                                         "stop; set it to skip to skip such steps and count them)")
+        step += 1
+        step_time = time.perf_counter() - started
+
+        if step % train.log_interval == 0 or step == train.train_steps:
+            loss = _all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
+            sequences_per_s = global_batch / step_time
+            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": total_tokens / step_time, "step_time_s": step_time,
+                      "samples_per_s": sequences_per_s, "consumed_samples": consumed,
+                      "skipped_steps": skipped + int(getattr(engine, "skipped_steps", 0)),
+                      "mfu": (flops_per_sequence * sequences_per_s / (peak * dist.get_world_size()))
+                      if peak else None}
+            records.append(record)
+            logger.log(record)
+        if train.eval_interval and step % train.eval_interval == 0 and data.valid is not None:
+            eval_loss = evaluate(engine, data.valid, run, groups, device)
+            record = {"step": step, "eval_loss": eval_loss}
+            records.append(record)
+            logger.log(record)
+            engine.train()
+        preempted = _all_reduce(torch.tensor(float(stop.received), device=device), op=dist.ReduceOp.MAX).item() > 0
+        if (train.save_interval and step % train.save_interval == 0) or step == train.train_steps or preempted:
+            save()
+        if preempted:
+            if is_rank0:
+                print(f"SIGTERM: checkpoint saved at step {step}; exiting", flush=True)
+            break
+    logger.close()
+    return records
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: torch.device) -> float:
+    """Mean MLM loss over the first eval_steps micro-batches of the valid split (the same every time)."""
+    engine.eval()
+    loader = iter(make_loader(dataset, consumed_samples=0, micro_batch_size=run.train.micro_batch_size,
+                              dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=0))
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for _ in range(run.train.eval_steps):
+        batch = {k: v.to(device) for k, v in next(loader).items()}
+        out = engine(**batch)
+        totals[0] += out.target_losses.double().sum()
+        totals[1] += batch["target_valid"].sum()
+    totals = _all_reduce(totals, groups.data.group)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _load_hf(model: BertForPreTraining, hf_dir: str) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"train.init_from_hf={hf_dir} holds no .safetensors weights")
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    load_hf_state_dict(model, state)

@@ -1,0 +1,60 @@
+"""Rank-0 output: metrics.jsonl (one object per logged step), tensorboard events, a console line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a logger that does nothing."""
+
+    def __init__(self, save_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.writer = None
+        self.path = Path(save_dir) / "metrics.jsonl"
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(save_dir) / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # tensorboard is optional at run time
+            self.writer = None
+        self.started = time.perf_counter()
+        self.start_step = resume_step
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines a killed run logged after the checkpoint we resume from: the rerun logs them again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value,
+                                           record["step"])
+        step = record["step"]
+        elapsed = time.perf_counter() - self.started
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * (self.total_steps - step)
+        mfu = f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
+        loss = f"loss {record['loss']:.4f}" if "loss" in record else f"eval_loss {record.get('eval_loss', 0):.4f}"
+        print(f"step {step}/{self.total_steps} | {loss} | lr {record.get('lr', 0):.3e} | "
+              f"{record.get('tokens_per_s', 0):,.0f} tokens/s | step {record.get('step_time_s', 0):.3f} s{mfu} | "
+              f"eta {eta / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,46 @@
+"""AdamW parameter groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_narrow.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings only: never on biases and LayerNorm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """torch's AdamW (fused where the device supports it); DeepSpeed wraps it for ZeRO."""
+    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), **kwargs)
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Linear warmup to 1, then linear or cosine decay to min_lr/lr at train_steps (step counts from 0)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    floor = config.min_lr / config.lr
+    if config.lr_decay == "constant":
+        return 1.0
+    span = max(1, config.train_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.lr_decay == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * (1 - progress)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))

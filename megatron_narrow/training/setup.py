@@ -1,0 +1,118 @@
+"""Process setup: refuse bad runs before any process-group work, then rank discovery and groups, and
+the DeepSpeed config our run config completes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_narrow.config import RunConfig
+from megatron_narrow.data.shards import check_tokenizer_matches, load_manifest
+from megatron_narrow.parallel import ProcessGroups
+
+_RANK_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher announced (torchrun/deepspeed, mpirun, SLURM), before init."""
+    for name in _RANK_ENV:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def validate_run(run: RunConfig, ds_config_path: str) -> dict:
+    """Every check that needs no process group; returns the completed DeepSpeed config."""
+    from megatron_narrow.training.data import check_data_paths
+
+    world = world_size_from_env()
+    layout = run.parallel.resolve(world)
+    run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
+                       max_predictions=run.data.max_predictions)
+    if run.model.variant == "token_drop":
+        forced = run.data.max_predictions + (3 if run.data.pair_task != "none" else 2)
+        k = run.model.kept_tokens(run.data.seq_len)
+        if k < forced:
+            raise ValueError(f"model token_drop keeps {k} tokens but every sample forces up to {forced} in "
+                             f"(data.max_predictions={run.data.max_predictions} targets + [CLS]/[SEP]); keep more")
+    check_data_paths(run.data)
+    identity = None
+    if run.train.tokenizer_model:
+        from megatron_narrow.data.tokenizer import load_tokenizer
+
+        identity = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model).identity
+    for path in run.data.data_paths:
+        check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
+    return deepspeed_config(ds_config_path, run, layout.data_parallel)
+
+
+def deepspeed_config(path: str, run: RunConfig, data_parallel: int) -> dict:
+    """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
+    if not Path(path).is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist")
+    ds = json.loads(Path(path).read_text())
+    train = run.train
+    gas = train.gradient_accumulation(data_parallel)
+    ours = {"train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": gas,
+            "train_batch_size": train.micro_batch_size * gas * data_parallel}
+    for key, value in ours.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"{path}: {key}={ds[key]} disagrees with the run config ({value} from train.* and "
+                             f"data_parallel={data_parallel}); remove it or set it to \"auto\"")
+        ds[key] = value
+    for owned in ("optimizer", "scheduler"):
+        if owned in ds:
+            raise ValueError(f"{path}: remove the '{owned}' section: the run config's train.* builds it "
+                             "(AdamW without decay on biases/LayerNorm, warmup + decay)")
+    ds["gradient_clipping"] = train.clip_grad
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": train.precision == "fp16"}
+    ds.setdefault("steps_per_print", 2**31 - 1)  # our logger reports; keep DeepSpeed's quiet
+    ds["zero_allow_untested_optimizer"] = True
+    zero = ds.get("zero_optimization", {})
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the host is fine here
+    return ds
+
+
+def init_distributed() -> None:
+    """Rank discovery for deepspeed, torchrun and mpirun (mpi4py), gloo on CPU and NCCL on CUDA."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class DeepSpeedMPU:
+    """The model-parallel unit DeepSpeed asks for, over our groups: gradients are averaged over the
+    data-parallel group only, and the gradient norm is reduced over the tensor-parallel group."""
+
+    def __init__(self, groups: ProcessGroups) -> None:
+        self.groups = groups
+
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.tensor.rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.tensor.size
+
+    def get_model_parallel_group(self):
+        return self.groups.tensor.group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.data.rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.data.size
+
+    def get_data_parallel_group(self):
+        return self.groups.data.group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
