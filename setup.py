@@ -19,6 +19,10 @@ setup(
         "blingfire>=0.1.8",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "deepspeed>=0.15",
+        "mpi4py>=3.1",
+        "tensorboard>=2.10",
+        "safetensors>=0.4",
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
