@@ -73,8 +73,8 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     step, consumed, skipped = 0, 0, 0
     client = checkpoint.load(engine, train.save_dir) if resuming else None
     if client is not None:
-        step, consumed, skipped = client["step"], client["consumed_samples"], client["skipped_steps"]
-        checkpoint.restore_rng_state(client["rng"], tracker)
+        ours = client["megatron_narrow"]
+        step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
         if is_rank0:
             print(f"resumed from step {step} ({consumed:,} samples consumed)", flush=True)
 
@@ -88,11 +88,14 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     records = []
 
     def save() -> None:
-        client_state = {"step": step, "consumed_samples": consumed, "skipped_steps": skipped,
-                        "rng": checkpoint.rng_state(tracker)}
+        # one key of our own: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps)
+        client_state = {"megatron_narrow": {"step": step, "consumed_samples": consumed, "nonfinite_skipped": skipped,
+                                            "rng": checkpoint.rng_state(tracker)}}
         checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
                         tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0)
 
+    if client is not None:  # last, after everything that draws random numbers while being built (the loader)
+        checkpoint.restore_rng_state(client["megatron_narrow"]["rng"], tracker)
     engine.train()
     while step < train.train_steps:
         started = time.perf_counter()
