@@ -38,3 +38,28 @@ def test_derived_values():
     assert config.kept_tokens(512) == 256
     assert ModelConfig(token_drop_keep_tokens=100).kept_tokens(512) == 100
     assert ParallelConfig(tensor_parallel=2, pipeline_parallel=2).resolve(8).data_parallel == 2
+
+
+@pytest.mark.parametrize("name", ["bert_base", "narrowbert_base", "tokendrop_base", "tiny_cpu"])
+def test_example_configs_load_and_validate(name):
+    from megatron_narrow.config import load_run_config
+
+    from .conftest import REPO
+
+    run = load_run_config(str(REPO / "examples/configs" / f"{name}.yaml"), ["train.lr=3e-4"])
+    run.model.validate(tensor_parallel=1, seq_len=run.data.seq_len, max_predictions=run.data.max_predictions)
+    assert run.train.lr == 3e-4
+    assert run.train.gradient_accumulation(data_parallel=1) >= 1
+    if name.endswith("_base"):
+        assert (run.model.hidden_size, run.model.num_layers, run.model.num_heads) == (768, 12, 12)
+
+
+def test_unknown_keys_and_bad_values_are_named():
+    from megatron_narrow.config import load_run_config
+
+    with pytest.raises(ValueError, match="unknown key\\(s\\) train.learning_rate"):
+        load_run_config(None, ["train.learning_rate=1"])
+    with pytest.raises(ValueError, match="train.lr must be a number, got 'fast'"):
+        load_run_config(None, ["train.lr=fast"])
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        load_run_config(None, ["lr=1"])
