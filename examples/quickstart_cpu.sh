@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on two CPU cores, from nothing: install, build an offline English corpus (or use yours),
-# train a sentencepiece tokenizer, preprocess into sharded Arrow files, and verify them.
+# train a sentencepiece tokenizer, preprocess into sharded Arrow files, pretrain a tiny NarrowBERT with
+# the deepspeed launcher on two CPU ranks, export it to Hugging Face format and run a fill-mask on it.
 #
 #   bash examples/quickstart_cpu.sh                      # embedded default corpus
 #   bash examples/quickstart_cpu.sh --input my.jsonl     # your own corpus (JSONL with "text", or .txt, .gz ok)
@@ -21,26 +22,47 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-echo "== 1/4 install"
+echo "== 1/7 install"
 bash tools/install.sh
 
 mkdir -p "$WORK_DIR"
 if [ ${#INPUTS[@]} -eq 0 ]; then
-  echo "== 2/4 corpus: Python standard-library docstrings (offline)"
+  echo "== 2/7 corpus: Python standard-library docstrings (offline)"
   python tools/make_offline_corpus.py --output "$WORK_DIR/raw/stdlib_docs.jsonl"
   INPUTS=("$WORK_DIR/raw/stdlib_docs.jsonl")
 else
-  echo "== 2/4 corpus: ${INPUTS[*]}"
+  echo "== 2/7 corpus: ${INPUTS[*]}"
 fi
 
-echo "== 3/4 tokenizer: sentencepiece unigram, vocabulary $VOCAB_SIZE"
+echo "== 3/7 tokenizer: sentencepiece unigram, vocabulary $VOCAB_SIZE"
 python tools/train_tokenizer.py --input "${INPUTS[@]}" --model-prefix "$WORK_DIR/tokenizer/spm" \
   --vocab-size "$VOCAB_SIZE"
 
-echo "== 4/4 preprocess into Arrow shards"
+echo "== 4/7 preprocess into Arrow shards"
 python tools/preprocess_data.py --input "${INPUTS[@]}" --output-dir "$WORK_DIR/data" \
   --tokenizer-type sentencepiece --tokenizer-model "$WORK_DIR/tokenizer/spm.model" \
   --workers 2 --split-sentences --reject-file "$WORK_DIR/data_rejects.jsonl" --overwrite
 python tools/verify_data.py "$WORK_DIR/data"
 
-echo "done: data in $WORK_DIR/data (pretraining arrives with the [train] issue)"
+echo "== 5/7 pretrain a tiny NarrowBERT: deepspeed launcher, two CPU ranks"
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+rm -rf "$WORK_DIR/pretrain"
+deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" megatron_narrow/pretrain.py \
+  --config examples/configs/tiny_cpu.yaml --deepspeed_config ds_configs/zero1.json \
+  "data.data_paths=[$WORK_DIR/data]" "train.save_dir=$WORK_DIR/pretrain" \
+  "train.tokenizer_model=$WORK_DIR/tokenizer/spm.model" "model.vocab_size=$VOCAB_SIZE"
+
+echo "== 6/7 export to Hugging Face"
+python tools/convert_checkpoint_to_hf.py --checkpoint "$WORK_DIR/pretrain" --output "$WORK_DIR/hf"
+
+echo "== 7/7 fill-mask with stock transformers"
+HF_HUB_OFFLINE=1 python - "$WORK_DIR/hf" <<'PY'
+import sys
+from transformers import pipeline
+
+fill = pipeline("fill-mask", model=sys.argv[1], trust_remote_code=True)
+text = f"Return the number of {fill.tokenizer.mask_token} in the list."
+for guess in fill(text, top_k=5):
+    print(f"  {guess['score']:.3f}  {guess['sequence']}")
+PY
+echo "done: model in $WORK_DIR/hf (metrics: $WORK_DIR/pretrain/metrics.jsonl)"

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # train.nonfinite_loss=stop: a run that failed, not a refused one
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

@@ -182,7 +182,7 @@ def test_process_groups_megatron_rank_order(tp, pp, tensor, data, pipeline):
             ranks, local_rank, size, is_none, total = o[kind]
             assert ranks == expected[rank], (kind, rank)
             assert local_rank == expected[rank].index(rank) and size == len(expected[rank])
-            assert is_none == (size == 1)
+            assert not is_none  # size-1 groups exist too: DeepSpeed reads them through the MPU
             assert total == float(sum(expected[rank]))
 
 

@@ -57,7 +57,7 @@ def test_two_ranks_train_with_falling_loss(tmp_path, tiny_corpus_data, launcher,
     first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
     assert last < first - 0.3, f"{launcher}/{variant}: loss {first:.3f} -> {last:.3f}"
     records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["tokens_per_s"] > 0 for r in records) and records[0]["lr"] > 0 and records[-1]["lr"] == 0.0
+    assert all(r["tokens_per_s"] > 0 for r in records) and records[1]["lr"] > records[-1]["lr"] > 0
     assert records[-1]["consumed_samples"] == 20 * 16  # micro 8 x 2 data-parallel ranks
 
 

@@ -6,6 +6,7 @@ on all data-parallel ranks), so data parallelism and gradient accumulation repro
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,29 @@ def _all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     return value
 
 
+@contextlib.contextmanager
+def _skip_update(optimizer: torch.optim.Optimizer):
+    """ZeRO-0 fp32: DeepSpeed steps our AdamW directly, with no overflow check. Inside, its step is a no-op that
+    reports an overflow as DeepSpeed's own optimizers do, so the engine skips the update, counts it
+    (engine.was_step_applied() is False) and holds the LR schedule."""
+    saved = optimizer.__dict__.get("step")  # the LR scheduler's wrapper of step, if any
+    optimizer.step = lambda closure=None: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.overflow
+        if saved is None:
+            del optimizer.step
+        else:
+            optimizer.step = saved
+
+
 def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     """Train (or resume) to run.train.train_steps; returns the records logged by rank 0."""
     import deepspeed
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     ds_config = validate_run(run, ds_config_path)  # every refusal happens before process-group work
     init_distributed()
@@ -70,6 +91,10 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=DeepSpeedMPU(groups) if dist.is_initialized()
                                            else None)
+    if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        # ZeRO-0 fp16/bf16: these wrappers take one zero-gradient step of our AdamW to create its state, which
+        # would start Adam's bias correction at step 2 (first update ~0.74 lr); drop that state (ZeRO 1-3 do not)
+        optimizer.state.clear()
     step, consumed, skipped = 0, 0, 0
     client = checkpoint.load(engine, train.save_dir) if resuming else None
     if client is not None:
@@ -99,6 +124,7 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     engine.train()
     while step < train.train_steps:
         started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with (the scheduler moves on after it)
         micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
         counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
@@ -111,27 +137,33 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
             if not torch.isfinite(out.loss):
                 finite = False
             engine.backward(out.loss)
-            model.update_importance(batch["target_ids"], out.target_losses.float(), batch["target_valid"],
+            counted = batch["target_valid"] & torch.isfinite(out.target_losses)  # no NaN enters the importance
+            model.update_importance(batch["target_ids"], out.target_losses.float(), counted,
                                     end_of_step=index == gas - 1)
             loss_sum += out.target_losses.double().sum()
-            engine.step()
+            if index == gas - 1:  # before the update: every rank agrees on whether to apply it
+                finite = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN).item() >= 1
+                if not finite and train.nonfinite_loss == "stop":
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}; stopping (train.nonfinite_loss="
+                                             "stop; set it to skip to skip such steps and count them)")
+            if index == gas - 1 and not finite and engine.optimizer is optimizer:
+                with _skip_update(optimizer):  # DeepSpeed's fp16/bf16/ZeRO optimizers skip non-finite grads themselves
+                    engine.step()
+            else:
+                engine.step()
         consumed += global_batch
-        finite_everywhere = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN)
-        if finite_everywhere.item() < 1:
+        if not finite or not engine.was_step_applied():  # non-finite loss, or an fp16 overflow DeepSpeed skipped
             skipped += 1
-            if train.nonfinite_loss == "stop":
-                raise FloatingPointError(f"non-finite loss at step {step + 1}; stopping (train.nonfinite_loss="
-                                         "stop; set it to skip to skip such steps and count them)")
         step += 1
         step_time = time.perf_counter() - started
 
         if step % train.log_interval == 0 or step == train.train_steps:
             loss = _all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
             sequences_per_s = global_batch / step_time
-            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss, "lr": lr,
                       "tokens_per_s": total_tokens / step_time, "step_time_s": step_time,
                       "samples_per_s": sequences_per_s, "consumed_samples": consumed,
-                      "skipped_steps": skipped + int(getattr(engine, "skipped_steps", 0)),
+                      "skipped_steps": skipped,
                       "mfu": (flops_per_sequence * sequences_per_s / (peak * dist.get_world_size()))
                       if peak else None}
             records.append(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -38,21 +39,23 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:  # strict JSON: NaN/inf become null
+            f.write(json.dumps(strict, allow_nan=False) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
+            for key, value in strict.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value,
                                            record["step"])
         step = record["step"]
+        if "eval_loss" in record:
+            print(f"step {step}/{self.total_steps} | eval loss {record['eval_loss']:.4f}", flush=True)
+            return
         elapsed = time.perf_counter() - self.started
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * (self.total_steps - step)
+        eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
         mfu = f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
-        loss = f"loss {record['loss']:.4f}" if "loss" in record else f"eval_loss {record.get('eval_loss', 0):.4f}"
-        print(f"step {step}/{self.total_steps} | {loss} | lr {record.get('lr', 0):.3e} | "
-              f"{record.get('tokens_per_s', 0):,.0f} tokens/s | step {record.get('step_time_s', 0):.3f} s{mfu} | "
+        print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+              f"{record['tokens_per_s']:,.0f} tokens/s | step {record['step_time_s']:.3f} s{mfu} | "
               f"eta {eta / 60:.1f} min", flush=True)
 
     def close(self) -> None:

@@ -68,11 +68,19 @@ def deepspeed_config(path: str, run: RunConfig, data_parallel: int) -> dict:
             raise ValueError(f"{path}: remove the '{owned}' section: the run config's train.* builds it "
                              "(AdamW without decay on biases/LayerNorm, warmup + decay)")
     ds["gradient_clipping"] = train.clip_grad
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": train.precision == "fp16"}
+    for section in ("bf16", "fp16"):  # train.precision is the switch; the JSON may carry loss-scale settings
+        enabled = (ds.get(section) or {}).get("enabled", "auto")
+        if enabled not in ("auto", train.precision == section):
+            raise ValueError(f"{path}: {section}.enabled={str(enabled).lower()} disagrees with train.precision="
+                             f"{train.precision}; remove 'enabled' (train.precision switches it) or set it to \"auto\"")
+        ds[section] = {**(ds.get(section) or {}), "enabled": train.precision == section}
     ds.setdefault("steps_per_print", 2**31 - 1)  # our logger reports; keep DeepSpeed's quiet
     ds["zero_allow_untested_optimizer"] = True
-    zero = ds.get("zero_optimization", {})
+    zero = ds.get("zero_optimization") or {}
+    if train.precision == "fp16" and int(zero.get("stage", 0)) == 0:
+        raise ValueError(f"{path}: train.precision=fp16 needs ZeRO stage >= 1 (e.g. ds_configs/zero1.json): at stage 0 "
+                         "DeepSpeed 0.19 unscales gradients it never scaled, so training stalls "
+                         "(deepspeedai/DeepSpeed#8393); fp32 and bf16 work at stage 0")
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the host is fine here
     return ds
@@ -83,7 +91,9 @@ def init_distributed() -> None:
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, verbose=False)
+    # mpi4py discovery sets MASTER_PORT to this port: keep the one the user chose (29500 is DeepSpeed's default)
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, distributed_port=port, verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

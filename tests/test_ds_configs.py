@@ -1,0 +1,171 @@
+"""Every DeepSpeed JSON in ds_configs/ (globbed: a new file is tested without touching this module) passes
+DeepSpeed's own config parser once our run config has completed it (fp32, bf16 and fp16, one and two
+data-parallel ranks), and trains on the CPU: fp32 with two ranks, bf16 with one, fp16 once where the CPU has it.
+
+Each training run is `python megatron_narrow/pretrain.py` in processes of its own (one per rank, with the
+environment torchrun would give), so no DeepSpeed or torch.distributed state leaks between configs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, tiny_train_overrides
+from .distributed import free_port
+
+CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+IDS = [path.stem for path in CONFIGS]
+STEPS = 2
+REFERENCE = {"fp32": "zero0", "bf16": "zero0"}  # the run every other config's losses must equal
+TOLERANCE = {"fp32": 1e-3, "bf16": 1e-2}
+
+
+def zero_stage(path: Path) -> int:
+    return int((json.loads(path.read_text()).get("zero_optimization") or {}).get("stage", 0))
+
+
+def fp16_on_this_cpu() -> bool:
+    """What DeepSpeed's CPU accelerator says (oneDNN fp16); it always supports fp32 and bf16."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
+def test_every_config_is_documented():
+    assert CONFIGS, "ds_configs/ holds no JSON"
+    readme = (REPO / "ds_configs" / "README.md").read_text()
+    for path in CONFIGS:
+        assert f"`{path.name}`" in readme, f"{path.name} is missing from the table in ds_configs/README.md"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_config_leaves_batch_optimizer_and_precision_to_the_run_config(path):
+    raw = json.loads(path.read_text())
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+             "scheduler", "gradient_clipping"}
+    assert not owned & set(raw), f"{path.name} sets {sorted(owned & set(raw))}: the run config owns them"
+    for section in ("bf16", "fp16"):
+        assert "enabled" not in (raw.get(section) or {}), f"{path.name}: train.precision switches {section}"
+    assert "zero_optimization" in raw
+    if "offload_param" in raw["zero_optimization"]:  # DeepSpeed's parser accepts it anywhere, stage 3 uses it
+        assert zero_stage(path) == 3, f"{path.name}: offload_param needs ZeRO stage 3"
+
+
+class _DataParallelOnly:
+    """The one question DeepSpeedConfig asks an mpu: the data-parallel world size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.size
+
+
+@pytest.mark.parametrize("data_parallel", [1, 2])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_deepspeed_parses_the_completed_config(path, precision, data_parallel, monkeypatch):
+    import deepspeed.comm
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from megatron_narrow.config import load_run_config
+    from megatron_narrow.training.setup import deepspeed_config
+
+    run = load_run_config(str(REPO / "examples/configs/tiny_cpu.yaml"),
+                          [f"train.precision={precision}", "train.micro_batch_size=4", "train.global_batch_size=32"])
+    if precision == "fp16" and zero_stage(path) == 0:
+        with pytest.raises(ValueError, match="DeepSpeed#8393"):
+            deepspeed_config(str(path), run, data_parallel)
+        return
+    completed = deepspeed_config(str(path), run, data_parallel)
+    # DeepSpeedConfig asks the process group for the rank; without one it would assume a world of 1
+    monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None: 0)
+    parsed = DeepSpeedConfig(completed, mpu=_DataParallelOnly(data_parallel))
+
+    raw = json.loads(path.read_text())
+    assert parsed.world_size == data_parallel
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu) == (32, 4)
+    assert parsed.gradient_accumulation_steps == 32 // (4 * data_parallel)
+    assert parsed.zero_optimization_stage == zero_stage(path)
+    assert parsed.gradient_clipping == run.train.clip_grad
+    assert parsed.bfloat16_config.enabled == (precision == "bf16")
+    assert parsed.float16_config.enabled == (precision == "fp16")
+    assert parsed.optimizer_name is None and parsed.scheduler_name is None
+    if precision == "fp16":  # the JSON's loss-scale settings survive our switch
+        for key, value in raw["fp16"].items():
+            assert getattr(parsed.float16_config, key) == value, key
+    zero = raw["zero_optimization"]
+    for kind in ("offload_optimizer", "offload_param"):
+        offload = getattr(parsed.zero_config, kind)
+        if kind in zero:
+            assert offload is not None and offload.device == zero[kind]["device"]
+        else:
+            assert offload is None or offload.device == "none"
+
+
+def train(save_dir: Path, data, config: Path, precision: str, ranks: int) -> list[dict]:
+    """STEPS optimizer steps on the CPU; the records of metrics.jsonl."""
+    command = [sys.executable, str(REPO / "megatron_narrow/pretrain.py"),
+               "--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config", str(config),
+               *tiny_train_overrides(data, save_dir, steps=STEPS, **{"train.precision": precision})]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks))
+    logs = [save_dir.parent / f"{save_dir.name}.rank{rank}.log" for rank in range(ranks)]
+    processes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            processes.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                              stdout=out, stderr=subprocess.STDOUT))
+    try:
+        codes = [process.wait(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    if any(codes):
+        output = "\n".join(f"--- rank {rank} (exit {code}):\n{log.read_text()[-3000:]}"
+                           for rank, (code, log) in enumerate(zip(codes, logs, strict=True)))
+        pytest.fail(f"{config.name} {precision} failed:\n{output}")
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+_LOSSES: dict[tuple[str, str, int], list[float]] = {}
+
+
+def losses_of(tmp_path_factory, data, name: str, precision: str, ranks: int) -> list[float]:
+    """Train once per (config, precision, ranks) in this session; the reference runs are shared."""
+    key = (name, precision, ranks)
+    if key not in _LOSSES:
+        save_dir = tmp_path_factory.mktemp(f"{name}_{precision}_{ranks}") / "run"
+        records = train(save_dir, data, REPO / "ds_configs" / f"{name}.json", precision, ranks)
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+        assert all(r["skipped_steps"] == 0 for r in records if "loss" in r)
+        _LOSSES[key] = [r["loss"] for r in records if "loss" in r]
+    return _LOSSES[key]
+
+
+# Every file in fp32 with two ranks (ZeRO partitions for real) and in bf16 with one (DeepSpeed's CPU accelerator
+# always has bf16); fp16 once, where this CPU has it (the parser test covers every file in fp16).
+RUNS = ([pytest.param(path, "fp32", 2, id=f"{path.stem}-fp32-2ranks") for path in CONFIGS]
+        + [pytest.param(path, "bf16", 1, id=f"{path.stem}-bf16-1rank") for path in CONFIGS]
+        + [pytest.param(REPO / "ds_configs/zero1.json", "fp16", 1, id="zero1-fp16-1rank")])
+
+
+@pytest.mark.parametrize(("path", "precision", "ranks"), RUNS)
+def test_config_trains_on_the_cpu(path, precision, ranks, tmp_path_factory, tiny_corpus_data):
+    if precision == "fp16" and not fp16_on_this_cpu():
+        pytest.skip("DeepSpeed's CPU accelerator reports no fp16 on this CPU (no oneDNN fp16: AVX512-FP16/AMX)")
+    losses = losses_of(tmp_path_factory, tiny_corpus_data, path.stem, precision, ranks)
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert losses[-1] < losses[0], f"{path.name} {precision} did not learn: {losses}"
+    if precision in REFERENCE:  # every stage is the same maths: the losses of ZeRO-0
+        reference = losses_of(tmp_path_factory, tiny_corpus_data, REFERENCE[precision], precision, ranks)
+        assert losses == pytest.approx(reference, abs=TOLERANCE[precision]), (
+            f"{path.name} {precision} differs from {REFERENCE[precision]}.json: {losses} vs {reference}")

@@ -1,0 +1,168 @@
+"""A run that cannot be right is refused with one line (`error: ...`, exit code 2) before any process-group
+work; a non-finite loss stops the run with one line, or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, tiny_train_overrides
+from .distributed import free_port
+
+SCRIPT = str(REPO / "megatron_narrow/pretrain.py")
+TINY = str(REPO / "examples/configs/tiny_cpu.yaml")
+ZERO0 = REPO / "ds_configs/zero0.json"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tiny_corpus_data, tmp_path_factory) -> Path:
+    """Another sentencepiece model of the same vocabulary size, trained on the same text (BPE, not unigram)."""
+    from megatron_narrow.data.train_tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("other_tokenizer")
+    return train_sentencepiece([str(tiny_corpus_data["root"] / "docs.jsonl")], str(root / "spm"), vocab_size=1000,
+                               model_type="bpe")
+
+
+def write_ds(tmp_path: Path, **settings) -> Path:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, **settings}))
+    return path
+
+
+# id -> (overrides, DeepSpeed JSON settings or None for ds_configs/zero0.json, WORLD_SIZE, what the line says)
+CASES = {
+    "global_batch_not_multiple": ({"train.global_batch_size": "24"}, None, 2,
+                                  "train.global_batch_size=24 is not a multiple of train.micro_batch_size=8 x "
+                                  "data_parallel=2"),
+    "ds_train_batch_size_conflict": ({}, {"train_batch_size": 999}, 1,
+                                     "train_batch_size=999 disagrees with the run config (8 from train.*"),
+    "ds_micro_batch_conflict": ({}, {"train_micro_batch_size_per_gpu": 4}, 1,
+                                "train_micro_batch_size_per_gpu=4 disagrees with the run config"),
+    "ds_optimizer_section": ({}, {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, 1,
+                             "remove the 'optimizer' section"),
+    "ds_precision_conflict": ({}, {"bf16": {"enabled": True}}, 1,
+                              "bf16.enabled=true disagrees with train.precision=fp32"),
+    "fp16_at_zero_stage_0": ({"train.precision": "fp16"}, None, 1, "fp16 needs ZeRO stage >= 1"),
+    "other_tokenizer": ({"train.tokenizer_model": "{other_tokenizer}"}, None, 1,
+                        "but the model's tokenizer is"),
+    "vocab_size": ({"model.vocab_size": "999"}, None, 1,
+                   "data was tokenized with vocabulary size 1000 but the model expects 999"),
+    "seq_len_over_positions": ({"data.seq_len": "128"}, None, 1,
+                               "data.seq_len=128 exceeds model.max_position_embeddings=64"),
+    "missing_data_path": ({"data.data_paths": "[{tmp_path}/nowhere]"}, None, 1, "nowhere has no index.json"),
+}
+
+
+def case_argv(name: str, data, tmp_path: Path, other_tokenizer: Path) -> tuple[list[str], int, str]:
+    overrides, ds_settings, world, expected = CASES[name]
+    overrides = {key: value.format(tmp_path=tmp_path, other_tokenizer=other_tokenizer)
+                 for key, value in overrides.items()}
+    ds = ZERO0 if ds_settings is None else write_ds(tmp_path, **ds_settings)
+    argv = ["--config", TINY, "--deepspeed_config", str(ds),
+            *tiny_train_overrides(data, tmp_path / "run", steps=2, **overrides)]
+    return argv, world, expected
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_refused_before_process_group_work(name, tiny_corpus_data, other_tokenizer, tmp_path, monkeypatch, capsys):
+    import torch.distributed
+
+    from megatron_narrow import pretrain
+    from megatron_narrow.training import loop
+
+    argv, world, expected = case_argv(name, tiny_corpus_data, tmp_path, other_tokenizer)
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("process-group work began before the run was refused")
+
+    monkeypatch.setattr(loop, "init_distributed", no_process_group)
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_process_group)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for variable in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    capsys.readouterr()
+
+    assert pretrain.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "run").exists(), "a refused run must not create its save_dir"
+
+
+def environment(world: int = 1) -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE=str(world))
+    return env
+
+
+@pytest.mark.parametrize("name", ["global_batch_not_multiple", "missing_data_path"])
+def test_command_line_refusal_is_one_line_and_exit_code_2(name, tiny_corpus_data, other_tokenizer, tmp_path):
+    """The real command line. Rank 0 of a two-rank launch whose other rank never comes: a run that reached
+    process-group work would wait for it until the timeout."""
+    argv, world, expected = case_argv(name, tiny_corpus_data, tmp_path, other_tokenizer)
+    result = subprocess.run([sys.executable, SCRIPT, *argv], env=environment(2), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert result.stdout == ""
+
+
+def run_nonfinite(data, save_dir: Path, policy: str, ds_config: Path, variant: str = "narrow"):
+    """An absurd learning rate: step 1 (finite loss) throws the weights to ~1e29, so every later loss is NaN."""
+    overrides = tiny_train_overrides(data, save_dir, variant, steps=3,
+                                     **{"train.lr": "1.0e+30", "train.nonfinite_loss": policy})
+    return subprocess.run([sys.executable, SCRIPT, "--config", TINY, "--deepspeed_config", str(ds_config),
+                           *overrides], env=environment(), capture_output=True, text=True, timeout=300)
+
+
+def records(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nonfinite_loss_stop_ends_the_run_with_one_line(tiny_corpus_data, tmp_path):
+    from megatron_narrow.training import checkpoint
+
+    result = run_nonfinite(tiny_corpus_data, tmp_path / "run", "stop", ZERO0)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: non-finite loss at step 2; stopping (train.nonfinite_loss=stop; set it to skip to "
+                      "skip such steps and count them)"], result.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "run")] == [1]
+    assert checkpoint.latest_tag(tmp_path / "run") is None, "a stopped run must not checkpoint the broken step"
+
+
+@pytest.mark.parametrize("ds_name", ["zero0", "zero2"])  # our own skip (ZeRO-0 fp32) and DeepSpeed's overflow skip
+def test_nonfinite_loss_skip_continues_counts_and_applies_nothing(ds_name, tiny_corpus_data, tmp_path):
+    import torch
+
+    from megatron_narrow.training import checkpoint
+
+    save_dir = tmp_path / "run"
+    result = run_nonfinite(tiny_corpus_data, save_dir, "skip", REPO / "ds_configs" / f"{ds_name}.json",
+                           variant="token_drop")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [r for r in records(save_dir) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert math.isfinite(logged[0]["loss"]) and all(r["loss"] is None for r in logged[1:])  # NaN is written null
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 2]  # each skipped step counted once
+
+    # the skipped updates were not applied: weights (and the token-drop importance) are still finite
+    tag = checkpoint.latest_tag(save_dir)
+    assert tag == "step_0000003"
+    state = torch.load(save_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]
+    assert any("importance" in name for name in state)
+    broken = [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+    assert not broken, f"non-finite after skipped steps: {broken}"

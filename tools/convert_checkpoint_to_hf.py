@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Convert a megatron_narrow training checkpoint into a directory that stock transformers loads.
+
+  python tools/convert_checkpoint_to_hf.py --checkpoint runs/pretrain --output hf/my-model
+  python tools/convert_checkpoint_to_hf.py --checkpoint runs/pretrain/checkpoints/step_0001000 --output hf/m
+
+--checkpoint is a save_dir (its checkpoints/latest is converted) or one step_ directory. Any ZeRO stage
+and tensor-parallel size is merged into one model. The output holds model.safetensors, config.json, the
+tokenizer (tokenizer.json, tokenizer_config.json) and README.md; NarrowBERT also ships its modelling
+code (load with trust_remote_code=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="save_dir (uses checkpoints/latest) or a step_ directory")
+    parser.add_argument("--output", required=True, help="Hugging Face output directory")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from megatron_narrow.convert.checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(args.checkpoint, args.output)
+    except (CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
