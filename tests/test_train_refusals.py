@@ -57,6 +57,8 @@ CASES = {
     "seq_len_over_positions": ({"data.seq_len": "128"}, None, 1,
                                "data.seq_len=128 exceeds model.max_position_embeddings=64"),
     "missing_data_path": ({"data.data_paths": "[{tmp_path}/nowhere]"}, None, 1, "nowhere has no index.json"),
+    "pipeline_not_built": ({"parallel.pipeline_parallel": "2"}, None, 2,
+                           "parallel.pipeline_parallel=2: pipeline stages are not built yet"),
 }
 
 

@@ -30,6 +30,9 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
 
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
+    if layout.pipeline_parallel > 1:
+        raise ValueError(f"parallel.pipeline_parallel={layout.pipeline_parallel}: pipeline stages are not built yet "
+                         "(the [pipeline] issue); use tensor_parallel and data parallelism")
     run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
                        max_predictions=run.data.max_predictions)
     if run.model.variant == "token_drop":
