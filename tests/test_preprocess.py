@@ -228,3 +228,15 @@ def test_rerun_of_finished_dataset_does_nothing_and_other_settings_are_refused(s
     assert {p.name: p.stat().st_mtime_ns for p in small_dataset.iterdir()} == before
     with pytest.raises(ValueError, match="--overwrite"):
         run_preprocess([corpus], small_dataset, minilm_dir / "vocab.txt", split_sentences=True)
+
+
+def test_an_input_of_only_bad_records_becomes_an_empty_shard(tmp_path, minilm_dir):
+    good = write_jsonl(tmp_path / "good.jsonl", ["A valid document.", "Another one."])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n{"text": ""}\nnot json\n')
+    manifest = run_preprocess([good, bad], tmp_path / "out", minilm_dir / "vocab.txt", workers=2)
+    assert manifest["totals"]["documents"] == 2 and manifest["totals"]["shards"] == 2
+    assert manifest["shards"][1]["documents"] == 0
+    assert manifest["rejected"]["missing_key"] == 1 and manifest["rejected"]["empty"] == 1
+    assert manifest["rejected"]["invalid_json"] == 1
+    assert len(IndexedDocuments(tmp_path / "out")) == 2

@@ -93,3 +93,19 @@ def test_checkpoint_cut_off_mid_write_is_never_loaded(tmp_path, tiny_corpus_data
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from step {STEPS - 1 - (STEPS - 1) % SAVE_EVERY}" in result.stdout
     assert losses(save_dir) == expected
+
+
+def test_pruning_keeps_the_published_checkpoint_and_drops_leftovers_of_a_killed_save(tmp_path):
+    from megatron_narrow.training import checkpoint
+
+    class Engine:  # stands in for DeepSpeed: writes a tag directory
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+
+    root = checkpoint.checkpoint_root(tmp_path)
+    (root / "step_0000200").mkdir(parents=True)  # a save of step 200 was killed half-way
+    for step in (100, 150):
+        checkpoint.save(Engine(), tmp_path, step, {}, run_config={}, tokenizer_model=None, keep_last=1,
+                        is_rank0=True)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_0000150"]
+    assert checkpoint.latest_tag(tmp_path) == "step_0000150"

@@ -204,7 +204,8 @@ def process_chunk(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> S
     flush()
 
     tokens = np.concatenate(token_parts)
-    sentence_lengths = np.concatenate(sentence_parts).astype(np.int32)
+    # a chunk whose every record was rejected still becomes a (valid, empty) shard
+    sentence_lengths = np.concatenate([np.zeros(0, np.int32), *sentence_parts]).astype(np.int32)
     sentence_offsets = np.concatenate([[0], np.cumsum(sentences_per_doc)]).astype(np.int32)
     token_offsets = np.concatenate([[0], np.cumsum(sentence_lengths, dtype=np.int64)])[sentence_offsets]
     if token_offsets[-1] >= 2**31:

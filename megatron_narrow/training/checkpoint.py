@@ -77,7 +77,9 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
         tmp.write_text(tag + "\n")
         os.replace(tmp, root / LATEST)
         tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
+        newer = [t for t in tags if t > tag]  # left half-written by a save that was killed
+        older = [t for t in tags if t <= tag]
+        for old in newer + older[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()

@@ -8,6 +8,14 @@ import time
 from pathlib import Path
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill (or empty) sorts after every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger that does nothing."""
 
@@ -33,7 +41,7 @@ class MetricsLogger:
         """Drop lines a killed run logged after the checkpoint we resume from: the rerun logs them again."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
