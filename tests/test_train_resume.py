@@ -109,3 +109,13 @@ def test_pruning_keeps_the_published_checkpoint_and_drops_leftovers_of_a_killed_
                         is_rank0=True)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_0000150"]
     assert checkpoint.latest_tag(tmp_path) == "step_0000150"
+
+
+def test_resume_drops_a_metrics_line_torn_by_the_kill(tmp_path):
+    from megatron_narrow.training.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+                                            '{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=2, total_steps=10)
+    logger.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
