@@ -218,10 +218,16 @@ class ParallelConfig:
     data_parallel: int | None = None
     """Model replicas; None derives it as world_size / (tensor_parallel * pipeline_parallel)."""
 
+    pipeline_partition: str = "cost"
+    """How layers are split into pipeline stages: "uniform" (equal layer counts) or "cost" (balance the
+    estimated FLOPs: a narrow layer costs a fraction of a full one, so equal counts leave stages idle)."""
+
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_partition not in ("uniform", "cost"):
+            raise ValueError(f"parallel.pipeline_partition must be uniform or cost, got {self.pipeline_partition!r}")
         if self.data_parallel is not None and self.data_parallel < 1:
             raise ValueError(f"parallel.data_parallel must be >= 1, got {self.data_parallel}")
 
@@ -241,7 +247,7 @@ class ParallelConfig:
                 f"but the world size is {world_size}"
             )
         return ParallelConfig(tensor_parallel=self.tensor_parallel, pipeline_parallel=self.pipeline_parallel,
-                              data_parallel=dp)
+                              data_parallel=dp, pipeline_partition=self.pipeline_partition)
 
 
 @dataclass(kw_only=True, slots=True)

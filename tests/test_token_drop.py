@@ -60,7 +60,7 @@ def test_dropping_changes_the_output_but_keeps_shapes():
     with torch.no_grad():
         a, b = bert(*batch), drop(*batch)
     assert a.logits.shape == b.logits.shape
-    assert (a.logits - b.logits)[..., :VOCAB].abs().max() > 1e-3
+    assert (a.logits - b.logits)[..., :VOCAB].abs().max() > 1e-4  # 100x the keep-all agreement above
 
 
 def test_kept_sets_hold_targets_and_specials_never_padding():

@@ -32,7 +32,7 @@ def other_tokenizer(tiny_corpus_data, tmp_path_factory) -> Path:
 
 def write_ds(tmp_path: Path, **settings) -> Path:
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, **settings}))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}, **settings}))  # settings may replace the stage
     return path
 
 
@@ -57,8 +57,18 @@ CASES = {
     "seq_len_over_positions": ({"data.seq_len": "128"}, None, 1,
                                "data.seq_len=128 exceeds model.max_position_embeddings=64"),
     "missing_data_path": ({"data.data_paths": "[{tmp_path}/nowhere]"}, None, 1, "nowhere has no index.json"),
-    "pipeline_not_built": ({"parallel.pipeline_parallel": "2"}, None, 2,
-                           "parallel.pipeline_parallel=2: pipeline stages are not built yet"),
+    "pipeline_zero_stage_0": ({"parallel.pipeline_parallel": "2"}, None, 2,
+                              "ZeRO stage 0 with parallel.pipeline_parallel=2: pipelines run with ZeRO stage 1"),
+    "pipeline_zero_stage_2": ({"parallel.pipeline_parallel": "2"}, {"zero_optimization": {"stage": 2}}, 2,
+                              "ZeRO stage 2 with parallel.pipeline_parallel=2: pipelines run with ZeRO stage 1"),
+    "pipeline_partitioned_activations": ({"parallel.pipeline_parallel": "2"},
+                                         {"zero_optimization": {"stage": 1}, "pipeline": {"pipe_partitioned": True}},
+                                         2, "pipeline.pipe_partitioned=true splits only the first tensor"),
+    "more_stages_than_layers": ({"parallel.pipeline_parallel": "8"}, {"zero_optimization": {"stage": 1}}, 8,
+                                "parallel.pipeline_parallel=8: cannot split 4 layers into 8 pipeline stages"),
+    "pipeline_init_from_hf": ({"parallel.pipeline_parallel": "2", "train.init_from_hf": "{tmp_path}"},
+                              {"zero_optimization": {"stage": 1}}, 2,
+                              "train.init_from_hf with parallel.pipeline_parallel=2 is not supported"),
 }
 
 

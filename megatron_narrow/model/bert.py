@@ -15,33 +15,40 @@ from megatron_narrow.model.embeddings import BertEmbeddings
 from megatron_narrow.model.encoder import BertEncoder
 from megatron_narrow.model.heads import BertLMPredictionHead, BertPooler, ClassificationHead, _linear
 from megatron_narrow.model.token_drop import TokenImportance
-from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, vocab_parallel_cross_entropy
+from megatron_narrow.parallel import (
+    GroupInfo,
+    ProcessGroups,
+    RNGStatesTracker,
+    component_generator,
+    vocab_parallel_cross_entropy,
+)
 
 DEFAULT_SPECIAL_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}  # BERT's WordPiece ids
+
+
+def build_token_importance(config: ModelConfig, special_ids: dict[str, int] | None) -> TokenImportance | None:
+    """token_drop's importance vector (None for the other variants)."""
+    if config.variant != "token_drop":
+        return None
+    special = special_ids or DEFAULT_SPECIAL_IDS
+    return TokenImportance(config.vocab_size, special_ids=tuple(special.values()), pad_id=special["pad"],
+                           init=config.importance_init, beta=config.importance_beta)
 
 
 class BertModel(nn.Module):
     """Embeddings + encoder (+ pooler). `forward` returns hidden states at the query positions."""
 
     def __init__(self, config: ModelConfig, groups: ProcessGroups | None = None, *, add_pooler: bool = False,
-                 tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None) -> None:
         super().__init__()
         groups = groups or ProcessGroups.single()
         config.validate(tensor_parallel=groups.tensor.size)
         self.config = config
         self.groups = groups
-        if generator is None:
-            generator = torch.Generator().manual_seed(config.init_seed)
-        self.embeddings = BertEmbeddings(config, groups, generator)
-        self.encoder = BertEncoder(config, groups, generator, tracker)
-        self.pooler = BertPooler(config, generator) if add_pooler else None
-        self.token_importance = None
-        if config.variant == "token_drop":
-            special = special_ids or DEFAULT_SPECIAL_IDS
-            self.token_importance = TokenImportance(
-                config.vocab_size, special_ids=tuple(special.values()), pad_id=special["pad"],
-                init=config.importance_init, beta=config.importance_beta)
+        self.embeddings = BertEmbeddings(config, groups, component_generator(config.init_seed, "embeddings"))
+        self.encoder = BertEncoder(config, groups, tracker)
+        self.pooler = BertPooler(config, component_generator(config.init_seed, "pooler")) if add_pooler else None
+        self.token_importance = build_token_importance(config, special_ids)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
@@ -69,6 +76,35 @@ class PretrainingOutput:
     pair_logits: torch.Tensor | None = None
 
 
+def with_cls_query(positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend position 0 ([CLS], always valid) to the query positions: the pair head's pooler needs it."""
+    return (torch.cat([torch.zeros_like(positions[:, :1]), positions], dim=1),
+            torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1))
+
+
+def pretraining_logits(hidden: torch.Tensor, decoder_weight: torch.Tensor, predictions: BertLMPredictionHead,
+                       pooler: BertPooler | None, seq_relationship: nn.Linear | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states at the queries -> (MLM logits (B, M, V/tp), pair logits (B, 2) or None). With a pair
+    head the first query is [CLS] (see with_cls_query)."""
+    if seq_relationship is None:
+        return predictions(hidden, decoder_weight), None
+    return predictions(hidden[:, 1:], decoder_weight), seq_relationship(pooler(hidden[:, 0]))
+
+
+def pretraining_loss(logits: torch.Tensor, pair_logits: torch.Tensor | None, target_ids: torch.Tensor,
+                     target_valid: torch.Tensor, group: GroupInfo, *, pair_label: torch.Tensor | None = None,
+                     num_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-target MLM losses (B, M), 0 where invalid). `num_targets` replaces the batch's valid-target
+    count as the MLM loss's denominator (see BertForPreTraining.forward)."""
+    losses = vocab_parallel_cross_entropy(logits, target_ids, group) * target_valid
+    denominator = target_valid.sum().clamp(min=1) if num_targets is None else num_targets
+    loss = losses.sum() / denominator
+    if pair_logits is not None and pair_label is not None:
+        loss = loss + nn.functional.cross_entropy(pair_logits, pair_label.view(-1))
+    return loss, losses
+
+
 class BertForPreTraining(nn.Module):
     """MLM (sparse: only target rows reach the head) and an optional NSP/SOP head on the pooled [CLS]."""
 
@@ -76,14 +112,11 @@ class BertForPreTraining(nn.Module):
                  tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None) -> None:
         super().__init__()
         groups = groups or ProcessGroups.single()
-        generator = torch.Generator().manual_seed(config.init_seed)
-        self.bert = BertModel(config, groups, add_pooler=pair_head, tracker=tracker, special_ids=special_ids,
-                              generator=generator)
+        self.bert = BertModel(config, groups, add_pooler=pair_head, tracker=tracker, special_ids=special_ids)
         self.cls = nn.Module()
-        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings, groups.tensor,
-                                                    generator)
-        self.cls.seq_relationship = _linear(config.hidden_size, 2, config.initializer_range, generator) \
-            if pair_head else None
+        self.cls.predictions = BertLMPredictionHead(config, groups.tensor,
+                                                    component_generator(config.init_seed, "lm_head"))
+        self.cls.seq_relationship = build_pair_classifier(config) if pair_head else None
         self.groups = groups
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
@@ -92,23 +125,14 @@ class BertForPreTraining(nn.Module):
         """MLM (+ pair) loss. `num_targets` replaces this batch's valid-target count as the MLM loss's
         denominator: the training loop passes the global batch's count (per rank and micro-batch), so
         that data parallelism and gradient accumulation reproduce one big batch exactly."""
-        if self.cls.seq_relationship is not None:  # the pooler needs [CLS]: query it alongside the targets
-            zeros = torch.zeros_like(target_positions[:, :1])
-            positions = torch.cat([zeros, target_positions], dim=1)
-            valid = torch.cat([torch.ones_like(target_valid[:, :1]), target_valid], dim=1)
-            hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid)
-            cls_hidden, hidden = hidden[:, 0], hidden[:, 1:]
-        else:
-            hidden = self.bert(input_ids, attention_mask, token_type_ids, target_positions, target_valid)
-        logits = self.cls.predictions(hidden)  # (B, M, V/tp)
-        losses = vocab_parallel_cross_entropy(logits, target_ids, self.groups.tensor) * target_valid
-        denominator = target_valid.sum().clamp(min=1) if num_targets is None else num_targets
-        loss = losses.sum() / denominator
-        pair_logits = None
+        positions, valid = target_positions, target_valid
         if self.cls.seq_relationship is not None:
-            pair_logits = self.cls.seq_relationship(self.bert.pooler(cls_hidden))
-            if pair_label is not None:
-                loss = loss + nn.functional.cross_entropy(pair_logits, pair_label.view(-1))
+            positions, valid = with_cls_query(positions, valid)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid)
+        logits, pair_logits = pretraining_logits(hidden, self.bert.embeddings.word_embeddings.weight,
+                                                 self.cls.predictions, self.bert.pooler, self.cls.seq_relationship)
+        loss, losses = pretraining_loss(logits, pair_logits, target_ids, target_valid, self.groups.tensor,
+                                        pair_label=pair_label, num_targets=num_targets)
         return PretrainingOutput(loss=loss, target_losses=losses.detach(), logits=logits, pair_logits=pair_logits)
 
     @torch.no_grad()
@@ -125,15 +149,19 @@ class BertForPreTraining(nn.Module):
                 importance.apply(self.groups.data)
 
 
+def build_pair_classifier(config: ModelConfig) -> nn.Linear:
+    """The NSP/SOP classifier on the pooled [CLS] (cls.seq_relationship)."""
+    return _linear(config.hidden_size, 2, config.initializer_range, component_generator(config.init_seed, "pair_head"))
+
+
 class BertForSequenceClassification(nn.Module):
     """Pooled [CLS] -> labels. narrow runs its narrow layers for [CLS] only."""
 
     def __init__(self, config: ModelConfig, num_labels: int, groups: ProcessGroups | None = None,
                  tracker: RNGStatesTracker | None = None) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(config.init_seed)
-        self.bert = BertModel(config, groups, add_pooler=True, tracker=tracker, generator=generator)
-        self.head = ClassificationHead(config, num_labels, generator)
+        self.bert = BertModel(config, groups, add_pooler=True, tracker=tracker)
+        self.head = ClassificationHead(config, num_labels, component_generator(config.init_seed, "classifier"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,9 +176,8 @@ class BertForTokenClassification(nn.Module):
     def __init__(self, config: ModelConfig, num_labels: int, groups: ProcessGroups | None = None,
                  tracker: RNGStatesTracker | None = None) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(config.init_seed)
-        self.bert = BertModel(config, groups, tracker=tracker, generator=generator)
-        self.head = ClassificationHead(config, num_labels, generator)
+        self.bert = BertModel(config, groups, tracker=tracker)
+        self.head = ClassificationHead(config, num_labels, component_generator(config.init_seed, "classifier"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,14 +1,20 @@
-"""The encoder: one stack of BertLayers, and the three ways of running it, each visible in one place.
+"""The encoder: one stack of BertLayers and the three ways of running it, written once as a walk over
+layers that carries an `EncoderState`. The single-process model walks all layers; a pipeline stage walks
+its own (model/pipeline.py), with the state packed into fixed-shape tensors between stages.
 
 - bert:       every layer on every position; outputs are gathered at the query positions at the end.
 - narrow:     `full_length_layers` ordinary layers give the context C; every narrow layer computes
-              queries for the query positions only, keys/values from C (one GEMM for all narrow layers).
+              queries for the query positions only, keys/values from C (fused GEMMs for the narrow
+              layers of one walk).
 - token_drop: layers 0..L/2-2 on all tokens; layer L/2-1 (transition) queries the kept tokens against
               all; layers L/2..L-2 on kept tokens only; the dropped tokens' states wait and are scattered
               back before layer L-1, which runs on all positions.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,7 @@ from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import split_heads
 from megatron_narrow.model.layer import BertLayer
 from megatron_narrow.model.token_drop import TokenImportance
-from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
+from megatron_narrow.parallel import GroupInfo, ProcessGroups, RNGStatesTracker, component_generator
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
 
 
@@ -27,83 +33,137 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
+@dataclass
+class EncoderState:
+    """What one layer hands the next; between pipeline stages, its present fields as a tuple (see
+    `state_fields`)."""
+
+    hidden: torch.Tensor
+    """The rows being computed: (B, S, H); narrow queries (B, Q, H); token_drop kept rows (B, k, H)."""
+    key_mask: torch.Tensor
+    """(B, S) bool, True at real tokens."""
+    query_positions: torch.Tensor | None = None
+    """(B, Q) positions whose outputs are wanted (None: every position)."""
+    query_valid: torch.Tensor | None = None
+    """token_drop, up to the transition: (B, Q) bool, query positions forced into the kept set."""
+    input_ids: torch.Tensor | None = None
+    """token_drop, up to the transition: (B, S) ids, whose importance picks the kept tokens."""
+    context: torch.Tensor | None = None
+    """narrow: C (B, S, H), the keys/values source of every narrow layer. token_drop, after the
+    transition: the full-length states (B, S, H) that wait for the dropped tokens."""
+    kept: torch.Tensor | None = None
+    """token_drop, after the transition: (B, k) kept positions, in order."""
+    kept_mask: torch.Tensor | None = None
+    """token_drop, after the transition: (B, k) bool, which kept positions are real tokens."""
+
+
+def transition_layer(config: ModelConfig) -> int:
+    """token_drop: the layer whose queries are the kept tokens (L/2 - 1)."""
+    return config.num_layers // 2 - 1
+
+
+def state_fields(config: ModelConfig, index: int) -> tuple[str, ...]:
+    """The EncoderState fields present before layer `index` (index == num_layers: the encoder's output,
+    hidden states at the query positions), for a walk that has query positions."""
+    if index >= config.num_layers:
+        return ("hidden",)
+    if config.variant == "narrow" and index > config.full_length_layers:
+        return ("hidden", "key_mask", "context")
+    if config.variant == "token_drop":
+        if index <= transition_layer(config):
+            return ("hidden", "key_mask", "query_positions", "query_valid", "input_ids")
+        return ("hidden", "key_mask", "query_positions", "context", "kept", "kept_mask")
+    return ("hidden", "key_mask", "query_positions")
+
+
 CPU_GEMM_OUTPUT_BYTES = 30 << 20
 
 
-def _kv_groups(narrow: nn.ModuleList, context: torch.Tensor) -> list[list[nn.Module]]:
+def _kv_groups(narrow: list[BertLayer], context: torch.Tensor) -> list[list[BertLayer]]:
     """Narrow layers whose K/V share one GEMM: all of them on CUDA (the caching allocator reuses the
     output block); on the CPU as many as keep the output under ~30 MiB, because glibc hands larger
     blocks back to the OS on free and every forward would fault in fresh pages (measured: 13% of a
     NarrowBERT classification forward at batch 4 x 512, hidden 256)."""
-    layers = list(narrow)
     if context.is_cuda:
-        return [layers]
+        return [narrow]
     b, s, _ = context.shape
-    per_layer = b * s * 2 * layers[0].attention.self.key.weight.shape[0] * context.element_size()
+    per_layer = b * s * 2 * narrow[0].attention.self.key.weight.shape[0] * context.element_size()
     size = max(1, CPU_GEMM_OUTPUT_BYTES // per_layer)
-    return [layers[i:i + size] for i in range(0, len(layers), size)]
+    return [narrow[i:i + size] for i in range(0, len(narrow), size)]
+
+
+def narrow_kv(layers: list[BertLayer], context: torch.Tensor, head_dim: int,
+              group: GroupInfo) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of each narrow layer from C: (B, S, H) x (H, n * 2H/tp) GEMMs over layer groups."""
+    per_layer = []
+    for layer_group in _kv_groups(layers, context):
+        weights, biases = zip(*(layer.attention.self.kv_weight() for layer in layer_group), strict=True)
+        kv = F.linear(copy_to_tensor_region(context, group), torch.cat(weights), torch.cat(biases))
+        per_layer.extend(kv.chunk(len(layer_group), dim=-1))
+    return [tuple(split_heads(t, head_dim) for t in kv.chunk(2, dim=-1)) for kv in per_layer]
+
+
+def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], state: EncoderState, *,
+               group: GroupInfo, importance: TokenImportance | None = None) -> EncoderState:
+    """Run (index, layer) pairs, consecutive, on `state` (updated in place and returned)."""
+    layers = list(layers)
+    num_layers, variant = config.num_layers, config.variant
+    full, transition = config.full_length_layers, transition_layer(config)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index, layer in layers:
+        if variant == "narrow" and index >= full:
+            if state.context is None:  # the first narrow layer: C is fixed from here on
+                state.context = state.hidden
+                if state.query_positions is not None:
+                    state.hidden = gather_positions(state.context, state.query_positions)
+                state.query_positions = None
+            if index not in kv:
+                rest = [(i, lay) for i, lay in layers if i >= index]
+                projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
+                kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
+            state.hidden = layer(state.hidden, state.key_mask, kv=kv[index])
+        elif variant == "token_drop" and index == transition:
+            _drop_tokens(config, layer, state, importance)
+        elif variant == "token_drop" and transition < index < num_layers - 1:
+            state.hidden = layer(state.hidden, state.kept_mask)
+        elif variant == "token_drop" and index == num_layers - 1:
+            index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
+            restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin
+            state.context = state.kept = state.kept_mask = None
+            state.hidden = layer(restored, state.key_mask)
+        else:
+            state.hidden = layer(state.hidden, state.key_mask)
+        if index == num_layers - 1 and state.query_positions is not None:
+            state.hidden = gather_positions(state.hidden, state.query_positions)
+            state.query_positions = None
+    return state
+
+
+def _drop_tokens(config: ModelConfig, layer: BertLayer, state: EncoderState,
+                 importance: TokenImportance | None) -> None:
+    """The transition layer: pick the kept tokens, let them attend to all, and park the full states."""
+    if importance is None or state.input_ids is None:
+        raise ValueError("variant=token_drop needs the importance vector and the input ids")
+    k = config.kept_tokens(state.hidden.shape[1])
+    kept, kept_mask = importance.select(state.input_ids, state.key_mask, state.query_positions, state.query_valid, k)
+    state.context = state.hidden  # the dropped tokens' states wait here unchanged
+    state.hidden = layer(gather_positions(state.hidden, kept), state.key_mask, context=state.hidden)
+    state.kept, state.kept_mask = kept, kept_mask
+    state.input_ids = state.query_valid = None
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator,
-                 tracker: RNGStatesTracker | None = None) -> None:
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, tracker: RNGStatesTracker | None = None) -> None:
         super().__init__()
         self.config = config
         self.group = groups.tensor
-        self.layer = nn.ModuleList(BertLayer(config, groups, generator, tracker) for _ in range(config.num_layers))
+        self.layer = nn.ModuleList(BertLayer(config, groups, component_generator(config.init_seed, f"layer.{i}"),
+                                             tracker) for i in range(config.num_layers))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, query_positions: torch.Tensor | None,
                 *, importance: TokenImportance | None = None, input_ids: torch.Tensor | None = None,
                 forced_valid: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, S, H) embeddings -> (B, Q, H) at query_positions (B, Q), or (B, S, H) if None."""
-        key_mask = attention_mask.bool()
-        variant = self.config.variant
-        if variant == "narrow":
-            return self._narrow(hidden, key_mask, query_positions)
-        if variant == "token_drop":
-            hidden = self._token_drop(hidden, key_mask, importance, input_ids, query_positions, forced_valid)
-        else:
-            for layer in self.layer:
-                hidden = layer(hidden, key_mask)
-        return hidden if query_positions is None else gather_positions(hidden, query_positions)
-
-    def _narrow(self, hidden: torch.Tensor, key_mask: torch.Tensor,
-                query_positions: torch.Tensor | None) -> torch.Tensor:
-        full = self.config.full_length_layers
-        for layer in self.layer[:full]:
-            hidden = layer(hidden, key_mask)
-        context = hidden  # C: fixed from here on
-        queries = context if query_positions is None else gather_positions(context, query_positions)
-        narrow = self.layer[full:]
-        if not len(narrow):
-            return queries
-        head_dim = self.config.head_dim
-        kv_per_layer = []
-        for group in _kv_groups(narrow, context):
-            # K/V of a group of narrow layers from C in one GEMM: (B, S, H) x (H, n * 2H/tp)
-            weights, biases = zip(*(layer.attention.self.kv_weight() for layer in group), strict=True)
-            kv = F.linear(copy_to_tensor_region(context, self.group), torch.cat(weights), torch.cat(biases))
-            kv_per_layer.extend(kv.chunk(len(group), dim=-1))
-        for layer, kv in zip(narrow, kv_per_layer, strict=True):
-            k, v = kv.chunk(2, dim=-1)
-            queries = layer(queries, key_mask, kv=(split_heads(k, head_dim), split_heads(v, head_dim)))
-        return queries
-
-    def _token_drop(self, hidden: torch.Tensor, key_mask: torch.Tensor, importance: TokenImportance | None,
-                    input_ids: torch.Tensor | None, forced_positions: torch.Tensor | None,
-                    forced_valid: torch.Tensor | None) -> torch.Tensor:
-        if importance is None or input_ids is None:
-            raise ValueError("variant=token_drop needs the importance vector and the input ids")
-        num_layers = self.config.num_layers
-        transition = num_layers // 2 - 1
-        for layer in self.layer[:transition]:
-            hidden = layer(hidden, key_mask)
-        k = self.config.kept_tokens(hidden.shape[1])
-        kept, kept_mask = importance.select(input_ids, key_mask, forced_positions, forced_valid, k)
-        waiting = hidden  # the dropped tokens' states wait here unchanged
-        short = self.layer[transition](gather_positions(hidden, kept), key_mask, context=hidden)
-        for layer in self.layer[transition + 1:num_layers - 1]:
-            short = layer(short, kept_mask)
-        index = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        hidden = waiting.scatter(1, index, short)
-        return self.layer[num_layers - 1](hidden, key_mask)
+        state = EncoderState(hidden=hidden, key_mask=attention_mask.bool(), query_positions=query_positions,
+                             query_valid=forced_valid, input_ids=input_ids)
+        return run_layers(self.config, enumerate(self.layer), state, group=self.group, importance=importance).hidden

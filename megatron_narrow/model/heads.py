@@ -9,7 +9,7 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.layer_norm import layer_norm
-from megatron_narrow.parallel import GroupInfo, VocabParallelEmbedding
+from megatron_narrow.parallel import GroupInfo, vocab_shard
 from megatron_narrow.parallel.layers import mark_tensor_parallel
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
 
@@ -36,26 +36,24 @@ class BertLMPredictionHead(nn.Module):
     """logits = transform(x) @ E^T + b over this rank's vocabulary shard; padded columns masked to -inf.
 
     Runs only on the rows it is given (the MLM targets), which is where a sparse head saves the
-    [B*S, V] GEMM of a dense one.
+    [B*S, V] GEMM of a dense one. The decoder E is the word-embedding table, passed in by the caller
+    (the model's own, or a pipeline's tied copy on the last stage): the head owns only transform and b.
     """
 
-    def __init__(self, config: ModelConfig, word_embeddings: VocabParallelEmbedding, group: GroupInfo,
-                 generator: torch.Generator) -> None:
+    def __init__(self, config: ModelConfig, group: GroupInfo, generator: torch.Generator) -> None:
         super().__init__()
         self.transform = BertPredictionHeadTransform(config, generator)
         self.group = group
-        self.word_embeddings = [word_embeddings]  # a list: tied, not a second registered owner
-        local = word_embeddings.vocab_end - word_embeddings.vocab_start
-        self.bias = nn.Parameter(torch.zeros(local))
+        start, end, _ = vocab_shard(config.vocab_size, group)
+        self.bias = nn.Parameter(torch.zeros(end - start))
         mark_tensor_parallel(self.bias, 0)
-        padding = torch.arange(word_embeddings.vocab_start, word_embeddings.vocab_end) >= config.vocab_size
+        padding = torch.arange(start, end) >= config.vocab_size
         self.register_buffer("vocab_padding", padding, persistent=False)
         self.has_padding = bool(padding.any())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
-        weight = self.word_embeddings[0].weight
-        logits = F.linear(copy_to_tensor_region(self.transform(x), self.group), weight, self.bias)
+        logits = F.linear(copy_to_tensor_region(self.transform(x), self.group), decoder_weight, self.bias)
         # in place on the fresh GEMM output (linear does not save it): no second [N, V] copy
         return logits.masked_fill_(self.vocab_padding, float("-inf")) if self.has_padding else logits
 

@@ -19,6 +19,18 @@ PINNED_HIGH = 1e4
 PINNED_LOW = -1e4
 
 
+@torch.no_grad()
+def tally_target_losses(tally: torch.Tensor | None, target_ids: torch.Tensor, losses: torch.Tensor,
+                        valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Add one micro-batch's per-target losses to a (2, vocab) float64 tally of per-id sums and counts."""
+    ids = target_ids[valid]
+    if tally is None:
+        tally = torch.zeros(2, vocab_size, dtype=torch.float64, device=ids.device)
+    tally[0].index_add_(0, ids, losses[valid].double())
+    tally[1].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+    return tally
+
+
 class TokenImportance(nn.Module):
     def __init__(self, vocab_size: int, *, special_ids: tuple[int, ...], pad_id: int, init: float = 10.0,
                  beta: float = 0.995) -> None:
@@ -37,19 +49,17 @@ class TokenImportance(nn.Module):
     @torch.no_grad()
     def accumulate(self, target_ids: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor) -> None:
         """Add one micro-batch's per-target losses to this step's per-id sums and counts."""
-        ids = target_ids[valid]
-        if self._pending is None:
-            vocab = self.importance.numel()
-            self._pending = torch.zeros(2, vocab, dtype=torch.float64, device=ids.device)
-        self._pending[0].index_add_(0, ids, losses[valid].double())
-        self._pending[1].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        self._pending = tally_target_losses(self._pending, target_ids, losses, valid, self.importance.numel())
 
     @torch.no_grad()
-    def apply(self, data_group: GroupInfo) -> None:
-        """End of a step: imp[id] = beta * imp[id] + (1 - beta) * mean loss of id's targets in the global batch."""
-        if self._pending is None:
+    def apply(self, data_group: GroupInfo, tally: torch.Tensor | None = None) -> None:
+        """End of a step: imp[id] = beta * imp[id] + (1 - beta) * mean loss of id's targets in the global batch.
+
+        The tally is this step's accumulate()s, or one passed in: a pipeline's importance lives on the
+        stage that drops tokens, its losses on the last stage, which sends the tally over."""
+        pending, self._pending = (self._pending if tally is None else tally), None
+        if pending is None:
             return
-        pending, self._pending = self._pending, None
         if data_group.size > 1:
             dist.all_reduce(pending, group=data_group.group)
         sums, counts = pending

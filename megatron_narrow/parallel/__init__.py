@@ -11,6 +11,7 @@ from megatron_narrow.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     padded_vocab_size,
+    vocab_shard,
 )
 from megatron_narrow.parallel.mappings import (
     copy_to_tensor_region,
@@ -18,7 +19,7 @@ from megatron_narrow.parallel.mappings import (
     reduce_from_tensor_region,
     scatter_to_tensor_region,
 )
-from megatron_narrow.parallel.random import RNGStatesTracker
+from megatron_narrow.parallel.random import RNGStatesTracker, component_generator
 
 __all__ = [
     "ColumnParallelLinear",
@@ -27,10 +28,12 @@ __all__ = [
     "RNGStatesTracker",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "component_generator",
     "copy_to_tensor_region",
     "gather_from_tensor_region",
     "padded_vocab_size",
     "reduce_from_tensor_region",
     "scatter_to_tensor_region",
     "vocab_parallel_cross_entropy",
+    "vocab_shard",
 ]

@@ -61,3 +61,16 @@ class ProcessGroups:
         make("data", [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)])
         make("pipeline", [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)])
         return cls(tensor=mine["tensor"], data=mine["data"], pipeline=mine["pipeline"], global_rank=rank)
+
+    @classmethod
+    def from_grid(cls, grid) -> ProcessGroups:
+        """The groups of DeepSpeed's `PipelineParallelGrid` (same rank order as `from_world`), so that the
+        parallel layers and DeepSpeed (gradient all-reduce, gradient norm, tied weights) share communicators."""
+
+        def info(group, ranks: list[int]) -> GroupInfo:
+            return GroupInfo(group=group, rank=ranks.index(grid.global_rank), size=len(ranks), ranks=tuple(ranks))
+
+        return cls(tensor=info(grid.get_slice_parallel_group(), list(grid.slice_group)),
+                   data=info(grid.get_data_parallel_group(), list(grid.dp_group)),
+                   pipeline=info(grid.get_pipe_parallel_group(), list(grid.pp_group)),
+                   global_rank=grid.global_rank)

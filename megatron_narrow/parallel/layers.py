@@ -43,6 +43,15 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return -(-vocab_size // step) * step
 
 
+def vocab_shard(vocab_size: int, group: GroupInfo, padded_size: int | None = None) -> tuple[int, int, int]:
+    """(first row, end row, padded vocabulary) of this rank's shard of a vocabulary-parallel table."""
+    padded = padded_size or padded_vocab_size(vocab_size, group.size)
+    if padded < vocab_size:
+        raise ValueError(f"padded vocabulary {padded} is smaller than the vocabulary {vocab_size}")
+    local = _divide(padded, group.size, "padded vocabulary size")
+    return group.rank * local, (group.rank + 1) * local, padded
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = XA + b with A split by columns (output features): rank r holds A[:, r*n/p:(r+1)*n/p].
 
@@ -127,12 +136,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group = group
         self.num_embeddings = num_embeddings
-        self.padded_size = padded_size or padded_vocab_size(num_embeddings, group.size)
-        if self.padded_size < num_embeddings:
-            raise ValueError(f"padded vocabulary {self.padded_size} is smaller than the vocabulary {num_embeddings}")
-        local = _divide(self.padded_size, group.size, "padded vocabulary size")
-        self.vocab_start = group.rank * local
-        self.vocab_end = self.vocab_start + local
+        self.vocab_start, self.vocab_end, self.padded_size = vocab_shard(num_embeddings, group, padded_size)
         master = torch.zeros(self.padded_size, embedding_dim)
         master[:num_embeddings] = _normal_master((num_embeddings, embedding_dim), init_std, generator)
         self.weight = nn.Parameter(master[self.vocab_start:self.vocab_end].clone())

@@ -12,6 +12,7 @@ dropout only reads the global generator.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,13 @@ _TP_SEED_OFFSET = 2718
 def _clone(state: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
     cpu, cuda = state
     return cpu.clone(), None if cuda is None else cuda.clone()
+
+
+def component_generator(seed: int, component: str) -> torch.Generator:
+    """The generator of one component's initial weights ("embeddings", "layer.3", "lm_head", ...), seeded
+    from (seed, component) alone: a layer starts with the same values whether the whole model is built or
+    only the pipeline stage that holds it (and, as parallel layers slice a master weight, at any TP)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{component}".encode()))
 
 
 class RNGStatesTracker:

@@ -22,6 +22,12 @@ from megatron_narrow.training.data import build_datasets, make_loader
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.metrics import MetricsLogger
 from megatron_narrow.training.optim import build_optimizer, build_scheduler
+from megatron_narrow.training.pipeline import (
+    PipelineModel,
+    build_pipeline,
+    pipeline_evaluate,
+    pipeline_train_step,
+)
 from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
 
 
@@ -63,6 +69,41 @@ def _skip_update(optimizer: torch.optim.Optimizer):
             optimizer.step = saved
 
 
+def _agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> bool:
+    """Whether every rank's losses were finite; raises under train.nonfinite_loss=stop if not."""
+    finite = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN).item() >= 1
+    if not finite and policy == "stop":
+        raise FloatingPointError(f"non-finite loss at step {step}; stopping (train.nonfinite_loss=stop; set it to "
+                                 "skip to skip such steps and count them)")
+    return finite
+
+
+def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.optim.Optimizer,
+                        micro_batches: list[dict[str, torch.Tensor]], normaliser: torch.Tensor, step: int,
+                        policy: str) -> tuple[bool, torch.Tensor]:
+    """Forward/backward every micro-batch and take the update; returns (all finite, sum of target losses)."""
+    device = normaliser.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    finite = True
+    last = len(micro_batches) - 1
+    for index, batch in enumerate(micro_batches):
+        out = engine(**batch, num_targets=normaliser)
+        if not torch.isfinite(out.loss):
+            finite = False
+        engine.backward(out.loss)
+        counted = batch["target_valid"] & torch.isfinite(out.target_losses)  # no NaN enters the importance
+        model.update_importance(batch["target_ids"], out.target_losses.float(), counted, end_of_step=index == last)
+        loss_sum += out.target_losses.double().sum()
+        if index == last:  # before the update: every rank agrees on whether to apply it
+            finite = _agree_finite(finite, step, policy, device)
+        if index == last and not finite and engine.optimizer is optimizer:
+            with _skip_update(optimizer):  # DeepSpeed's fp16/bf16/ZeRO optimizers skip non-finite grads themselves
+                engine.step()
+        else:
+            engine.step()
+    return finite, loss_sum
+
+
 def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     """Train (or resume) to run.train.train_steps; returns the records logged by rank 0."""
     import deepspeed
@@ -71,26 +112,34 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
 
     ds_config = validate_run(run, ds_config_path)  # every refusal happens before process-group work
     init_distributed()
-    groups = ProcessGroups.from_world(run.parallel)
     train = run.train
     is_rank0 = dist.get_rank() == 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
-                                         pipeline_rank=groups.pipeline.rank)
-
     gas = ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
-    data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
-    model = BertForPreTraining(run.model, groups, pair_head=run.data.pair_task != "none", tracker=tracker,
-                               special_ids=data.special.as_dict()).to(device)
+    pair_head = run.data.pair_task != "none"
     resuming = checkpoint.latest_tag(train.save_dir) is not None
-    if train.init_from_hf and not resuming:
-        _load_hf(model, train.init_from_hf)
+
+    pipe: PipelineModel | None = None
+    if run.parallel.pipeline_parallel > 1:
+        data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
+        pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
+        model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
+        mpu = None  # the pipeline module hands DeepSpeed its grid
+    else:
+        groups = ProcessGroups.from_world(run.parallel)
+        tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
+                                             pipeline_rank=groups.pipeline.rank)
+        data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
+        model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
+                                   special_ids=data.special.as_dict()).to(device)
+        if train.init_from_hf and not resuming:
+            _load_hf(model, train.init_from_hf)
+        mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=DeepSpeedMPU(groups) if dist.is_initialized()
-                                           else None)
+                                           config=ds_config, mpu=mpu)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         # ZeRO-0 fp16/bf16: these wrappers take one zero-gradient step of our AdamW to create its state, which
         # would start Adam's bias correction at step 2 (first update ~0.74 lr); drop that state (ZeRO 1-3 do not)
@@ -130,27 +179,13 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
                                float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
         total_targets, total_tokens = _all_reduce(counts, groups.data.group).tolist()
         normaliser = torch.tensor(max(total_targets, 1.0) / (groups.data.size * gas), device=device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        finite = True
-        for index, batch in enumerate(micro_batches):
-            out = engine(**batch, num_targets=normaliser)
-            if not torch.isfinite(out.loss):
-                finite = False
-            engine.backward(out.loss)
-            counted = batch["target_valid"] & torch.isfinite(out.target_losses)  # no NaN enters the importance
-            model.update_importance(batch["target_ids"], out.target_losses.float(), counted,
-                                    end_of_step=index == gas - 1)
-            loss_sum += out.target_losses.double().sum()
-            if index == gas - 1:  # before the update: every rank agrees on whether to apply it
-                finite = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN).item() >= 1
-                if not finite and train.nonfinite_loss == "stop":
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}; stopping (train.nonfinite_loss="
-                                             "stop; set it to skip to skip such steps and count them)")
-            if index == gas - 1 and not finite and engine.optimizer is optimizer:
-                with _skip_update(optimizer):  # DeepSpeed's fp16/bf16/ZeRO optimizers skip non-finite grads themselves
-                    engine.step()
-            else:
-                engine.step()
+        if pipe is not None:
+            outcome = pipeline_train_step(engine, pipe, micro_batches, normaliser, pair_head)
+            finite = _agree_finite(outcome.finite, step + 1, train.nonfinite_loss, device)  # ZeRO-1 skipped it already
+            loss_sum = outcome.loss_sum
+        else:
+            finite, loss_sum = _data_parallel_step(engine, model, optimizer, micro_batches, normaliser, step + 1,
+                                                   train.nonfinite_loss)
         consumed += global_batch
         if not finite or not engine.was_step_applied():  # non-finite loss, or an fp16 overflow DeepSpeed skipped
             skipped += 1
@@ -169,7 +204,7 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
             records.append(record)
             logger.log(record)
         if train.eval_interval and step % train.eval_interval == 0 and data.valid is not None:
-            eval_loss = evaluate(engine, data.valid, run, groups, device)
+            eval_loss = evaluate(engine, data.valid, run, groups, device, pipe)
             record = {"step": step, "eval_loss": eval_loss}
             records.append(record)
             logger.log(record)
@@ -186,17 +221,21 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: torch.device) -> float:
+def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: torch.device,
+             pipe: PipelineModel | None = None) -> float:
     """Mean MLM loss over the first eval_steps micro-batches of the valid split (the same every time)."""
     engine.eval()
     loader = iter(make_loader(dataset, consumed_samples=0, micro_batch_size=run.train.micro_batch_size,
                               dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=0))
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for _ in range(run.train.eval_steps):
-        batch = {k: v.to(device) for k, v in next(loader).items()}
-        out = engine(**batch)
-        totals[0] += out.target_losses.double().sum()
-        totals[1] += batch["target_valid"].sum()
+    batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(run.train.eval_steps)]
+    if pipe is not None:
+        totals = pipeline_evaluate(engine, pipe, batches, run.data.pair_task != "none")
+    else:
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in batches:
+            out = engine(**batch)
+            totals[0] += out.target_losses.double().sum()
+            totals[1] += batch["target_valid"].sum()
     totals = _all_reduce(totals, groups.data.group)
     return (totals[0] / totals[1].clamp(min=1)).item()
 

@@ -30,11 +30,10 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
 
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
-    if layout.pipeline_parallel > 1:
-        raise ValueError(f"parallel.pipeline_parallel={layout.pipeline_parallel}: pipeline stages are not built yet "
-                         "(the [pipeline] issue); use tensor_parallel and data parallelism")
     run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
                        max_predictions=run.data.max_predictions)
+    if layout.pipeline_parallel > 1:
+        _validate_pipeline(run, layout.pipeline_parallel, layout.pipeline_partition)
     if run.model.variant == "token_drop":
         forced = run.data.max_predictions + (3 if run.data.pair_task != "none" else 2)
         k = run.model.kept_tokens(run.data.seq_len)
@@ -49,10 +48,43 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
         identity = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model).identity
     for path in run.data.data_paths:
         check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
-    return deepspeed_config(ds_config_path, run, layout.data_parallel)
+    return deepspeed_config(ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
 
 
-def deepspeed_config(path: str, run: RunConfig, data_parallel: int) -> dict:
+def _validate_pipeline(run: RunConfig, stages: int, partition: str) -> None:
+    from megatron_narrow.model.pipeline import stage_boundaries
+
+    if run.train.init_from_hf:
+        raise ValueError(f"train.init_from_hf with parallel.pipeline_parallel={stages} is not supported: start the "
+                         "run without pipeline stages (tensor_parallel and data parallelism load Hugging Face "
+                         "weights), or from a megatron_narrow checkpoint")
+    try:
+        stage_boundaries(run.model, stages, partition, seq_len=run.data.seq_len,
+                         num_queries=run.data.max_predictions + int(run.data.pair_task != "none"))
+    except ValueError as error:
+        raise ValueError(f"parallel.pipeline_parallel={stages}: {error} (model.num_layers={run.model.num_layers})"
+                         ) from None
+
+
+def _pipeline_section(path: str, ds: dict, stages: int) -> dict:
+    """What DeepSpeed's pipeline engine needs from the JSON: ZeRO stage 1, unpartitioned activations."""
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage != 1:
+        why = ("stages 2 and 3 partition gradients, which its pipeline engine does not support" if stage > 1 else
+               "at stage 0 its pipeline engine applies updates without checking gradients for inf/NaN")
+        raise ValueError(f"{path}: ZeRO stage {stage} with parallel.pipeline_parallel={stages}: pipelines run with "
+                         f"ZeRO stage 1 (DeepSpeed: {why}); use ds_configs/zero1.json")
+    pipeline = dict(ds.get("pipeline") or {})
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if pipeline.get(key, False):
+            raise ValueError(f"{path}: pipeline.{key}=true splits only the first tensor a stage sends across "
+                             "tensor-parallel ranks; narrow and token_drop stages send several that need "
+                             "gradients, so remove it or set it to false")
+        pipeline[key] = False
+    return pipeline
+
+
+def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_parallel: int = 1) -> dict:
     """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
     if not Path(path).is_file():
         raise ValueError(f"DeepSpeed config {path} does not exist")
@@ -84,6 +116,8 @@ def deepspeed_config(path: str, run: RunConfig, data_parallel: int) -> dict:
         raise ValueError(f"{path}: train.precision=fp16 needs ZeRO stage >= 1 (e.g. ds_configs/zero1.json): at stage 0 "
                          "DeepSpeed 0.19 unscales gradients it never scaled, so training stalls "
                          "(deepspeedai/DeepSpeed#8393); fp32 and bf16 work at stage 0")
+    if pipeline_parallel > 1:
+        ds["pipeline"] = _pipeline_section(path, ds, pipeline_parallel)
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the host is fine here
     return ds
