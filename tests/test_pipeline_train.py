@@ -5,26 +5,36 @@ after SIGKILL; a TP=2 x PP=2 checkpoint converts to Hugging Face with the single
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, tiny_train_overrides
-from .distributed import run_distributed
+from .distributed import free_port, run_distributed
 
-STEPS, SAVE_EVERY = 10, 3
+STEPS, SAVE_EVERY, KILL_AFTER = 10, 3, 6
 TOL = 1e-5
 # one layout per run: name -> (pipeline_parallel, tensor_parallel)
 LAYOUTS = {"single": (1, 1), "pp2": (2, 1), "tp2_pp2": (2, 2)}
 
 
 def _train(rank: int, world_size: int, argv: list[str]) -> int:
-    from megatron_narrow.pretrain import main
+    """What the entry point runs; returns the first step this run trained (after a resume: the next one)."""
+    import torch.distributed as dist
 
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"pretrain exited with {code}")
-    return code
+    from megatron_narrow.config import load_run_config
+    from megatron_narrow.pretrain import parse_args
+    from megatron_narrow.training.loop import pretrain
+
+    args = parse_args(argv)
+    records = pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config)
+    dist.destroy_process_group()
+    return records[0]["step"]
 
 
 def argv(data, save_dir: Path, variant: str, pipeline: int, tensor: int, **extra: str) -> list[str]:
@@ -68,3 +78,43 @@ def test_pipeline_losses_equal_one_process(runs):
                 f"{runs['variant']} {name} step {step}: {got[step]!r}, one process {reference[step]!r}"
         worst = max(abs(got[s] - reference[s]) for s in reference)
         print(f"{runs['variant']} {name}: largest per-step loss difference {worst:.2e}")
+
+
+def latest(save_dir: Path) -> str | None:
+    marker = save_dir / "checkpoints" / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
+    """SIGKILL both ranks of a PP=2 run once step 6 is checkpointed; the resumed run's losses equal the
+    uninterrupted PP=2 run's bit for bit. The ranks are started directly (RANK/WORLD_SIZE, as a launcher
+    would) because SIGKILL to torchrun's agent leaves its workers running."""
+    save_dir = runs["pp2"].parent / "pp2_killed"
+    port = str(free_port())
+    ranks = []
+    for rank in range(2):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        command = [sys.executable, str(REPO / "megatron_narrow/pretrain.py"),
+                   *argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1)]
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 300
+    while (latest(save_dir) != f"step_{KILL_AFTER:07d}" and all(r.poll() is None for r in ranks)
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    assert all(r.poll() is None for r in ranks), "training ended before it could be killed"
+    for process in ranks:
+        process.send_signal(signal.SIGKILL)
+    for process in ranks:
+        process.wait()
+    resume_from = int(latest(save_dir).removeprefix("step_"))  # 6, or 9 on a machine slow to deliver the kill
+    assert resume_from in (KILL_AFTER, KILL_AFTER + SAVE_EVERY) and max(losses(save_dir)) < STEPS
+
+    first = run_distributed(_train, 2, argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1),
+                            init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    assert first == [resume_from + 1] * 2, f"both ranks must resume after step {resume_from}, not {first}"
+    expected, resumed = losses(runs["pp2"]), losses(save_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
+    for step in range(resume_from + 1, STEPS + 1):
+        assert resumed[step] == expected[step], \
+            f"{runs['variant']} step {step}: {resumed[step]!r} != {expected[step]!r}"
