@@ -118,3 +118,36 @@ def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
     for step in range(resume_from + 1, STEPS + 1):
         assert resumed[step] == expected[step], \
             f"{runs['variant']} step {step}: {resumed[step]!r} != {expected[step]!r}"
+
+
+def test_tp2_pp2_checkpoint_converts_with_the_single_process_logits(runs, tmp_path):
+    """The TP=2 x PP=2 run's checkpoint -> Hugging Face; stock transformers' MLM logits equal those of our
+    one-process model holding the one-process run's weights (the same training, another layout)."""
+    import torch
+
+    from megatron_narrow.config import ModelConfig
+    from megatron_narrow.convert.checkpoint import convert_checkpoint, read_checkpoint_info
+    from megatron_narrow.model import BertForPreTraining
+
+    from .test_convert_checkpoint import VOCAB, hf_batch, hf_logits, step_dir
+
+    variant = runs["variant"]
+    info = read_checkpoint_info(runs["tp2_pp2"])
+    assert (info.tensor_parallel, info.pipeline_parallel, info.step) == (2, 2, STEPS)
+    hf_dir = convert_checkpoint(runs["tp2_pp2"], tmp_path / "hf")
+    assert "pipeline_parallel=2" in (hf_dir / "README.md").read_text()
+    batch = hf_batch(hf_dir)
+    got = hf_logits(hf_dir, batch, trust_remote_code=variant == "narrow")
+
+    run = json.loads((step_dir(runs["single"]) / "run_config.json").read_text())
+    model_config = {**run["model"], "variant": "bert" if variant == "token_drop" else variant}  # dropping trains only
+    model = BertForPreTraining(ModelConfig(**model_config)).eval()
+    module = torch.load(step_dir(runs["single"]) / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    module.pop("bert.token_importance.importance", None)
+    model.load_state_dict(module, strict=True)
+    with torch.no_grad():
+        expected = model(**batch, target_valid=torch.ones_like(batch["target_ids"], dtype=torch.bool)).logits
+    worst = (got - expected[..., :VOCAB]).abs().max().item()
+    print(f"{variant}: TP2xPP2 export vs one-process model, largest logit difference {worst:.2e}")
+    assert worst <= TOL

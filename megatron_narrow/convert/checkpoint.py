@@ -1,4 +1,4 @@
-"""A training checkpoint (any ZeRO stage, any tensor-parallel size) -> a Hugging Face masked-LM directory.
+"""A training checkpoint (any ZeRO stage, any TP x PP layout) -> a Hugging Face masked-LM directory.
 
     convert_checkpoint("runs/pretrain", "hf/my-bert")      # the save_dir's latest checkpoint
     convert_checkpoint("runs/pretrain/checkpoints/step_0001000", "hf/my-bert")
@@ -11,6 +11,10 @@ Steps, each with the tool that owns it:
    `deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` reassembles (for ZeRO-3 the
    module file holds no weights at all). That function reads every model/optim file of a directory,
    so each TP rank's files are shown to it through a directory of symlinks of their own.
+   A pipeline checkpoint keeps each item's module weights in `layer_XX-model_YY-model_states.pt` (item
+   XX, TP rank YY), written whole by data-parallel rank 0; `model.pipeline.model_key` names each tensor.
+   These are the weights in the training precision: with bf16/fp16 the fp32 masters stay in the ZeRO-1
+   optimizer files, which this tool does not read for pipelines.
 2. Merge the TP shards along the dimension each parameter declares (`tensor_parallel_dim`), then refit
    the vocabulary rows: training padded them to a multiple of 128 x TP, a TP=1 model to 128.
 3. Load the result into a TP=1 `BertForPreTraining` built from the checkpoint's run_config.json and
@@ -39,6 +43,7 @@ from megatron_narrow.training.checkpoint import CONFIG_NAME, checkpoint_root, la
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # resolves in transformers 4.x and 5.x alike
 _MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_PIPELINE_ITEM = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -55,6 +60,7 @@ class CheckpointInfo:
     """run_config.json: our RunConfig as a dict (model, data, parallel, train)."""
     zero_stage: int
     tensor_parallel: int
+    pipeline_parallel: int = 1
     step: int | None = None
     consumed_samples: int | None = None
     ds_config: dict = field(default_factory=dict)
@@ -101,26 +107,24 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     if "model" not in run_config:
         raise CheckpointError(f"{step_dir / CONFIG_NAME} has no model section")
     parallel = run_config.get("parallel") or {}
-    if parallel.get("pipeline_parallel", 1) != 1:
-        raise CheckpointError(f"{step_dir}: pipeline_parallel={parallel['pipeline_parallel']} checkpoints are not "
-                              "supported (the pretraining loop trains without pipeline stages)")
     files = _model_state_files(step_dir)
     if not files:
         raise CheckpointError(f"{step_dir} holds no DeepSpeed *model_states.pt files")
-    tp = int(parallel.get("tensor_parallel", 1))
-    if sorted(files) != list(range(tp)):
-        raise CheckpointError(f"{step_dir}: run_config.json says tensor_parallel={tp} but the model-parallel ranks "
-                              f"on disk are {sorted(files)}")
+    tp, pp = int(parallel.get("tensor_parallel", 1)), int(parallel.get("pipeline_parallel", 1))
+    if sorted(files) != list(range(tp * pp)):  # a pipeline's model-parallel ranks are its stages x TP ranks
+        raise CheckpointError(f"{step_dir}: run_config.json says tensor_parallel={tp} x pipeline_parallel={pp} but "
+                              f"the model-parallel ranks on disk are {sorted(files)}")
     first = torch.load(files[0][0], map_location="cpu", weights_only=False, mmap=True)
     ds_config = first.get("ds_config") or {}
     zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    if first.get("mp_world_size", tp) != tp:
+    if first.get("mp_world_size", tp * pp) != tp * pp:
         raise CheckpointError(f"{files[0][0]}: DeepSpeed saved mp_world_size={first['mp_world_size']}, "
-                              f"run_config.json tensor_parallel={tp}")
+                              f"run_config.json tensor_parallel={tp} x pipeline_parallel={pp}")
     ours = first.get("megatron_narrow") or first  # the loop's client state (older checkpoints: top level)
     step = ours.get("step", first.get("global_steps"))
     return CheckpointInfo(path=step_dir, run_config=run_config, zero_stage=zero_stage, tensor_parallel=tp,
-                          step=step, consumed_samples=ours.get("consumed_samples"), ds_config=ds_config)
+                          pipeline_parallel=pp, step=step, consumed_samples=ours.get("consumed_samples"),
+                          ds_config=ds_config)
 
 
 def _has_master_weights(step_dir: Path, mp_rank: int) -> bool:
@@ -130,6 +134,8 @@ def _has_master_weights(step_dir: Path, mp_rank: int) -> bool:
 def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's full state dict (data parallelism consolidated), fp32, with DeepSpeed's utilities."""
     step_dir = info.path
+    if info.pipeline_parallel > 1:
+        return _pipeline_tensor_parallel_shard(info, mp_rank)
     if info.zero_stage == 0:
         files = _model_state_files(step_dir)[mp_rank]
         module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
@@ -147,6 +153,21 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
                 os.symlink(file.resolve(), view / file.name)
         state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=step_dir.name)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _pipeline_tensor_parallel_shard(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's state dict from a pipeline checkpoint's per-item files, under BertForPreTraining's names."""
+    from megatron_narrow.model.pipeline import model_key
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(info.path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+        item = int(_PIPELINE_ITEM.search(file.name).group(1))
+        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
+            state[model_key(info.model_config, item, key)] = value.float() if value.is_floating_point() else value
+    if not state:
+        raise CheckpointError(f"{info.path}: pipeline checkpoint without layer_*-model_{tp_rank:02d}-model_states.pt "
+                              f"files for tensor-parallel rank {tp_rank}")
+    return state
 
 
 def _refit_vocab_rows(value: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
@@ -298,7 +319,8 @@ def model_card(info: CheckpointInfo, files: list[str]) -> str:
         "---", "",
         f"# {kind} masked language model", "",
         f"Converted by megatron_narrow's `tools/convert_checkpoint_to_hf.py` from `{info.path}` "
-        f"(tensor_parallel={info.tensor_parallel}, ZeRO stage {info.zero_stage}). Class: `{hf_class}`.", "",
+        f"(tensor_parallel={info.tensor_parallel}, pipeline_parallel={info.pipeline_parallel}, ZeRO stage "
+        f"{info.zero_stage}). Class: `{hf_class}`.", "",
         "| | |", "|---|---|",
         f"| variant | {variant} |",
         f"| layers | {config.num_layers}"
