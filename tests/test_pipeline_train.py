@@ -151,3 +151,22 @@ def test_tp2_pp2_checkpoint_converts_with_the_single_process_logits(runs, tmp_pa
     worst = (got - expected[..., :VOCAB]).abs().max().item()
     print(f"{variant}: TP2xPP2 export vs one-process model, largest logit difference {worst:.2e}")
     assert worst <= TOL
+
+
+def test_pipeline_with_pair_head_and_evaluation_equals_one_process(tmp_path, tiny_corpus_data):
+    """Sentence-order prediction (the pooled [CLS] is the first query, the pair classifier sits on the last
+    stage) and evaluation through the pipeline engine's inference schedule: the same losses as one process."""
+    extra = {"data.pair_task": "sop", "train.eval_interval": "3", "train.eval_steps": "2"}
+    records = {}
+    for name, (pipeline, tensor) in (("single", (1, 1)), ("pp2", (2, 1))):
+        save_dir = tmp_path / name
+        run_distributed(_train, pipeline * tensor,
+                        argv(tiny_corpus_data, save_dir, "narrow", pipeline, tensor, **extra),
+                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+        records[name] = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {name: [r["eval_loss"] for r in rs if "eval_loss" in r] for name, rs in records.items()}
+    assert len(evals["single"]) == STEPS // 3 and len(evals["pp2"]) == STEPS // 3
+    trains = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
+    for key, values in (("eval", evals), ("train", trains)):
+        for step, (a, b) in enumerate(zip(values["single"], values["pp2"], strict=True)):
+            assert abs(a - b) <= TOL, f"{key} loss {step}: one process {a!r}, PP=2 {b!r}"

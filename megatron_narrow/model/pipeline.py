@@ -242,6 +242,12 @@ class BertPipeline(PipelineModule):
         super()._build()
         self.loss_fn = PretrainingPipeLoss(self.groups.tensor)
 
+    def _synchronize_tied_weights(self) -> None:
+        """DeepSpeed's broadcast of the tied weights (at start and after loading), outside autograd: run on
+        parameters that require grad, it would leave a c10d node for backward to warn about."""
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
     def items(self) -> list[tuple[int, nn.Module]]:
         """(item index, module) of this stage's items; tied items give their tied module."""
         out = []
