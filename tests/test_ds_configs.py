@@ -22,7 +22,7 @@ from .distributed import free_port
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 IDS = [path.stem for path in CONFIGS]
-STEPS = 2
+STEPS = 4
 REFERENCE = {"fp32": "zero0", "bf16": "zero0"}  # the run every other config's losses must equal
 TOLERANCE = {"fp32": 1e-3, "bf16": 1e-2}
 

@@ -170,3 +170,26 @@ def test_pipeline_with_pair_head_and_evaluation_equals_one_process(tmp_path, tin
     for key, values in (("eval", evals), ("train", trains)):
         for step, (a, b) in enumerate(zip(values["single"], values["pp2"], strict=True)):
             assert abs(a - b) <= TOL, f"{key} loss {step}: one process {a!r}, PP=2 {b!r}"
+
+
+def test_pipeline_nonfinite_loss_is_skipped_and_counted(tmp_path, tiny_corpus_data):
+    """An absurd learning rate makes every loss after step 1 NaN: under train.nonfinite_loss=skip the pipeline's
+    ZeRO-1 optimizer skips those updates, every rank counts them, and no weight or importance turns non-finite."""
+    import math
+
+    import torch
+
+    save_dir = tmp_path / "run"
+    run_distributed(_train, 2, argv(tiny_corpus_data, save_dir, "token_drop", 2, 1, **{
+        "train.lr": "1.0e+30", "train.nonfinite_loss": "skip", "train.train_steps": "3"}),
+        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    logged = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert math.isfinite(logged[0]["loss"]) and all(r["loss"] is None for r in logged[1:])
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 2]
+    step = save_dir / "checkpoints" / latest(save_dir)
+    tensors = {f"{file.name}:{key}": value for file in step.glob("layer_*-model_states.pt")
+               for key, value in torch.load(file, map_location="cpu", weights_only=False).items()}
+    assert any("token_importance" in name for name in tensors)
+    broken = [name for name, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
+    assert not broken, f"non-finite after skipped steps: {broken}"
