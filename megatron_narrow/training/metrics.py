@@ -56,15 +56,18 @@ class MetricsLogger:
                     self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value,
                                            record["step"])
         step = record["step"]
-        if "eval_loss" in record:
-            print(f"step {step}/{self.total_steps} | eval loss {record['eval_loss']:.4f}", flush=True)
+        if "loss" not in record:  # an evaluation
+            values = " | ".join(f"{k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in record.items()
+                                if k != "step" and isinstance(v, float))
+            print(f"step {step}/{self.total_steps} | eval {values}", flush=True)
             return
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
+        speed = f" | {record['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in record else ""
         mfu = f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
-        print(f"step {step}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-              f"{record['tokens_per_s']:,.0f} tokens/s | step {record['step_time_s']:.3f} s{mfu} | "
-              f"eta {eta / 60:.1f} min", flush=True)
+        loss = "nan" if strict["loss"] is None else f"{record['loss']:.4f}"
+        print(f"step {step}/{self.total_steps} | loss {loss} | lr {record['lr']:.3e}{speed} | "
+              f"step {record['step_time_s']:.3f} s{mfu} | eta {eta / 60:.1f} min", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

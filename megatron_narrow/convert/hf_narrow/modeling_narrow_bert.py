@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
     BertLayer,
     BertOnlyMLMHead,
+    BertPooler,
     BertPreTrainedModel,
     eager_attention_forward,
 )
@@ -83,12 +84,14 @@ class NarrowBertEncoder(nn.Module):
 
 
 class NarrowBertModel(NarrowBertPreTrainedModel):
-    """Embeddings + NarrowBERT encoder (no pooler); returns hidden states at the query rows."""
+    """Embeddings + NarrowBERT encoder; returns hidden states at the query rows. The pooler, when added, is
+    applied by the sequence classifier to the [CLS] row."""
 
-    def __init__(self, config: NarrowBertConfig):
+    def __init__(self, config: NarrowBertConfig, add_pooling_layer: bool = False):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = NarrowBertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -144,4 +147,68 @@ class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-__all__ = ["NarrowBertForMaskedLM", "NarrowBertModel", "NarrowBertPreTrainedModel"]
+def _classifier_dropout(config: NarrowBertConfig) -> nn.Dropout:
+    rate = getattr(config, "classifier_dropout", None)
+    return nn.Dropout(config.hidden_dropout_prob if rate is None else rate)
+
+
+class NarrowBertForSequenceClassification(NarrowBertPreTrainedModel):
+    """[CLS] is the only query row: the narrow layers compute nothing else. BertForSequenceClassification's
+    parameter names (bert.pooler, classifier)."""
+
+    def __init__(self, config: NarrowBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = NarrowBertModel(config, add_pooling_layer=True)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        cls = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, cls, position_ids)  # (B, 1, H)
+        logits = self.classifier(self.dropout(self.bert.pooler(hidden)))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = CrossEntropyLoss()(logits, labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class NarrowBertForTokenClassification(NarrowBertPreTrainedModel):
+    """Tags at the query rows (e.g. each word's first sub-token); every position when query_positions is None.
+    BertForTokenClassification's parameter names (no pooler)."""
+
+    def __init__(self, config: NarrowBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = NarrowBertModel(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                query_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> TokenClassifierOutput:
+        r"""
+        query_positions (`torch.LongTensor` of shape `(batch_size, num_queries)`, *optional*):
+            Positions to tag (the narrow layers run on these rows only); None: every position.
+        labels (`torch.LongTensor`, *optional*): aligned with the logits; -100 is ignored.
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_positions, position_ids)
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.reshape(-1))
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+__all__ = ["NarrowBertForMaskedLM", "NarrowBertForSequenceClassification", "NarrowBertForTokenClassification",
+           "NarrowBertModel", "NarrowBertPreTrainedModel"]

@@ -1,0 +1,108 @@
+"""The fine-tuning run config: YAML sections task, model, train (the pretraining TrainConfig), each key
+overridable on the command line as section.key=value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from megatron_narrow.config import TrainConfig, build_sections, read_yaml_with_overrides
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    """What to learn and from which files (CSV/TSV, JSONL, or CoNLL for token classification)."""
+
+    kind: Literal["sequence", "token"] = "sequence"
+    """sequence: one label per text (or text pair, MNLI-style); token: one BIO tag per word (NER)."""
+
+    train_file: str | None = None
+    valid_file: str | None = None
+    test_file: str | None = None
+
+    text_field: str = "text"
+    """sequence: the column/key of the (first) text."""
+
+    text_pair_field: str | None = None
+    """sequence: the column/key of the second text of a pair (None: single texts)."""
+
+    label_field: str = "label"
+    """sequence: the column/key of the label."""
+
+    tokens_field: str = "tokens"
+    """token, JSONL: the key of the list of words."""
+
+    tags_field: str = "tags"
+    """token, JSONL: the key of the list of tags (one per word)."""
+
+    labels: list[str] | None = None
+    """The label set, in id order; None: the sorted labels of the training file."""
+
+    max_seq_len: int = 128
+    """Tokens per sequence, [CLS] and [SEP]s included; longer inputs are truncated (longest text first)."""
+
+    max_labeled_tokens: int | None = None
+    """token: query slots per sequence (the narrow layers run on these rows); None: max_seq_len - 2.
+    Words beyond it in a sequence are not labeled (a warning counts them)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sequence", "token"):
+            raise ValueError(f"task.kind must be sequence or token, got {self.kind!r}")
+        if self.max_seq_len < 3:
+            raise ValueError(f"task.max_seq_len must be >= 3, got {self.max_seq_len}")
+        if self.max_labeled_tokens is not None and not 1 <= self.max_labeled_tokens <= self.max_seq_len - 2:
+            raise ValueError(f"task.max_labeled_tokens must be in [1, max_seq_len - 2 = {self.max_seq_len - 2}], "
+                             f"got {self.max_labeled_tokens}")
+
+    @property
+    def query_slots(self) -> int:
+        return self.max_labeled_tokens or self.max_seq_len - 2
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneModelConfig:
+    """Where the encoder comes from, and what may change for fine-tuning."""
+
+    init_from: str | None = None
+    """A megatron_narrow pretraining checkpoint (a save_dir or a step_ directory) or a Hugging Face BERT /
+    NarrowBERT directory (config.json + safetensors + tokenizer)."""
+
+    variant: Literal["bert", "narrow"] | None = None
+    """None: the checkpoint's (a token_drop checkpoint is a plain BERT and fine-tunes as bert)."""
+
+    hidden_dropout: float | None = None
+    """None: the checkpoint's."""
+
+    attention_dropout: float | None = None
+    """None: the checkpoint's."""
+
+    init_seed: int = 1234
+    """Seed of the fresh classifier (and pooler) weights."""
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(train_steps=1000, lr=3e-5, warmup_steps=100,
+                                                                   save_dir="runs/finetune", num_workers=0))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FinetuneConfig:
+        defaults = asdict(cls().train)
+        raw = {**raw, "train": {**defaults, **(raw.get("train") or {})}}
+        return cls(**build_sections(raw, {"task": TaskConfig, "model": FinetuneModelConfig, "train": TrainConfig}))
+
+    def validate(self) -> None:
+        """What needs more than one field, checked before any process starts talking."""
+        if not self.model.init_from:
+            raise ValueError("model.init_from is required: a pretraining checkpoint or a Hugging Face directory")
+        if not self.task.train_file:
+            raise ValueError("task.train_file is required")
+
+
+def load_finetune_config(path: str | None, overrides: list[str]) -> FinetuneConfig:
+    return FinetuneConfig.from_dict(read_yaml_with_overrides(path, overrides))

@@ -1,0 +1,216 @@
+"""Task files -> examples -> fixed-shape tensors.
+
+Formats, by extension: .csv and .tsv (a header row names the columns), .jsonl (one object per line), and for
+token classification .conll / .txt / .bio (one `word ... tag` line per word, the tag last, sentences
+separated by blank lines, `-DOCSTART-` lines skipped).
+
+Sequence classification encodes `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` (token types 0 then 1),
+truncating the longer text first. Token classification encodes each word's sub-tokens and labels the
+word at its first sub-token (the convention of BERT's NER and of Hugging Face's examples); those
+positions are the model's query rows (for narrow, the only rows its narrow layers compute), padded to
+`task.query_slots` with a validity mask.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_narrow.data.tokenizer import Tokenizer
+from megatron_narrow.tasks.config import TaskConfig
+
+CONLL_SUFFIXES = (".conll", ".txt", ".bio", ".iob")
+
+
+class TaskDataError(ValueError):
+    """A task file that cannot be read as the task needs, with the file and line."""
+
+
+@dataclass(frozen=True)
+class SequenceExample:
+    text: str
+    pair: str | None
+    label: str
+
+
+@dataclass(frozen=True)
+class TokenExample:
+    words: list[str]
+    tags: list[str]
+
+
+def _records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a CSV/TSV/JSONL file."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            return [(i + 2, row) for i, row in enumerate(reader)]
+    if suffix in (".jsonl", ".json"):
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        out.append((number, json.loads(line)))
+                    except json.JSONDecodeError as error:
+                        raise TaskDataError(f"{path}:{number}: not JSON ({error.msg})") from None
+        return out
+    raise TaskDataError(f"{path}: unknown format {suffix!r} (expected .csv, .tsv or .jsonl)")
+
+
+def _field(record: dict, name: str, path: Path, number: int):
+    if name not in record or record[name] is None:
+        raise TaskDataError(f"{path}:{number}: no {name!r} field (fields: {sorted(record)})")
+    return record[name]
+
+
+def read_sequence_examples(path: str | Path, task: TaskConfig) -> list[SequenceExample]:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path} does not exist")
+    examples = []
+    for number, record in _records(path):
+        text = str(_field(record, task.text_field, path, number))
+        pair = str(_field(record, task.text_pair_field, path, number)) if task.text_pair_field else None
+        examples.append(SequenceExample(text, pair, str(_field(record, task.label_field, path, number))))
+    if not examples:
+        raise TaskDataError(f"{path} holds no examples")
+    return examples
+
+
+def _read_conll(path: Path) -> list[TokenExample]:
+    examples, words, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                if words:
+                    examples.append(TokenExample(words, tags))
+                words, tags = [], []
+                continue
+            if len(parts) < 2:
+                raise TaskDataError(f"{path}:{number}: expected 'word ... tag', got {line.strip()!r}")
+            words.append(parts[0])
+            tags.append(parts[-1])
+    if words:
+        examples.append(TokenExample(words, tags))
+    return examples
+
+
+def read_token_examples(path: str | Path, task: TaskConfig) -> list[TokenExample]:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path} does not exist")
+    if path.suffix.lower() in CONLL_SUFFIXES:
+        examples = _read_conll(path)
+    else:
+        examples = []
+        for number, record in _records(path):
+            words = [str(w) for w in _field(record, task.tokens_field, path, number)]
+            tags = [str(t) for t in _field(record, task.tags_field, path, number)]
+            if len(words) != len(tags):
+                raise TaskDataError(f"{path}:{number}: {len(words)} words but {len(tags)} tags")
+            examples.append(TokenExample(words, tags))
+    if not examples:
+        raise TaskDataError(f"{path} holds no sentences")
+    return examples
+
+
+def read_examples(path: str | Path, task: TaskConfig) -> list[SequenceExample] | list[TokenExample]:
+    return read_sequence_examples(path, task) if task.kind == "sequence" else read_token_examples(path, task)
+
+
+def label_set(task: TaskConfig, examples: list) -> list[str]:
+    """task.labels, or the training file's labels sorted (token tags: "O" first)."""
+    if task.labels:
+        return list(task.labels)
+    if task.kind == "sequence":
+        return sorted({e.label for e in examples})
+    tags = {t for e in examples for t in e.tags}
+    return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
+
+
+def _label_ids(labels: list[str], values: list[str], where: str) -> list[int]:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise TaskDataError(f"{where}: labels {unknown[:5]} are not in the label set {labels}")
+    return [index[v] for v in values]
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
+
+
+def encode_sequences(examples: list[SequenceExample], tokenizer: Tokenizer, labels: list[str], max_seq_len: int,
+                     where: str = "examples") -> dict[str, torch.Tensor]:
+    special = tokenizer.special
+    firsts = tokenizer.encode_batch([e.text for e in examples])
+    seconds = tokenizer.encode_batch([e.pair for e in examples]) if examples[0].pair is not None else None
+    ids, types = [], []
+    for i, a in enumerate(firsts):
+        b = list(seconds[i]) if seconds is not None else None
+        a = list(a)
+        budget = max_seq_len - (3 if b is not None else 2)
+        while len(a) + len(b or []) > budget:  # truncate the longer text first
+            (a if len(a) >= len(b or []) else b).pop()
+        row = [special.cls, *a, special.sep]
+        kinds = [0] * len(row)
+        if b is not None:
+            row += [*b, special.sep]
+            kinds += [1] * (len(b) + 1)
+        ids.append(row)
+        types.append(kinds)
+    input_ids = _pad(ids, max_seq_len, special.pad)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != special.pad).long() | _first(input_ids),
+            "token_type_ids": _pad(types, max_seq_len, 0),
+            "labels": torch.tensor(_label_ids(labels, [e.label for e in examples], where))}
+
+
+def _first(input_ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros_like(input_ids)
+    mask[:, 0] = 1  # [CLS] is real even if the pad id equalled it
+    return mask
+
+
+@dataclass
+class EncodedTokens:
+    tensors: dict[str, torch.Tensor]
+    """input_ids, attention_mask, token_type_ids (N, S); positions, valid, labels (N, Q)."""
+    labeled_words: list[int]
+    """Per example, how many of its words got a query slot (the rest were truncated away)."""
+
+
+def encode_tokens(examples: list[TokenExample], tokenizer: Tokenizer, labels: list[str], max_seq_len: int,
+                  slots: int, where: str = "examples") -> EncodedTokens:
+    special = tokenizer.special
+    pieces = tokenizer.encode_batch([w for e in examples for w in e.words])
+    ids_rows, positions_rows, label_rows, labeled = [], [], [], []
+    cursor = 0
+    for example in examples:
+        row, positions, tags = [special.cls], [], []
+        word_ids = _label_ids(labels, example.tags, where)
+        for word, tag in zip(pieces[cursor:cursor + len(example.words)], word_ids, strict=True):
+            word = list(word) or [special.unk]  # a word the tokenizer drops entirely still takes a position
+            if len(row) + len(word) > max_seq_len - 1 or len(positions) == slots:
+                break
+            positions.append(len(row))
+            tags.append(tag)
+            row += word
+        cursor += len(example.words)
+        row.append(special.sep)
+        ids_rows.append(row)
+        positions_rows.append(positions)
+        label_rows.append(tags)
+        labeled.append(len(positions))
+    input_ids = _pad(ids_rows, max_seq_len, special.pad)
+    valid = _pad([[1] * len(p) for p in positions_rows], slots, 0).bool()
+    tensors = {"input_ids": input_ids, "attention_mask": (input_ids != special.pad).long() | _first(input_ids),
+               "token_type_ids": torch.zeros_like(input_ids), "positions": _pad(positions_rows, slots, 0),
+               "valid": valid, "labels": _pad(label_rows, slots, -100)}
+    return EncodedTokens(tensors, labeled)

@@ -1,0 +1,94 @@
+"""Where a fine-tuning run starts: a megatron_narrow pretraining checkpoint or a Hugging Face directory,
+read into one form: our model config, our (TP=1) state dict and the tokenizer, plus how to write that
+tokenizer beside an export."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from megatron_narrow.config import ModelConfig
+from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class Pretrained:
+    config: ModelConfig
+    state: dict[str, torch.Tensor]
+    """BertForPreTraining's names at TP=1 (bert.*, and cls.* when the source had an MLM head)."""
+    tokenizer: Tokenizer
+    source: Path
+    is_hf_dir: bool
+
+    def save_tokenizer(self, output_dir: Path) -> None:
+        """Write the tokenizer as transformers loads it (AutoTokenizer) into output_dir."""
+        if self.is_hf_dir:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(self.source).save_pretrained(output_dir)
+            return
+        from megatron_narrow.convert.checkpoint import read_checkpoint_info, save_tokenizer
+
+        save_tokenizer(read_checkpoint_info(self.source), output_dir)
+
+
+def _model_config_from_hf(config: dict) -> ModelConfig:
+    kind = config.get("model_type", "bert")
+    if kind not in ("bert", "narrow_bert"):
+        raise ValueError(f"model_type {kind!r} is not BERT (expected bert or narrow_bert)")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r}: this model uses erf GELU only")
+    return ModelConfig(
+        variant="narrow" if kind == "narrow_bert" else "bert", full_length_layers=config.get("full_length_layers", 2),
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
+        max_position_embeddings=config["max_position_embeddings"], type_vocab_size=config.get("type_vocab_size", 2),
+        hidden_dropout=config.get("hidden_dropout_prob", 0.1),
+        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12), initializer_range=config.get("initializer_range", 0.02))
+
+
+def _hf_tokenizer(directory: Path) -> Tokenizer:
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (directory / name).is_file():
+            return load_tokenizer("wordpiece", directory / name)
+    raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt")
+
+
+def load_pretrained(init_from: str | Path) -> Pretrained:
+    """Read a pretraining checkpoint (save_dir or step_ directory) or a Hugging Face BERT/NarrowBERT directory."""
+    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+    from megatron_narrow.model import BertForPreTraining
+
+    path = Path(init_from)
+    if (path / "config.json").is_file():
+        config = _model_config_from_hf(json.loads((path / "config.json").read_text()))
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .safetensors weights")
+        from safetensors.torch import load_file
+
+        hf_state = {}
+        for file in files:
+            hf_state.update(load_file(str(file)))
+        model = BertForPreTraining(config)
+        load_hf_state_dict(model, hf_state)
+        return Pretrained(config, model.state_dict(), _hf_tokenizer(path), path, is_hf_dir=True)
+
+    from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info, tokenizer_source
+
+    info = read_checkpoint_info(path)
+    source = tokenizer_source(info)
+    if source is None:
+        raise ValueError(f"{info.path}: the pretraining run named no train.tokenizer_model, so its tokenizer is "
+                         "unknown")
+    config = info.model_config
+    if config.variant == "token_drop":  # dropping is a pretraining schedule: the trained model is plain BERT
+        config = replace(config, variant="bert")
+    state = load_merged_model(info).state_dict()
+    state.pop("bert.token_importance.importance", None)
+    return Pretrained(config, state, load_tokenizer(*source), info.path, is_hf_dir=False)
+

@@ -1,0 +1,136 @@
+"""Fine-tuning end to end through megatron_narrow/finetune.py on two data-parallel CPU ranks: tiny bert and
+narrow models learn a classification task whose label needs reading the text (which of two word groups
+occurs, anywhere) and a BIO NER task to >= 90% (accuracy, entity span F1); their exports give the same
+predictions in stock transformers (narrow through its remote code, also as a text-classification pipeline)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO
+from .distributed import run_distributed
+
+FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
+          "default", "path", "module", "class", "method", "number", "time", "line", "is", "of", "to", "a", "in"]
+GROUPS = {"problem": ["error", "invalid", "missing", "failed"], "fine": ["success", "valid", "correct", "found"]}
+PEOPLE = [["alice"], ["bob", "smith"], ["carol", "jones"], ["dave"], ["eve", "brown"]]
+PLACES = [["paris"], ["london"], ["berlin"], ["new", "york"], ["tokyo"]]
+
+
+def sentiment_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        label = rng.choice(sorted(GROUPS))
+        words = [rng.choice(FILLER) for _ in range(rng.randint(5, 14))]
+        words.insert(rng.randint(0, len(words)), rng.choice(GROUPS[label]))
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def ner_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        words, tags = [], []
+        for _ in range(rng.randint(4, 10)):
+            roll = rng.random()
+            if roll < 0.15:
+                entity, kind = rng.choice(PEOPLE), "PER"
+            elif roll < 0.3:
+                entity, kind = rng.choice(PLACES), "LOC"
+            else:
+                words.append(rng.choice(FILLER))
+                tags.append("O")
+                continue
+            words += entity
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+        out.append({"tokens": words, "tags": tags})
+    return out
+
+
+def write_conll(path: Path, examples: list[dict]) -> Path:
+    path.write_text("-DOCSTART- O\n\n" + "".join(
+        "".join(f"{w} {t}\n" for w, t in zip(e["tokens"], e["tags"], strict=True)) + "\n" for e in examples))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_models(tmp_path_factory, tiny_corpus_data) -> dict[str, Path]:
+    """Randomly initialised tiny bert and narrow models as Hugging Face directories with the corpus tokenizer."""
+    from megatron_narrow.config import ModelConfig
+    from megatron_narrow.convert.checkpoint import build_hf_tokenizer
+    from megatron_narrow.convert.export import export_to_hf
+    from megatron_narrow.model import BertForPreTraining
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    out = {}
+    for variant in ("bert", "narrow"):
+        config = ModelConfig(variant=variant, vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4,
+                             full_length_layers=2, max_position_embeddings=64)
+        directory = export_to_hf(BertForPreTraining(config), root / variant)
+        build_hf_tokenizer("sentencepiece", tiny_corpus_data["tokenizer"], model_max_length=64).save_pretrained(
+            directory)
+        out[variant] = directory
+    return out
+
+
+def _finetune(rank: int, world_size: int, argv: list[str]) -> int:
+    from megatron_narrow.finetune import main
+
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"finetune exited with {code}")
+    return code
+
+
+def finetune(save_dir: Path, init_from: Path, **settings: str) -> dict:
+    overrides = {"model.init_from": str(init_from), "train.save_dir": str(save_dir), "train.micro_batch_size": "16",
+                 "train.lr": "1.0e-3", "train.warmup_steps": "10", "train.log_interval": "10",
+                 "train.weight_decay": "0.0", **settings}
+    argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *(f"{k}={v}" for k, v in overrides.items())]
+    run_distributed(_finetune, 2, argv, init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    return json.loads((save_dir / "eval_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sentiment")
+    return {"train": write_jsonl_records(root / "train.jsonl", sentiment_examples(1200, 0)),
+            "valid": write_jsonl_records(root / "valid.jsonl", sentiment_examples(200, 1))}
+
+
+def write_jsonl_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("variant", ["bert", "narrow"])
+def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sentiment_files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    save_dir = tmp_path / "run"
+    results = finetune(save_dir, tiny_hf_models[variant], **{
+        "task.kind": "sequence", "task.train_file": sentiment_files["train"],
+        "task.valid_file": sentiment_files["valid"], "task.max_seq_len": "32", "train.train_steps": "150",
+        "train.eval_interval": "50"})
+    assert results["accuracy"] >= 0.9, results
+    hf_dir = save_dir / "hf"
+    remote = variant == "narrow"
+    assert (hf_dir / "modeling_narrow_bert.py").is_file() == remote
+
+    # stock transformers on the export: the same predictions as our model made at the end of the run
+    ours = [json.loads(line)["prediction"] for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in sentiment_files["valid"].read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+    assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ours
+    classify = pipeline("text-classification", model=str(hf_dir), trust_remote_code=remote)
+    assert [r["label"] for r in classify(texts[:8])] == ours[:8]
