@@ -134,3 +134,35 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ours
     classify = pipeline("text-classification", model=str(hf_dir), trust_remote_code=remote)
     assert [r["label"] for r in classify(texts[:8])] == ours[:8]
+
+
+@pytest.mark.parametrize("variant", ["bert", "narrow"])
+def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
+    """CoNLL files in, BIO tags at each word's first sub-token; the export tags the same in transformers."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    train = write_conll(tmp_path / "train.conll", ner_examples(1200, 0))
+    valid_examples = ner_examples(200, 1)
+    valid = write_conll(tmp_path / "valid.conll", valid_examples)
+    save_dir = tmp_path / "run"
+    results = finetune(save_dir, tiny_hf_models[variant], **{
+        "task.kind": "token", "task.train_file": train, "task.valid_file": valid, "task.max_seq_len": "40",
+        "task.max_labeled_tokens": "24", "train.train_steps": "500", "train.lr": "2.0e-3"})
+    assert results["span_f1"] >= 0.9 and results["entities_gold"] > 100, results
+
+    records = [json.loads(line) for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [e["tokens"] for e in valid_examples]
+    hf_dir = save_dir / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForTokenClassification.from_pretrained(hf_dir, trust_remote_code=variant == "narrow").eval()
+    for record in records[:20]:
+        encoding = tokenizer(record["tokens"], is_split_into_words=True, return_tensors="pt")
+        firsts, previous = [], None
+        for position, word in enumerate(encoding.word_ids()):
+            if word is not None and word != previous:
+                firsts.append(position)
+            previous = word
+        with torch.no_grad():
+            logits = model(**encoding).logits[0]
+        tags = [model.config.id2label[i] for i in logits[firsts].argmax(-1).tolist()]
+        assert tags == record["predictions"], record["tokens"]

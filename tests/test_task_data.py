@@ -1,0 +1,80 @@
+"""Task files to tensors: pairs are [CLS] a [SEP] b [SEP] with token types and longest-first truncation,
+NER words are labeled at their first sub-token (the narrow query rows), bad files are named with the line."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_narrow.tasks.config import TaskConfig
+from megatron_narrow.tasks.data import (
+    TaskDataError,
+    encode_sequences,
+    encode_tokens,
+    label_set,
+    read_sequence_examples,
+    read_token_examples,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_corpus_data):
+    from megatron_narrow.data.tokenizer import load_tokenizer
+
+    return load_tokenizer("sentencepiece", tiny_corpus_data["tokenizer"])
+
+
+def test_pairs_from_csv_with_types_and_longest_first_truncation(tmp_path, tokenizer):
+    path = tmp_path / "mnli.csv"
+    path.write_text("premise,hypothesis,label\n"
+                    "\"Return the value of the default path, then the module name\",the value,entailment\n"
+                    "a,\"the file, the list and the string\",neutral\n")
+    task = TaskConfig(text_field="premise", text_pair_field="hypothesis", max_seq_len=12)
+    examples = read_sequence_examples(path, task)
+    labels = label_set(task, examples)
+    assert labels == ["entailment", "neutral"]
+    out = encode_sequences(examples, tokenizer, labels, 12)
+    special = tokenizer.special
+    a, b = tokenizer.encode_batch([examples[0].text, examples[0].pair])
+    assert len(a) + len(b) > 9  # it must be truncated, and the longer text loses its tail
+    kept_a = 9 - len(b)
+    assert out["input_ids"][0].tolist() == [special.cls, *a[:kept_a], special.sep, *b, special.sep]
+    assert out["token_type_ids"][0].tolist() == [0] * (kept_a + 2) + [1] * (len(b) + 1)
+    assert out["labels"].tolist() == [0, 1]
+    assert out["attention_mask"][1].sum() == (out["input_ids"][1] != special.pad).sum()
+
+
+def test_conll_words_labeled_at_their_first_piece(tmp_path, tokenizer):
+    path = tmp_path / "ner.conll"
+    path.write_text("-DOCSTART- -X- O\n\nalice NNP B-PER\nreturned VBD O\nto TO O\nnew NNP B-LOC\nyork NNP I-LOC\n\n"
+                    "bob B-PER\n")
+    task = TaskConfig(kind="token", max_seq_len=16, max_labeled_tokens=4)
+    examples = read_token_examples(path, task)
+    assert [e.words for e in examples] == [["alice", "returned", "to", "new", "york"], ["bob"]]
+    labels = label_set(task, examples)
+    assert labels == ["O", "B-LOC", "B-PER", "I-LOC"]
+    encoded = encode_tokens(examples, tokenizer, labels, 16, slots=4)
+    pieces = tokenizer.encode_batch(examples[0].words)
+    starts = [1]
+    for word in pieces[:3]:
+        starts.append(starts[-1] + len(word))
+    t = encoded.tensors
+    assert t["positions"][0].tolist() == starts  # four slots: the fifth word is not labeled
+    assert t["labels"][0].tolist() == [2, 0, 0, 1] and t["valid"][0].all()
+    assert encoded.labeled_words == [4, 1]
+    assert t["valid"][1].tolist() == [True, False, False, False] and t["labels"][1].tolist() == [2, -100, -100, -100]
+    assert t["input_ids"][0, starts[0]] == pieces[0][0]
+
+
+def test_bad_task_files_name_the_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"sentence": "b", "label": "y"}\n')
+    with pytest.raises(TaskDataError, match=r"bad.jsonl:2: no 'text' field"):
+        read_sequence_examples(path, TaskConfig())
+    conll = tmp_path / "bad.conll"
+    conll.write_text("alice B-PER\nlonely\n")
+    with pytest.raises(TaskDataError, match=r"bad.conll:2: expected 'word ... tag'"):
+        read_token_examples(conll, TaskConfig(kind="token"))
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text('{"text": "a", "label": "z"}\n')
+    with pytest.raises(TaskDataError, match=r"valid.jsonl: labels \['z'\] are not in the label set"):
+        encode_sequences(read_sequence_examples(valid, TaskConfig()), tokenizer, ["x", "y"], 8, str(valid))
