@@ -153,6 +153,6 @@ def test_export_narrow(tmp_path):
 
 def test_export_refuses_tensor_parallel_shards():
     model = tiny_model("bert")
-    model.groups = type("Groups", (), {"tensor": type("Info", (), {"size": 2})()})()
+    model.bert.groups = type("Groups", (), {"tensor": type("Info", (), {"size": 2})()})()
     with pytest.raises(ValueError, match="TP=1"):
         export_to_hf(model, "/nonexistent")

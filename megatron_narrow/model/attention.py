@@ -21,6 +21,13 @@ from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGSta
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
 
 
+def few_queries(num_queries: int, head_dim: int) -> bool:
+    """Whether attending through the weights (BertSelfAttention.attend_through_weights) is cheaper than
+    projecting keys and values for every context position: per head it costs ~Q x S x H against
+    S x H x head_dim, so below head_dim queries; a margin of 4 covers its less efficient batched GEMMs."""
+    return num_queries * 4 <= head_dim
+
+
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, T, h*d) -> (B, h, T, d)"""
     b, t, _ = x.shape
@@ -50,13 +57,41 @@ class BertSelfAttention(nn.Module):
         k, v = F.linear(copy_to_tensor_region(context, self.group), weight, bias).chunk(2, dim=-1)
         return split_heads(k, self.head_dim), split_heads(v, self.head_dim)
 
+    def attend_through_weights(self, queries: torch.Tensor, context: torch.Tensor,
+                               key_mask: torch.Tensor) -> torch.Tensor:
+        """Attention of a few query rows over every context position without projecting keys and values for
+        all of them (NarrowBERT classification: [CLS] is the only query).
+
+        Per head h: q.k_j = (W_K,h^T q).c_j + q.b_K,h, and the second term is the same for every j, so the
+        softmax drops it; sum_j p_j v_j = W_V,h (sum_j p_j c_j) + b_V,h because the p_j sum to one. Equal to
+        forward(queries, context=...) up to float rounding; the saving is S x H x head_dim per head.
+        Returns this rank's heads, (B, Q, H/tp)."""
+        b, q_len, hidden = queries.shape
+        heads, d = self.key.weight.shape[0] // self.head_dim, self.head_dim
+        q = split_heads(self.query(queries), d)  # (B, h, Q, d)
+        context = copy_to_tensor_region(context, self.group)
+        pulled = torch.einsum("bhqd,hdk->bhqk", q, self.key.weight.view(heads, d, hidden))  # (B, h, Q, H)
+        scores = torch.einsum("bhqk,bsk->bhqs", pulled, context) * d ** -0.5  # (B, h, Q, S)
+        probs = scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0:
+            fork = self.tracker.fork() if self.tracker is not None else contextlib.nullcontext()
+            with fork:
+                probs = F.dropout(probs, dropout_p)
+        mixed = torch.einsum("bhqs,bsk->bhqk", probs, context)  # (B, h, Q, H)
+        out = torch.einsum("bhqk,hdk->bqhd", mixed, self.value.weight.view(heads, d, hidden))  # (B, Q, h, d)
+        return (out + self.value.bias.view(heads, d)).reshape(b, q_len, heads * d)
+
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real.
 
-        With neither context nor kv this is ordinary self-attention (one fused QKV GEMM).
+        With neither context nor kv this is ordinary self-attention (one fused QKV GEMM). A few queries
+        against a context attend through the weights (attend_through_weights).
         Returns this rank's heads, (B, Q, H/tp), ready for the row-parallel output projection.
         """
+        if kv is None and context is not None and few_queries(queries.shape[1], self.head_dim):
+            return self.attend_through_weights(queries, context, key_mask)
         if kv is None and context is None:
             weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
             bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])

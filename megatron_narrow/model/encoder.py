@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.model.attention import split_heads
+from megatron_narrow.model.attention import few_queries, split_heads
 from megatron_narrow.model.layer import BertLayer
 from megatron_narrow.model.token_drop import TokenImportance
 from megatron_narrow.parallel import GroupInfo, ProcessGroups, RNGStatesTracker, component_generator
@@ -117,11 +117,14 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
                 if state.query_positions is not None:
                     state.hidden = gather_positions(state.context, state.query_positions)
                 state.query_positions = None
-            if index not in kv:
-                rest = [(i, lay) for i, lay in layers if i >= index]
-                projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
-                kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
-            state.hidden = layer(state.hidden, state.key_mask, kv=kv[index])
+            if few_queries(state.hidden.shape[1], config.head_dim):  # e.g. [CLS] only: no K/V for all positions
+                state.hidden = layer(state.hidden, state.key_mask, context=state.context)
+            else:
+                if index not in kv:
+                    rest = [(i, lay) for i, lay in layers if i >= index]
+                    projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
+                    kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
+                state.hidden = layer(state.hidden, state.key_mask, kv=kv[index])
         elif variant == "token_drop" and index == transition:
             _drop_tokens(config, layer, state, importance)
         elif variant == "token_drop" and transition < index < num_layers - 1:
