@@ -54,6 +54,16 @@ def ner_examples(count: int, seed: int) -> list[dict]:
     return out
 
 
+def load_tool(name: str):
+    """A tools/NAME.py script as a module (its main(argv) is the command line)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_conll(path: Path, examples: list[dict]) -> Path:
     path.write_text("-DOCSTART- O\n\n" + "".join(
         "".join(f"{w} {t}\n" for w, t in zip(e["tokens"], e["tags"], strict=True)) + "\n" for e in examples))
@@ -135,6 +145,13 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
     classify = pipeline("text-classification", model=str(hf_dir), trust_remote_code=remote)
     assert [r["label"] for r in classify(texts[:8])] == ours[:8]
 
+    # the batch prediction tool reloads the export into our model code: the run's predictions again
+    tool = load_tool("predict")
+    output = tmp_path / "predictions.jsonl"
+    assert tool.main(["--model", str(hf_dir), "--input", str(sentiment_files["valid"]), "--output", str(output),
+                      "--max-seq-len", "32"]) == 0
+    assert [json.loads(line)["prediction"] for line in output.read_text().splitlines()] == ours
+
 
 @pytest.mark.parametrize("variant", ["bert", "narrow"])
 def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
@@ -166,3 +183,12 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
             logits = model(**encoding).logits[0]
         tags = [model.config.id2label[i] for i in logits[firsts].argmax(-1).tolist()]
         assert tags == record["predictions"], record["tokens"]
+
+    # words only (no tags column) through the batch prediction tool: the run's tags again
+    words_only = tmp_path / "words.conll"
+    words_only.write_text("".join("".join(f"{w}\n" for w in e["tokens"]) + "\n" for e in valid_examples))
+    output = tmp_path / "tags.jsonl"
+    assert load_tool("predict").main(["--model", str(hf_dir), "--input", str(words_only), "--output", str(output),
+                                      "--max-seq-len", "40"]) == 0
+    assert [json.loads(line)["predictions"] for line in output.read_text().splitlines()] == \
+        [r["predictions"] for r in records]

@@ -69,7 +69,10 @@ def _field(record: dict, name: str, path: Path, number: int):
     return record[name]
 
 
-def read_sequence_examples(path: str | Path, task: TaskConfig) -> list[SequenceExample]:
+UNLABELED = ""  # the label of an example read for prediction, whose file has none
+
+
+def read_sequence_examples(path: str | Path, task: TaskConfig, *, labeled: bool = True) -> list[SequenceExample]:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist")
@@ -77,13 +80,14 @@ def read_sequence_examples(path: str | Path, task: TaskConfig) -> list[SequenceE
     for number, record in _records(path):
         text = str(_field(record, task.text_field, path, number))
         pair = str(_field(record, task.text_pair_field, path, number)) if task.text_pair_field else None
-        examples.append(SequenceExample(text, pair, str(_field(record, task.label_field, path, number))))
+        label = str(_field(record, task.label_field, path, number)) if labeled else UNLABELED
+        examples.append(SequenceExample(text, pair, label))
     if not examples:
         raise TaskDataError(f"{path} holds no examples")
     return examples
 
 
-def _read_conll(path: Path) -> list[TokenExample]:
+def _read_conll(path: Path, labeled: bool = True) -> list[TokenExample]:
     examples, words, tags = [], [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -93,26 +97,27 @@ def _read_conll(path: Path) -> list[TokenExample]:
                     examples.append(TokenExample(words, tags))
                 words, tags = [], []
                 continue
-            if len(parts) < 2:
+            if labeled and len(parts) < 2:
                 raise TaskDataError(f"{path}:{number}: expected 'word ... tag', got {line.strip()!r}")
             words.append(parts[0])
-            tags.append(parts[-1])
+            tags.append(parts[-1] if labeled else UNLABELED)
     if words:
         examples.append(TokenExample(words, tags))
     return examples
 
 
-def read_token_examples(path: str | Path, task: TaskConfig) -> list[TokenExample]:
+def read_token_examples(path: str | Path, task: TaskConfig, *, labeled: bool = True) -> list[TokenExample]:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist")
     if path.suffix.lower() in CONLL_SUFFIXES:
-        examples = _read_conll(path)
+        examples = _read_conll(path, labeled)
     else:
         examples = []
         for number, record in _records(path):
             words = [str(w) for w in _field(record, task.tokens_field, path, number)]
-            tags = [str(t) for t in _field(record, task.tags_field, path, number)]
+            tags = ([str(t) for t in _field(record, task.tags_field, path, number)] if labeled
+                    else [UNLABELED] * len(words))
             if len(words) != len(tags):
                 raise TaskDataError(f"{path}:{number}: {len(words)} words but {len(tags)} tags")
             examples.append(TokenExample(words, tags))
@@ -121,8 +126,12 @@ def read_token_examples(path: str | Path, task: TaskConfig) -> list[TokenExample
     return examples
 
 
-def read_examples(path: str | Path, task: TaskConfig) -> list[SequenceExample] | list[TokenExample]:
-    return read_sequence_examples(path, task) if task.kind == "sequence" else read_token_examples(path, task)
+def read_examples(path: str | Path, task: TaskConfig, *,
+                  labeled: bool = True) -> list[SequenceExample] | list[TokenExample]:
+    """The file's examples; labeled=False reads inputs only (for prediction), labels left UNLABELED."""
+    if task.kind == "sequence":
+        return read_sequence_examples(path, task, labeled=labeled)
+    return read_token_examples(path, task, labeled=labeled)
 
 
 def label_set(task: TaskConfig, examples: list) -> list[str]:
@@ -137,6 +146,7 @@ def label_set(task: TaskConfig, examples: list) -> list[str]:
 
 def _label_ids(labels: list[str], values: list[str], where: str) -> list[int]:
     index = {label: i for i, label in enumerate(labels)}
+    index[UNLABELED] = 0  # inputs read for prediction: any id, never used
     unknown = sorted(set(values) - set(index))
     if unknown:
         raise TaskDataError(f"{where}: labels {unknown[:5]} are not in the label set {labels}")

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from megatron_narrow.config import ParallelConfig
+from megatron_narrow.data.tokenizer import Tokenizer
 from megatron_narrow.model import BertForSequenceClassification, BertForTokenClassification
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
-from megatron_narrow.tasks.config import FinetuneConfig
+from megatron_narrow.tasks.config import FinetuneConfig, TaskConfig
 from megatron_narrow.tasks.data import encode_sequences, encode_tokens, label_set, read_examples
 from megatron_narrow.tasks.metrics import accuracy, macro_f1, span_f1
 from megatron_narrow.tasks.source import Pretrained, load_pretrained
@@ -106,14 +107,19 @@ def prediction_records(examples: list, predicted: list, kind: str) -> list[dict]
     return [{"tokens": e.words, "tags": e.tags, "predictions": p} for e, p in zip(examples, predicted, strict=True)]
 
 
+def encode_examples(examples: list, task: TaskConfig, tokenizer: Tokenizer, labels: list[str],
+                    where: str) -> tuple[dict[str, torch.Tensor], list[int] | None]:
+    """(tensors, labeled words per example, None for sequences)."""
+    if task.kind == "sequence":
+        return encode_sequences(examples, tokenizer, labels, task.max_seq_len, where), None
+    encoded = encode_tokens(examples, tokenizer, labels, task.max_seq_len, task.query_slots, where)
+    return encoded.tensors, encoded.labeled_words
+
+
 def encode(run: FinetuneConfig, pretrained: Pretrained, path: str, labels: list[str]):
     """(examples, tensors, labeled words per example or None) of one task file."""
-    task = run.task
-    examples = read_examples(path, task)
-    if task.kind == "sequence":
-        return examples, encode_sequences(examples, pretrained.tokenizer, labels, task.max_seq_len, path), None
-    encoded = encode_tokens(examples, pretrained.tokenizer, labels, task.max_seq_len, task.query_slots, path)
-    return examples, encoded.tensors, encoded.labeled_words
+    examples = read_examples(path, run.task)
+    return (examples, *encode_examples(examples, run.task, pretrained.tokenizer, labels, path))
 
 
 def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:

@@ -35,7 +35,7 @@ class Pretrained:
         save_tokenizer(read_checkpoint_info(self.source), output_dir)
 
 
-def _model_config_from_hf(config: dict) -> ModelConfig:
+def model_config_from_hf(config: dict) -> ModelConfig:
     kind = config.get("model_type", "bert")
     if kind not in ("bert", "narrow_bert"):
         raise ValueError(f"model_type {kind!r} is not BERT (expected bert or narrow_bert)")
@@ -51,7 +51,7 @@ def _model_config_from_hf(config: dict) -> ModelConfig:
         layer_norm_eps=config.get("layer_norm_eps", 1e-12), initializer_range=config.get("initializer_range", 0.02))
 
 
-def _hf_tokenizer(directory: Path) -> Tokenizer:
+def hf_tokenizer(directory: Path) -> Tokenizer:
     for name in ("tokenizer.json", "vocab.txt"):
         if (directory / name).is_file():
             return load_tokenizer("wordpiece", directory / name)
@@ -65,7 +65,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
 
     path = Path(init_from)
     if (path / "config.json").is_file():
-        config = _model_config_from_hf(json.loads((path / "config.json").read_text()))
+        config = model_config_from_hf(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path} holds no .safetensors weights")
@@ -76,7 +76,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
             hf_state.update(load_file(str(file)))
         model = BertForPreTraining(config)
         load_hf_state_dict(model, hf_state)
-        return Pretrained(config, model.state_dict(), _hf_tokenizer(path), path, is_hf_dir=True)
+        return Pretrained(config, model.state_dict(), hf_tokenizer(path), path, is_hf_dir=True)
 
     from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info, tokenizer_source
 

@@ -1,0 +1,99 @@
+"""Batch prediction with an exported classifier, through our model code (so narrow computes [CLS] or the
+words' first sub-tokens only), reporting throughput.
+
+    model = load_classifier("runs/finetune/hf")
+    records, stats = predict_file(model, "test.jsonl", batch_size=64)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from megatron_narrow.data.tokenizer import Tokenizer
+from megatron_narrow.tasks.config import TaskConfig
+from megatron_narrow.tasks.data import read_examples
+from megatron_narrow.tasks.loop import encode_examples, predict, prediction_records
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    kind: str
+    """sequence or token"""
+    labels: list[str]
+    tokenizer: Tokenizer
+    max_seq_len: int
+
+
+def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Classifier:
+    """An exported BertFor{Sequence,Token}Classification (or the NarrowBERT ones) as our model, TP=1, eval."""
+    from safetensors.torch import load_file
+
+    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+    from megatron_narrow.model import BertForSequenceClassification, BertForTokenClassification
+    from megatron_narrow.tasks.source import hf_tokenizer, model_config_from_hf
+
+    hf_dir = Path(hf_dir)
+    raw = json.loads((hf_dir / "config.json").read_text())
+    architecture = (raw.get("architectures") or [""])[0]
+    if architecture.endswith("ForSequenceClassification"):
+        kind, model_class = "sequence", BertForSequenceClassification
+    elif architecture.endswith("ForTokenClassification"):
+        kind, model_class = "token", BertForTokenClassification
+    else:
+        raise ValueError(f"{hf_dir}: {architecture or 'no architecture'} is not a sequence or token classifier")
+    labels = [raw["id2label"][str(i)] for i in range(len(raw["id2label"]))]
+    config = replace(model_config_from_hf(raw), hidden_dropout=0.0, attention_dropout=0.0)
+    model = model_class(config, len(labels)).eval()
+    state = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    head = {f"head.{key}": state.pop(key) for key in ("classifier.weight", "classifier.bias")}
+    missing = load_hf_state_dict(model, state)
+    model.load_state_dict(head, strict=False)
+    if [k for k in missing if not k.startswith("head.")]:
+        raise ValueError(f"{hf_dir}: the weights lack {missing[:5]}")
+    return Classifier(model, kind, labels, hf_tokenizer(hf_dir), max_seq_len or config.max_position_embeddings)
+
+
+@dataclass
+class PredictionStats:
+    examples: int
+    seconds: float
+    tokens: int
+    """Real (non-padding) tokens encoded."""
+
+    @property
+    def sequences_per_s(self) -> float:
+        return self.examples / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def predict_file(classifier: Classifier, path: str | Path, task: TaskConfig | None = None, *,
+                 batch_size: int = 32) -> tuple[list[dict], PredictionStats]:
+    """Predict every example of a task file (labels in it are kept beside the predictions, not needed)."""
+    task = replace(task or TaskConfig(), kind=classifier.kind, max_seq_len=classifier.max_seq_len,
+                   labels=classifier.labels)
+    try:
+        examples = read_examples(path, task)
+    except ValueError:  # no labels in the file: inputs only
+        examples = read_examples(path, task, labeled=False)
+    tensors, labeled_words = encode_examples(examples, task, classifier.tokenizer, classifier.labels, str(path))
+    started = time.perf_counter()
+    predictions = predict(classifier.model, tensors, classifier.kind, batch_size, torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    if classifier.kind == "sequence":
+        predicted = [classifier.labels[p] for p in predictions.tolist()]
+    else:
+        predicted = [[classifier.labels[t] for t in predictions[i, :labeled_words[i]].tolist()]
+                     + ["O"] * (len(e.words) - labeled_words[i]) for i, e in enumerate(examples)]
+    stats = PredictionStats(len(examples), seconds, int(tensors["attention_mask"].sum()))
+    return prediction_records(examples, predicted, classifier.kind), stats
