@@ -192,3 +192,66 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
                                       "--max-seq-len", "40"]) == 0
     assert [json.loads(line)["predictions"] for line in output.read_text().splitlines()] == \
         [r["predictions"] for r in records]
+
+
+def _pretrain(rank: int, world_size: int, argv: list[str]) -> int:
+    from megatron_narrow.pretrain import main
+
+    code = main(argv)
+    if code:
+        raise RuntimeError(f"pretrain exited with {code}")
+    return code
+
+
+def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_data):
+    """A token_drop pretraining checkpoint (its tokenizer from the checkpoint) fine-tunes as plain BERT on text
+    pairs; the export is a stock BertForSequenceClassification that classifies pairs as our model did."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from .conftest import tiny_train_overrides
+
+    pretrained = tmp_path / "pretrain"
+    run_distributed(_pretrain, 1, ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config",
+                                   str(REPO / "ds_configs/zero1.json"),
+                                   *tiny_train_overrides(tiny_corpus_data, pretrained, "token_drop", steps=2)],
+                    init_process_group=False, timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    rng = random.Random(3)
+    pairs = []
+    for example in sentiment_examples(96, 2):
+        pairs.append({"premise": " ".join(rng.choice(FILLER) for _ in range(6)), "hypothesis": example["text"],
+                      "label": example["label"]})
+    train = write_jsonl_records(tmp_path / "pairs.jsonl", pairs)
+    save_dir = tmp_path / "run"
+    finetune(save_dir, pretrained, **{"task.train_file": train, "task.valid_file": train,
+                                      "task.text_field": "premise", "task.text_pair_field": "hypothesis",
+                                      "task.max_seq_len": "48", "train.train_steps": "6"})
+    hf_dir = save_dir / "hf"
+    model = BertForSequenceClassification.from_pretrained(hf_dir).eval()  # stock class: token dropping is gone
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    encoded = tokenizer([p["premise"] for p in pairs], [p["hypothesis"] for p in pairs], padding=True,
+                        truncation=True, max_length=48, return_tensors="pt")
+    assert (encoded["token_type_ids"] == 1).any()
+    with torch.no_grad():
+        hf = [model.config.id2label[i] for i in model(**encoded).logits.argmax(-1).tolist()]
+    ours = [json.loads(line)["prediction"] for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    assert hf == ours
+    assert json.loads((save_dir / "finetune_config.json").read_text())["task"]["text_pair_field"] == "hypothesis"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, "model.init_from is required"),
+    ({"model.init_from": "{tmp}"}, "task.train_file is required"),
+    ({"task.kind": "regression"}, "task.kind must be sequence or token"),
+    ({"model.init_from": "{tmp}", "task.train_file": "{tmp}/missing.jsonl"}, "missing.jsonl does not exist"),
+    ({"model.init_from": "{tmp}", "task.train_file": "{tmp}/config.json"}, "config.json lacks ['vocab_size'"),
+])
+def test_bad_finetune_runs_are_refused_in_one_line(overrides, expected, tmp_path, capsys, monkeypatch):
+    from megatron_narrow import finetune as entry
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
+            *(f"{k}={v.format(tmp=tmp_path)}" for k, v in overrides.items())]
+    (tmp_path / "config.json").write_text("{}")  # an HF directory that is never reached
+    assert entry.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines

@@ -262,6 +262,7 @@ def build_hf_tokenizer(kind: str, path: str | Path, *, model_max_length: int):
     special = ours.special
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT's: pairs need the types
         unk_token=ours.id_to_token(special.unk), pad_token=ours.id_to_token(special.pad),
         cls_token=ours.id_to_token(special.cls), sep_token=ours.id_to_token(special.sep),
         mask_token=ours.id_to_token(special.mask))

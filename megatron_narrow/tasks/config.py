@@ -4,6 +4,7 @@ overridable on the command line as section.key=value."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from megatron_narrow.config import TrainConfig, build_sections, read_yaml_with_overrides
@@ -102,6 +103,12 @@ class FinetuneConfig:
             raise ValueError("model.init_from is required: a pretraining checkpoint or a Hugging Face directory")
         if not self.task.train_file:
             raise ValueError("task.train_file is required")
+        for name in ("train_file", "valid_file", "test_file"):
+            path = getattr(self.task, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"task.{name}: {path} does not exist")
+        if not Path(self.model.init_from).exists():
+            raise ValueError(f"model.init_from: {self.model.init_from} does not exist")
 
 
 def load_finetune_config(path: str | None, overrides: list[str]) -> FinetuneConfig:

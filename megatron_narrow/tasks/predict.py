@@ -48,7 +48,8 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
     else:
         raise ValueError(f"{hf_dir}: {architecture or 'no architecture'} is not a sequence or token classifier")
     labels = [raw["id2label"][str(i)] for i in range(len(raw["id2label"]))]
-    config = replace(model_config_from_hf(raw), hidden_dropout=0.0, attention_dropout=0.0)
+    config = replace(model_config_from_hf(raw, str(hf_dir / "config.json")), hidden_dropout=0.0,
+                     attention_dropout=0.0)
     model = model_class(config, len(labels)).eval()
     state = {}
     for file in sorted(hf_dir.glob("*.safetensors")):

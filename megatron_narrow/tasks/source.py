@@ -35,7 +35,12 @@ class Pretrained:
         save_tokenizer(read_checkpoint_info(self.source), output_dir)
 
 
-def model_config_from_hf(config: dict) -> ModelConfig:
+def model_config_from_hf(config: dict, where: str = "config.json") -> ModelConfig:
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}: not a BERT config")
     kind = config.get("model_type", "bert")
     if kind not in ("bert", "narrow_bert"):
         raise ValueError(f"model_type {kind!r} is not BERT (expected bert or narrow_bert)")
@@ -65,7 +70,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
 
     path = Path(init_from)
     if (path / "config.json").is_file():
-        config = model_config_from_hf(json.loads((path / "config.json").read_text()))
+        config = model_config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path} holds no .safetensors weights")
