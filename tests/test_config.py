@@ -63,3 +63,16 @@ def test_unknown_keys_and_bad_values_are_named():
         load_run_config(None, ["train.lr=fast"])
     with pytest.raises(ValueError, match="must look like section.key=value"):
         load_run_config(None, ["lr=1"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [("finetune_classification", "sequence"), ("finetune_ner", "token")])
+def test_finetune_example_configs_load(name, kind):
+    from megatron_narrow.tasks.config import load_finetune_config
+
+    from .conftest import REPO
+
+    run = load_finetune_config(str(REPO / "examples/configs" / f"{name}.yaml"), ["train.lr=1e-5"])
+    assert run.task.kind == kind and run.train.lr == 1e-5 and run.model.init_from
+    assert run.train.gradient_accumulation(data_parallel=1) >= 1
+    with pytest.raises(ValueError, match="unknown key"):
+        load_finetune_config(str(REPO / "examples/configs" / f"{name}.yaml"), ["task.lables=[a]"])
