@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from throughput import core_count, count_flops, make_batch
+from throughput import add_shape_arguments, core_count, count_flops, make_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -71,15 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=2, help="calls per model in a round; the fastest is kept")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=30522)
+    add_shape_arguments(parser)
     parser.add_argument("--labeled", type=int, default=77, help="NER: labeled positions per sequence (15%% of 512)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
     args = parser.parse_args(argv)
 
     threads = args.threads or core_count()

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import core_count, make_batch  # noqa: E402  (this directory, first on sys.path)
+from throughput import add_shape_arguments, core_count, make_batch  # noqa: E402  (this directory, first on sys.path)
 
 from megatron_narrow.config import ModelConfig  # noqa: E402
 from megatron_narrow.model.costs import head_flops, layer_costs  # noqa: E402
@@ -123,17 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="write the results here")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--repeats", type=int, default=2, help="calls per stage in a round; the fastest is kept")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch (default 1: BERT-base widths on a CPU)")
-    parser.add_argument("--layers", type=int, default=12)
+    add_shape_arguments(parser, batch=1, hidden=768, heads=12)  # micro-batch 1: BERT-base widths on a CPU
     parser.add_argument("--full-length-layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--max-predictions", type=int, default=80, help="MLM target slots per sequence")
     parser.add_argument("--valid-targets", type=int, default=77)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
     args = parser.parse_args(argv)
 
     threads = args.threads or core_count()

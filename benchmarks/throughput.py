@@ -215,6 +215,19 @@ def profile_table(fn: Callable[[], float], rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser, *, batch: int = 4, hidden: int = 256,
+                        heads: int = 4) -> None:
+    """The model and batch shape options the benchmarks share (and --seed, --threads)."""
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -225,16 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="back-to-back calls per variant in a round; the round keeps their minimum (default 2)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=30522)
+    add_shape_arguments(parser)
     parser.add_argument("--max-predictions", type=int, default=80, help="MLM target slots per sequence")
     parser.add_argument("--valid-targets", type=int, default=77, help="of the slots, how many are real targets")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--profile", nargs="*", default=None, metavar="VARIANT",
                         help="after timing, print torch.profiler's top ops by self CPU time for these training "

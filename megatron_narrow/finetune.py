@@ -13,41 +13,24 @@ writes SAVE_DIR/metrics.jsonl, SAVE_DIR/eval_results.json and the exported model
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_narrow.pretrain import parse_args  # noqa: E402  (the same command line as pretraining)
+from megatron_narrow.pretrain import run_entry  # noqa: E402  (the same command line as pretraining)
+
+
+def _finetune(args) -> None:
+    from megatron_narrow.tasks.config import load_finetune_config
+    from megatron_narrow.tasks.loop import finetune
+
+    finetune(load_finetune_config(args.config, args.overrides), args.deepspeed_config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__, sections="task, model, train")
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    from megatron_narrow.tasks.config import load_finetune_config
-    from megatron_narrow.tasks.data import TaskDataError
-
-    try:
-        run = load_finetune_config(args.config, args.overrides)
-        from megatron_narrow.tasks.loop import finetune
-
-        finetune(run, args.deepspeed_config)
-    except (ValueError, TaskDataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_entry(argv, _finetune, description=__doc__, sections="task, model, train")
 
 
 if __name__ == "__main__":

@@ -32,23 +32,20 @@ def parse_args(argv: list[str] | None = None, *, description: str = __doc__,
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -> int:
+    """The entry points' shell: parse the command line, pick DeepSpeed's CPU accelerator without a GPU, run
+    `job(args)`; a refused run (bad config or data) is one `error:` line and exit code 2, a run stopped by
+    train.nonfinite_loss=stop exit code 1, and the process group is torn down whatever happened."""
+    args = parse_args(argv, description=description, sections=sections)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    from megatron_narrow.config import load_run_config
-    from megatron_narrow.data.shards import DataError
-
     try:
-        run = load_run_config(args.config, args.overrides)
-        from megatron_narrow.training.loop import pretrain
-
-        pretrain(run, args.deepspeed_config)
-    except (ValueError, DataError, FileNotFoundError) as error:
+        job(args)
+    except (ValueError, FileNotFoundError) as error:  # DataError and TaskDataError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:  # train.nonfinite_loss=stop: a run that failed, not a refused one
@@ -60,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from megatron_narrow.config import load_run_config
+    from megatron_narrow.training.loop import pretrain
+
+    pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry(argv, _pretrain, description=__doc__, sections="model, data, parallel, train")
 
 
 if __name__ == "__main__":

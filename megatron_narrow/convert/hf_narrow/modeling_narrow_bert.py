@@ -147,22 +147,26 @@ class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-def _classifier_dropout(config: NarrowBertConfig) -> nn.Dropout:
-    rate = getattr(config, "classifier_dropout", None)
-    return nn.Dropout(config.hidden_dropout_prob if rate is None else rate)
+class NarrowBertClassifierBase(NarrowBertPreTrainedModel):
+    """NarrowBERT + dropout + a linear classifier on its query rows (BERT's names: bert, classifier)."""
 
-
-class NarrowBertForSequenceClassification(NarrowBertPreTrainedModel):
-    """[CLS] is the only query row: the narrow layers compute nothing else. BertForSequenceClassification's
-    parameter names (bert.pooler, classifier)."""
+    add_pooling_layer = False
 
     def __init__(self, config: NarrowBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = NarrowBertModel(config, add_pooling_layer=True)
-        self.dropout = _classifier_dropout(config)
+        self.bert = NarrowBertModel(config, add_pooling_layer=self.add_pooling_layer)
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if rate is None else rate)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+
+class NarrowBertForSequenceClassification(NarrowBertClassifierBase):
+    """[CLS] is the only query row: the narrow layers compute nothing else. BertForSequenceClassification's
+    parameter names (bert.pooler, classifier)."""
+
+    add_pooling_layer = True
 
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -180,17 +184,9 @@ class NarrowBertForSequenceClassification(NarrowBertPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-class NarrowBertForTokenClassification(NarrowBertPreTrainedModel):
+class NarrowBertForTokenClassification(NarrowBertClassifierBase):
     """Tags at the query rows (e.g. each word's first sub-token); every position when query_positions is None.
     BertForTokenClassification's parameter names (no pooler)."""
-
-    def __init__(self, config: NarrowBertConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.bert = NarrowBertModel(config)
-        self.dropout = _classifier_dropout(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
 
     @can_return_tuple
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
