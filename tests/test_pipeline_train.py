@@ -193,3 +193,18 @@ def test_pipeline_nonfinite_loss_is_skipped_and_counted(tmp_path, tiny_corpus_da
     assert any("token_importance" in name for name in tensors)
     broken = [name for name, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
     assert not broken, f"non-finite after skipped steps: {broken}"
+
+
+def test_pipeline_with_data_parallelism_equals_one_process(tmp_path, tiny_corpus_data):
+    """PP=2 x DP=2 (four ranks): the two replicas split each global batch of 16; losses (and through them the
+    token-drop importance, reduced over the replicas) equal one process taking the batch as 2 x 8."""
+    values = {}
+    for name, world in (("single", 1), ("pp2_dp2", 4)):
+        save_dir = tmp_path / name
+        run_distributed(_train, world, argv(tiny_corpus_data, save_dir, "token_drop", 2 if world > 1 else 1, 1),
+                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+        values[name] = losses(save_dir)
+    assert sorted(values["pp2_dp2"]) == list(range(1, STEPS + 1))
+    for step, expected in values["single"].items():
+        got = values["pp2_dp2"][step]
+        assert abs(got - expected) <= TOL, f"step {step}: PP=2 x DP=2 {got!r}, one process {expected!r}"
