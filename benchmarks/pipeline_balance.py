@@ -106,7 +106,7 @@ def make_stages(items, modules, parts: list[int], batch: dict, loss: Pretraining
 
     def last_stage() -> None:
         loss(run_items(last, received), labels).backward()
-        loss.take()
+        loss.take()  # drop the records
 
     return [(clear, first_stage), (clear, last_stage)]
 

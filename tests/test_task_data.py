@@ -4,6 +4,7 @@ NER words are labeled at their first sub-token (the narrow query rows), bad file
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_narrow.tasks.config import TaskConfig
 from megatron_narrow.tasks.data import (
@@ -78,3 +79,39 @@ def test_bad_task_files_name_the_line(tmp_path, tokenizer):
     valid.write_text('{"text": "a", "label": "z"}\n')
     with pytest.raises(TaskDataError, match=r"valid.jsonl: labels \['z'\] are not in the label set"):
         encode_sequences(read_sequence_examples(valid, TaskConfig()), tokenizer, ["x", "y"], 8, str(valid))
+
+
+def test_tsv_quotes_are_text_and_bad_labels_are_refused(tmp_path):
+    tsv = tmp_path / "glue.tsv"
+    tsv.write_text('sentence\tlabel\n"quoted start, no end\t1\nplain\t0\nthird "one"\t1\n')
+    examples = read_sequence_examples(tsv, TaskConfig(text_field="sentence"))
+    assert [e.text for e in examples] == ['"quoted start, no end', "plain", 'third "one"']
+    short = tmp_path / "short.tsv"
+    short.write_text("sentence\tlabel\nonly one field\n")
+    with pytest.raises(TaskDataError, match=r"short.tsv:2: 1 fields where the header names 2"):
+        read_sequence_examples(short, TaskConfig(text_field="sentence"))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\nsome text,\n")
+    with pytest.raises(TaskDataError, match=r"empty.csv:2: empty 'label'"):
+        read_sequence_examples(empty, TaskConfig())
+    iobes = tmp_path / "iobes.conll"
+    iobes.write_text("alice S-PER\nsaid O\n")
+    task = TaskConfig(kind="token")
+    with pytest.raises(TaskDataError, match=r"tags \['S-PER'\] are not BIO"):
+        label_set(task, read_token_examples(iobes, task))
+
+
+def test_a_hugging_face_source_keeps_its_pooler(tmp_path, tokenizer, tiny_corpus_data):
+    from transformers import BertConfig, BertModel
+
+    from megatron_narrow.convert.checkpoint import build_hf_tokenizer
+    from megatron_narrow.tasks.source import load_pretrained
+
+    hf = BertModel(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / "base")
+    build_hf_tokenizer("sentencepiece", tiny_corpus_data["tokenizer"], model_max_length=64).save_pretrained(
+        tmp_path / "base")
+    pretrained = load_pretrained(tmp_path / "base")
+    torch.testing.assert_close(pretrained.state["bert.pooler.dense.weight"], hf.pooler.dense.weight.detach())
+    assert not any(k.startswith("cls.") for k in pretrained.state)  # a BertModel has no MLM head to keep

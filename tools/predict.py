@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="a task file to predict")
     parser.add_argument("--output", required=True, help="JSONL of predictions")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-seq-len", type=int, default=None, help="default: the model's position table")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="default: the fine-tuning run's")
     parser.add_argument("--text-field", default="text")
-    parser.add_argument("--text-pair-field", default=None, help="second text of a pair (MNLI-style)")
+    parser.add_argument("--text-pair-field", default=None,
+                        help="second text of a pair (MNLI-style); default: the fine-tuning run's")
     parser.add_argument("--tokens-field", default="tokens", help="token classification, JSONL: the words")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         classifier = load_classifier(args.model, max_seq_len=args.max_seq_len)
-        task = TaskConfig(text_field=args.text_field, text_pair_field=args.text_pair_field,
-                          tokens_field=args.tokens_field)
+        task = TaskConfig(text_field=args.text_field, tokens_field=args.tokens_field,
+                          text_pair_field=args.text_pair_field or classifier.text_pair_field)
         records, stats = predict_file(classifier, args.input, task, batch_size=args.batch_size)
     except (ValueError, TaskDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

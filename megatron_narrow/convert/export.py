@@ -90,13 +90,16 @@ def _require_tp1(model: nn.Module) -> None:
                          "(merge_tensor_parallel) and load them into a TP=1 model")
 
 
-def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: list[str]) -> Path:
-    """Write our BertForSequenceClassification / BertForTokenClassification (TP=1) with its label names."""
+def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: list[str], *,
+                           task_settings: dict | None = None) -> Path:
+    """Write our BertForSequenceClassification / BertForTokenClassification (TP=1) with its label names;
+    `task_settings` (e.g. finetune_max_seq_len) are recorded in config.json for tools/predict.py."""
     _require_tp1(model)
     config = model.bert.config
     sequence = isinstance(model, OurSequenceClassifier)
     hf_config = hf_config_from_model_config(config, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                            label2id={label: i for i, label in enumerate(labels)})
+                                            label2id={label: i for i, label in enumerate(labels)},
+                                            **(task_settings or {}))
     own = model.state_dict()
     encoder = {k: v for k, v in own.items() if k.startswith("bert.") and k not in NO_HF_COUNTERPART}
     state = to_hf_state_dict(encoder, config.vocab_size)

@@ -64,7 +64,8 @@ class BertSelfAttention(nn.Module):
 
         Per head h: q.k_j = (W_K,h^T q).c_j + q.b_K,h, and the second term is the same for every j, so the
         softmax drops it; sum_j p_j v_j = W_V,h (sum_j p_j c_j) + b_V,h because the p_j sum to one. Equal to
-        forward(queries, context=...) up to float rounding; the saving is S x H x head_dim per head.
+        forward(queries, context=...) up to float rounding (with attention dropout: in distribution, the
+        masks being drawn differently); the saving is S x H x head_dim per head.
         Returns this rank's heads, (B, Q, H/tp)."""
         b, q_len, hidden = queries.shape
         heads, d = self.key.weight.shape[0] // self.head_dim, self.head_dim
@@ -80,7 +81,9 @@ class BertSelfAttention(nn.Module):
                 probs = F.dropout(probs, dropout_p)
         mixed = torch.einsum("bhqs,bsk->bhqk", probs, context)  # (B, h, Q, H)
         out = torch.einsum("bhqk,hdk->bqhd", mixed, self.value.weight.view(heads, d, hidden))  # (B, Q, h, d)
-        return (out + self.value.bias.view(heads, d)).reshape(b, q_len, heads * d)
+        # sum_j p_j b_V: b_V itself without dropout; with it the kept probabilities need not sum to one
+        weight = 1.0 if dropout_p == 0 else probs.sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, Q, h, 1)
+        return (out + weight * self.value.bias.view(heads, d)).reshape(b, q_len, heads * d)
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -151,6 +151,7 @@ class PretrainingPipeLoss:
     def __init__(self, group: GroupInfo) -> None:
         self.group = group
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.finite = True
 
     def __call__(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         logits, pair_logits = outputs[0], (outputs[1] if len(outputs) > 1 else None)
@@ -158,11 +159,13 @@ class PretrainingPipeLoss:
         loss, losses = pretraining_loss(logits, pair_logits, target_ids, target_valid, self.group,
                                         pair_label=pair_label[0] if pair_label else None, num_targets=num_targets)
         self.records.append((target_ids, losses.detach(), target_valid))
+        self.finite = self.finite and bool(torch.isfinite(loss.detach()))  # the pair loss included
         return loss
 
-    def take(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        records, self.records = self.records, []
-        return records
+    def take(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bool]:
+        """(records since the last take, whether every loss since then was finite)."""
+        records, finite, self.records, self.finite = self.records, self.finite, [], True
+        return records, finite
 
 
 def stage_boundaries(config: ModelConfig, num_stages: int, method: str, *, seq_len: int,

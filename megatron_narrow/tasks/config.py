@@ -44,7 +44,7 @@ class TaskConfig:
 
     max_labeled_tokens: int | None = None
     """token: query slots per sequence (the narrow layers run on these rows); None: max_seq_len - 2.
-    Words beyond it in a sequence are not labeled (a warning counts them)."""
+    Words beyond it (or past max_seq_len) are not labeled; a warning counts them."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("sequence", "token"):

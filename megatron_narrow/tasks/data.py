@@ -48,8 +48,17 @@ def _records(path: Path) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            return [(i + 2, row) for i, row in enumerate(reader)]
+            if suffix == ".tsv":  # GLUE-style TSV: a field may start with a quote that closes nothing
+                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.DictReader(f)
+            rows = [(i + 2, row) for i, row in enumerate(reader)]
+        for number, row in rows:  # DictReader pads a short row with None and keys a long one's extras None
+            if None in row or any(value is None for value in row.values()):
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise TaskDataError(f"{path}:{number}: {fields} fields where the header names "
+                                    f"{len(reader.fieldnames or [])}")
+        return rows
     if suffix in (".jsonl", ".json"):
         out = []
         with open(path, encoding="utf-8") as f:
@@ -81,6 +90,8 @@ def read_sequence_examples(path: str | Path, task: TaskConfig, *, labeled: bool 
         text = str(_field(record, task.text_field, path, number))
         pair = str(_field(record, task.text_pair_field, path, number)) if task.text_pair_field else None
         label = str(_field(record, task.label_field, path, number)) if labeled else UNLABELED
+        if labeled and not label.strip():
+            raise TaskDataError(f"{path}:{number}: empty {task.label_field!r}")
         examples.append(SequenceExample(text, pair, label))
     if not examples:
         raise TaskDataError(f"{path} holds no examples")
@@ -120,6 +131,8 @@ def read_token_examples(path: str | Path, task: TaskConfig, *, labeled: bool = T
                     else [UNLABELED] * len(words))
             if len(words) != len(tags):
                 raise TaskDataError(f"{path}:{number}: {len(words)} words but {len(tags)} tags")
+            if labeled and not all(t.strip() for t in tags):
+                raise TaskDataError(f"{path}:{number}: an empty tag")
             examples.append(TokenExample(words, tags))
     if not examples:
         raise TaskDataError(f"{path} holds no sentences")
@@ -135,18 +148,24 @@ def read_examples(path: str | Path, task: TaskConfig, *,
 
 
 def label_set(task: TaskConfig, examples: list) -> list[str]:
-    """task.labels, or the training file's labels sorted (token tags: "O" first)."""
+    """task.labels, or the training file's labels sorted (token tags: "O" first); token tags must be BIO."""
     if task.labels:
-        return list(task.labels)
-    if task.kind == "sequence":
-        return sorted({e.label for e in examples})
-    tags = {t for e in examples for t in e.tags}
-    return (["O"] if "O" in tags else []) + sorted(tags - {"O"})
+        labels = list(task.labels)
+    elif task.kind == "sequence":
+        labels = sorted({e.label for e in examples})
+    else:
+        tags = {t for e in examples for t in e.tags}
+        labels = (["O"] if "O" in tags else []) + sorted(tags - {"O"})
+    if task.kind == "token":
+        bad = [t for t in labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
+        if bad:
+            raise TaskDataError(f"tags {bad[:5]} are not BIO (O, B-TYPE, I-TYPE): span F1 needs BIO tagging")
+    return labels
 
 
 def _label_ids(labels: list[str], values: list[str], where: str) -> list[int]:
     index = {label: i for i, label in enumerate(labels)}
-    index[UNLABELED] = 0  # inputs read for prediction: any id, never used
+    index[UNLABELED] = 0  # inputs read for prediction (readers refuse empty labels otherwise): never used
     unknown = sorted(set(values) - set(index))
     if unknown:
         raise TaskDataError(f"{where}: labels {unknown[:5]} are not in the label set {labels}")
@@ -167,8 +186,8 @@ def encode_sequences(examples: list[SequenceExample], tokenizer: Tokenizer, labe
         b = list(seconds[i]) if seconds is not None else None
         a = list(a)
         budget = max_seq_len - (3 if b is not None else 2)
-        while len(a) + len(b or []) > budget:  # truncate the longer text first
-            (a if len(a) >= len(b or []) else b).pop()
+        while len(a) + len(b or []) > budget:  # truncate the longer text first (the second on a tie, as HF)
+            (a if len(a) > len(b or []) else b).pop() if b is not None else a.pop()
         row = [special.cls, *a, special.sep]
         kinds = [0] * len(row)
         if b is not None:

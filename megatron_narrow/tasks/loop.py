@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def task_logits(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tenso
 def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "sequence":
         return F.cross_entropy(logits, batch["labels"])
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    labels = batch["labels"].flatten()  # mean over labeled words; a micro-batch without any gives 0, not NaN
+    losses = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum")
+    return losses / (labels != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -119,7 +122,13 @@ def encode_examples(examples: list, task: TaskConfig, tokenizer: Tokenizer, labe
 def encode(run: FinetuneConfig, pretrained: Pretrained, path: str, labels: list[str]):
     """(examples, tensors, labeled words per example or None) of one task file."""
     examples = read_examples(path, run.task)
-    return (examples, *encode_examples(examples, run.task, pretrained.tokenizer, labels, path))
+    tensors, labeled_words = encode_examples(examples, run.task, pretrained.tokenizer, labels, path)
+    if labeled_words is not None:
+        unlabeled = sum(len(e.words) - n for e, n in zip(examples, labeled_words, strict=True))
+        if unlabeled:
+            warnings.warn(f"{path}: {unlabeled} words are past task.max_seq_len / task.max_labeled_tokens and get "
+                          "no label (evaluation predicts O for them)", stacklevel=2)
+    return examples, tensors, labeled_words
 
 
 def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
@@ -127,6 +136,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     import deepspeed
 
     from megatron_narrow.convert.export import export_classifier_to_hf
+    from megatron_narrow.training.loop import agree_finite
     from megatron_narrow.training.metrics import MetricsLogger
     from megatron_narrow.training.optim import build_optimizer, build_scheduler
     from megatron_narrow.training.setup import DeepSpeedMPU, deepspeed_config, init_distributed, world_size_from_env
@@ -134,6 +144,9 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     run.validate()
     layout = ParallelConfig().resolve(world_size_from_env())
     ds_config = deepspeed_config(ds_config_path, run, layout.data_parallel)
+    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) >= 3:
+        raise ValueError(f"{ds_config_path}: ZeRO stage 3 partitions the parameters, and the export at the end of "
+                         "fine-tuning needs them whole on rank 0; use ZeRO stage 0-2")
     pretrained = load_pretrained(run.model.init_from)
     train_examples = read_examples(run.task.train_file, run.task)
     labels = label_set(run.task, train_examples)
@@ -190,10 +203,14 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         total = 0.0
-        for _ in range(gas):
+        finite = True
+        for index in range(gas):
             batch = next_batch()
             loss = task_loss(task_logits(engine, batch, kind), batch, kind)
             engine.backward(loss)
+            finite = finite and bool(torch.isfinite(loss))
+            if index == gas - 1:  # before the update; fine-tuning stops on a non-finite loss
+                agree_finite(finite, step, "stop", device)
             engine.step()
             total += loss.item() / gas
         if step % train.log_interval == 0 or step == train.train_steps:
@@ -205,7 +222,8 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     logger.close()
     if is_rank0:
         output = Path(train.save_dir) / "hf"
-        export_classifier_to_hf(engine.module, output, labels)
+        export_classifier_to_hf(engine.module, output, labels, task_settings={
+            "finetune_max_seq_len": run.task.max_seq_len, "finetune_text_pair_field": run.task.text_pair_field})
         pretrained.save_tokenizer(output)
         (Path(train.save_dir) / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
         if valid is not None:

@@ -28,6 +28,9 @@ class Classifier:
     labels: list[str]
     tokenizer: Tokenizer
     max_seq_len: int
+    """The fine-tuning run's task.max_seq_len (recorded in the export), unless overridden."""
+    text_pair_field: str | None = None
+    """The fine-tuning run's task.text_pair_field: a pair classifier reads pairs by default."""
 
 
 def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Classifier:
@@ -47,6 +50,8 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
         kind, model_class = "token", BertForTokenClassification
     else:
         raise ValueError(f"{hf_dir}: {architecture or 'no architecture'} is not a sequence or token classifier")
+    if "id2label" not in raw:
+        raise ValueError(f"{hf_dir}/config.json has no id2label: not a classifier exported by finetune.py")
     labels = [raw["id2label"][str(i)] for i in range(len(raw["id2label"]))]
     config = replace(model_config_from_hf(raw, str(hf_dir / "config.json")), hidden_dropout=0.0,
                      attention_dropout=0.0)
@@ -59,7 +64,9 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
     model.load_state_dict(head, strict=False)
     if [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"{hf_dir}: the weights lack {missing[:5]}")
-    return Classifier(model, kind, labels, hf_tokenizer(hf_dir), max_seq_len or config.max_position_embeddings)
+    trained = raw.get("finetune_max_seq_len") or config.max_position_embeddings
+    return Classifier(model, kind, labels, hf_tokenizer(hf_dir), max_seq_len or trained,
+                      raw.get("finetune_text_pair_field"))
 
 
 @dataclass
@@ -81,8 +88,8 @@ class PredictionStats:
 def predict_file(classifier: Classifier, path: str | Path, task: TaskConfig | None = None, *,
                  batch_size: int = 32) -> tuple[list[dict], PredictionStats]:
     """Predict every example of a task file (labels in it are kept beside the predictions, not needed)."""
-    task = replace(task or TaskConfig(), kind=classifier.kind, max_seq_len=classifier.max_seq_len,
-                   labels=classifier.labels)
+    task = task or TaskConfig(text_pair_field=classifier.text_pair_field)
+    task = replace(task, kind=classifier.kind, max_seq_len=classifier.max_seq_len, labels=classifier.labels)
     try:
         examples = read_examples(path, task)
     except ValueError:  # no labels in the file: inputs only

@@ -79,9 +79,15 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
         hf_state = {}
         for file in files:
             hf_state.update(load_file(str(file)))
-        model = BertForPreTraining(config)
-        load_hf_state_dict(model, hf_state)
-        return Pretrained(config, model.state_dict(), hf_tokenizer(path), path, is_hf_dir=True)
+        if any(key.startswith("classifier.") for key in hf_state):
+            raise ValueError(f"{path} is a fine-tuned classifier; start from a pretrained (masked-LM or base) model")
+        model = BertForPreTraining(config, pair_head=True)  # with a pooler, to keep a pretrained one
+        try:
+            missing = load_hf_state_dict(model, hf_state)
+        except KeyError as error:
+            raise ValueError(f"{path}: {error.args[0]}") from None
+        state = {k: v for k, v in model.state_dict().items() if k not in missing}  # only what the source had
+        return Pretrained(config, state, hf_tokenizer(path), path, is_hf_dir=True)
 
     from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info, tokenizer_source
 

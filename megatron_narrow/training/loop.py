@@ -69,7 +69,7 @@ def _skip_update(optimizer: torch.optim.Optimizer):
             optimizer.step = saved
 
 
-def _agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> bool:
+def agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> bool:
     """Whether every rank's losses were finite; raises under train.nonfinite_loss=stop if not."""
     finite = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN).item() >= 1
     if not finite and policy == "stop":
@@ -95,7 +95,7 @@ def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.opti
         model.update_importance(batch["target_ids"], out.target_losses.float(), counted, end_of_step=index == last)
         loss_sum += out.target_losses.double().sum()
         if index == last:  # before the update: every rank agrees on whether to apply it
-            finite = _agree_finite(finite, step, policy, device)
+            finite = agree_finite(finite, step, policy, device)
         if index == last and not finite and engine.optimizer is optimizer:
             with _skip_update(optimizer):  # DeepSpeed's fp16/bf16/ZeRO optimizers skip non-finite grads themselves
                 engine.step()
@@ -181,7 +181,7 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
         normaliser = torch.tensor(max(total_targets, 1.0) / (groups.data.size * gas), device=device)
         if pipe is not None:
             outcome = pipeline_train_step(engine, pipe, micro_batches, normaliser, pair_head)
-            finite = _agree_finite(outcome.finite, step + 1, train.nonfinite_loss, device)  # ZeRO-1 skipped it already
+            finite = agree_finite(outcome.finite, step + 1, train.nonfinite_loss, device)  # ZeRO-1 skipped it already
             loss_sum = outcome.loss_sum
         else:
             finite, loss_sum = _data_parallel_step(engine, model, optimizer, micro_batches, normaliser, step + 1,

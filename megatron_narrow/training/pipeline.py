@@ -90,8 +90,8 @@ def pipeline_train_step(engine, pipe: PipelineModel, micro_batches: list[dict[st
     summary = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite
     tally = None
     if pipe.is_last_stage:
-        finite = True
-        for target_ids, losses, valid in pipe.module.loss_fn.take():
+        records, finite = pipe.module.loss_fn.take()
+        for target_ids, losses, valid in records:
             finite &= bool(torch.isfinite(losses).all())
             summary[0] += losses.double().sum()
             if config.variant == "token_drop":
@@ -118,7 +118,7 @@ def pipeline_evaluate(engine, pipe: PipelineModel, micro_batches: list[dict[str,
     device = micro_batches[0]["input_ids"].device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     if pipe.is_last_stage:
-        for _, losses, valid in pipe.module.loss_fn.take():
+        for _, losses, valid in pipe.module.loss_fn.take()[0]:
             totals[0] += losses.double().sum()
             totals[1] += valid.sum()
     return _from_last_stage(pipe, totals)
