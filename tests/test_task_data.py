@@ -66,39 +66,45 @@ def test_conll_words_labeled_at_their_first_piece(tmp_path, tokenizer):
     assert t["input_ids"][0, starts[0]] == pieces[0][0]
 
 
-def test_bad_task_files_name_the_line(tmp_path, tokenizer):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "a", "label": "x"}\n{"sentence": "b", "label": "y"}\n')
-    with pytest.raises(TaskDataError, match=r"bad.jsonl:2: no 'text' field"):
-        read_sequence_examples(path, TaskConfig())
-    conll = tmp_path / "bad.conll"
-    conll.write_text("alice B-PER\nlonely\n")
-    with pytest.raises(TaskDataError, match=r"bad.conll:2: expected 'word ... tag'"):
-        read_token_examples(conll, TaskConfig(kind="token"))
+def _read_sequences(path, **task):
+    return read_sequence_examples(path, TaskConfig(**task))
+
+
+def _token_labels(path):
+    task = TaskConfig(kind="token")
+    return label_set(task, read_token_examples(path, task))
+
+
+# file name -> (content, what reads it, the error it must name)
+BAD_FILES = {
+    "bad.jsonl": ('{"text": "a", "label": "x"}\n{"sentence": "b", "label": "y"}\n', _read_sequences,
+                  r"bad.jsonl:2: no 'text' field"),
+    "bad.conll": ("alice B-PER\nlonely\n", lambda path: read_token_examples(path, TaskConfig(kind="token")),
+                  r"bad.conll:2: expected 'word ... tag'"),
+    "short.tsv": ("sentence\tlabel\nonly one field\n", lambda path: _read_sequences(path, text_field="sentence"),
+                  r"short.tsv:2: 1 fields where the header names 2"),
+    "empty.csv": ("text,label\nsome text,\n", _read_sequences, r"empty.csv:2: empty 'label'"),
+    "iobes.conll": ("alice S-PER\nsaid O\n", _token_labels, r"tags \['S-PER'\] are not BIO"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_task_files_are_refused_naming_file_and_line(name, tmp_path):
+    content, read, expected = BAD_FILES[name]
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TaskDataError, match=expected):
+        read(tmp_path / name)
+
+
+def test_labels_outside_the_training_set_and_tsv_quotes(tmp_path, tokenizer):
     valid = tmp_path / "valid.jsonl"
     valid.write_text('{"text": "a", "label": "z"}\n')
     with pytest.raises(TaskDataError, match=r"valid.jsonl: labels \['z'\] are not in the label set"):
         encode_sequences(read_sequence_examples(valid, TaskConfig()), tokenizer, ["x", "y"], 8, str(valid))
-
-
-def test_tsv_quotes_are_text_and_bad_labels_are_refused(tmp_path):
-    tsv = tmp_path / "glue.tsv"
+    tsv = tmp_path / "glue.tsv"  # a field may start with a quote that closes nothing: it is text
     tsv.write_text('sentence\tlabel\n"quoted start, no end\t1\nplain\t0\nthird "one"\t1\n')
     examples = read_sequence_examples(tsv, TaskConfig(text_field="sentence"))
     assert [e.text for e in examples] == ['"quoted start, no end', "plain", 'third "one"']
-    short = tmp_path / "short.tsv"
-    short.write_text("sentence\tlabel\nonly one field\n")
-    with pytest.raises(TaskDataError, match=r"short.tsv:2: 1 fields where the header names 2"):
-        read_sequence_examples(short, TaskConfig(text_field="sentence"))
-    empty = tmp_path / "empty.csv"
-    empty.write_text("text,label\nsome text,\n")
-    with pytest.raises(TaskDataError, match=r"empty.csv:2: empty 'label'"):
-        read_sequence_examples(empty, TaskConfig())
-    iobes = tmp_path / "iobes.conll"
-    iobes.write_text("alice S-PER\nsaid O\n")
-    task = TaskConfig(kind="token")
-    with pytest.raises(TaskDataError, match=r"tags \['S-PER'\] are not BIO"):
-        label_set(task, read_token_examples(iobes, task))
 
 
 def test_a_hugging_face_source_keeps_its_pooler(tmp_path, tokenizer, tiny_corpus_data):
