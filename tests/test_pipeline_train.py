@@ -208,3 +208,26 @@ def test_pipeline_with_data_parallelism_equals_one_process(tmp_path, tiny_corpus
     for step, expected in values["single"].items():
         got = values["pp2_dp2"][step]
         assert abs(got - expected) <= TOL, f"step {step}: PP=2 x DP=2 {got!r}, one process {expected!r}"
+
+
+def test_pipeline_starts_from_hugging_face_weights(tmp_path, tiny_corpus_data):
+    """train.init_from_hf under PP=2: each stage loads its items' tensors (both copies of the tied embeddings),
+    and the losses equal one process started from the same directory (and differ from a fresh start)."""
+    from megatron_narrow.config import ModelConfig
+    from megatron_narrow.convert.export import export_to_hf
+    from megatron_narrow.model import BertForPreTraining
+
+    config = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=64,
+                         init_seed=99)  # other weights than a fresh run's
+    hf_dir = export_to_hf(BertForPreTraining(config), tmp_path / "hf")
+    values = {}
+    for name, pipeline, extra in (("single", 1, {"train.init_from_hf": str(hf_dir)}),
+                                  ("pp2", 2, {"train.init_from_hf": str(hf_dir)}), ("fresh", 2, {})):
+        save_dir = tmp_path / name
+        run_distributed(_train, pipeline, argv(tiny_corpus_data, save_dir, "narrow", pipeline, 1,
+                                               **{"train.train_steps": "3", **extra}),
+                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+        values[name] = losses(save_dir)
+    for step in (1, 2, 3):
+        assert abs(values["pp2"][step] - values["single"][step]) <= TOL, (step, values)
+    assert abs(values["fresh"][1] - values["pp2"][1]) > 1e-3, "the Hugging Face weights were not loaded"

@@ -66,9 +66,6 @@ CASES = {
                                          2, "pipeline.pipe_partitioned=true splits only the first tensor"),
     "more_stages_than_layers": ({"parallel.pipeline_parallel": "8"}, {"zero_optimization": {"stage": 1}}, 8,
                                 "parallel.pipeline_parallel=8: cannot split 4 layers into 8 pipeline stages"),
-    "pipeline_init_from_hf": ({"parallel.pipeline_parallel": "2", "train.init_from_hf": "{tmp_path}"},
-                              {"zero_optimization": {"stage": 1}}, 2,
-                              "train.init_from_hf with parallel.pipeline_parallel=2 is not supported"),
 }
 
 

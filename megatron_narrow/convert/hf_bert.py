@@ -83,9 +83,14 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model: nn.Module) -> d
 
     Raises if HF holds a tensor that has no place here or a shape that does not fit. Tensors the
     model has but HF lacks (the MLM head of a BertModel checkpoint) are left out of the result."""
+    return hf_to_shards(hf_state, model.state_dict(), tensor_parallel_dims(model), _tp_size(model), _tp_rank(model))
+
+
+def hf_to_shards(hf_state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], dims: dict[str, int],
+                 tp_size: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """from_hf_state_dict for any holder of our names: `target` (name -> this rank's tensor) says which
+    tensors to make and their shapes, `dims` which are split over the TP ranks and along which dimension."""
     source = _normalise_hf(hf_state)
-    target = model.state_dict()
-    dims = tensor_parallel_dims(model)
     unknown = sorted(k for k in source if not _known(k))
     if unknown:
         raise KeyError(f"Hugging Face tensors with no counterpart here: {unknown[:5]}")
@@ -95,16 +100,37 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model: nn.Module) -> d
             continue
         full = source[key].to(mine.dtype)
         if key in VOCAB_ROWS:
-            padded_rows = mine.shape[0] * _tp_size(model)
+            padded_rows = mine.shape[0] * tp_size
             full = torch.cat([full, full.new_zeros((padded_rows - full.shape[0], *full.shape[1:]))])
         if key in dims:
-            parts = full.chunk(_tp_size(model), dim=dims[key])
-            full = parts[_tp_rank(model)]
+            full = full.chunk(tp_size, dim=dims[key])[tp_rank]
         if full.shape != mine.shape:
             raise ValueError(f"{key}: Hugging Face shape {tuple(source[key].shape)} does not fit ours "
                              f"{tuple(mine.shape)}")
         out[key] = full.clone()
     return out
+
+
+def load_hf_into_pipeline(pipe: nn.Module, hf_state: dict[str, torch.Tensor]) -> list[str]:
+    """Load HF weights into this stage of a BertPipeline (both copies of the tied word embeddings get them);
+    returns our names that HF did not provide."""
+    from megatron_narrow.model.pipeline import model_key
+
+    config, groups = pipe.config, pipe.groups
+    target, dims, owners = {}, {}, []
+    for item, module in pipe.items():
+        for name, tensor in module.state_dict().items():
+            target[model_key(config, item, name)] = tensor
+        for name, param in module.named_parameters():
+            if hasattr(param, "tensor_parallel_dim"):
+                dims[model_key(config, item, name)] = param.tensor_parallel_dim
+        owners.append((item, module))
+    converted = hf_to_shards(hf_state, target, dims, groups.tensor.size, groups.tensor.rank)
+    for item, module in owners:
+        own = {name: converted[key] for name in module.state_dict()
+               if (key := model_key(config, item, name)) in converted}
+        module.load_state_dict(own, strict=False)
+    return sorted(k for k in target if k not in converted and k not in NO_HF_COUNTERPART)
 
 
 def load_hf_state_dict(model: nn.Module, hf_state: dict[str, torch.Tensor]) -> list[str]:

@@ -125,6 +125,8 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
         data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
         pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
+        if train.init_from_hf and not resuming:
+            _load_hf(model, train.init_from_hf)
         mpu = None  # the pipeline module hands DeepSpeed its grid
     else:
         groups = ProcessGroups.from_world(run.parallel)
@@ -240,12 +242,13 @@ def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: tor
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _load_hf(model: BertForPreTraining, hf_dir: str) -> None:
+def _load_hf(model, hf_dir: str) -> None:
+    """train.init_from_hf: the directory's safetensors into a BertForPreTraining or a pipeline stage."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+    from megatron_narrow.convert.hf_bert import load_hf_into_pipeline, load_hf_state_dict
 
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
@@ -253,4 +256,7 @@ def _load_hf(model: BertForPreTraining, hf_dir: str) -> None:
     state = {}
     for file in files:
         state.update(load_file(str(file)))
-    load_hf_state_dict(model, state)
+    if isinstance(model, BertForPreTraining):
+        load_hf_state_dict(model, state)
+    else:
+        load_hf_into_pipeline(model, state)

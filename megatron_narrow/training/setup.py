@@ -54,10 +54,6 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
 def _validate_pipeline(run: RunConfig, stages: int, partition: str) -> None:
     from megatron_narrow.model.pipeline import stage_boundaries
 
-    if run.train.init_from_hf:
-        raise ValueError(f"train.init_from_hf with parallel.pipeline_parallel={stages} is not supported: start the "
-                         "run without pipeline stages (tensor_parallel and data parallelism load Hugging Face "
-                         "weights), or from a megatron_narrow checkpoint")
     try:
         stage_boundaries(run.model, stages, partition, seq_len=run.data.seq_len,
                          num_queries=run.data.max_predictions + int(run.data.pair_task != "none"))
