@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import add_shape_arguments, core_count, make_batch  # noqa: E402  (this directory, first on sys.path)
 
 from megatron_narrow.config import ModelConfig  # noqa: E402
-from megatron_narrow.model.costs import head_flops, layer_costs  # noqa: E402
+from megatron_narrow.model.costs import pipeline_layer_costs  # noqa: E402
+from megatron_narrow.model.partition import imbalance as partition_imbalance  # noqa: E402
 from megatron_narrow.model.pipeline import (  # noqa: E402
     EmbeddingPipe,
     EncoderLayerPipe,
@@ -140,10 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = {mode: stage_boundaries(config, 2, mode, seq_len=args.seq, num_queries=args.max_predictions)
              for mode in MODES}
     stages = {mode: make_stages(items, modules, parts[mode], batch, loss) for mode in MODES}
-    costs = [float(c) for c in layer_costs(config, args.seq, args.max_predictions)]
-    costs[-1] += head_flops(config, args.max_predictions)
-    flop_share = {mode: [sum(costs[max(parts[mode][s] - 1, 0):min(parts[mode][s + 1] - 1, args.layers)])
-                         for s in range(2)] for mode in MODES}
+    costs = pipeline_layer_costs(config, args.seq, args.max_predictions)
+    # item cuts -> layer cuts (item i + 1 is layer i; the head's cost is counted with the last layer)
+    flop_imbalance = {mode: partition_imbalance(costs, [0, parts[mode][1] - 1, args.layers]) for mode in MODES}
 
     print(f"threads {threads}, narrow, micro-batch {args.batch} x seq {args.seq}, {args.layers} layers "
           f"({args.full_length_layers} full-length), hidden {args.hidden}, vocab {args.vocab}", flush=True)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "narrow_stage_imbalance_uniform": imbalance["uniform"],
         "bottleneck_speedup_cost_vs_uniform": max(stage_s["uniform"]) / max(stage_s["cost"]),
         "stage_fwd_bwd_s": stage_s,
-        "flop_imbalance": {mode: max(f) / min(f) for mode, f in flop_share.items()},
+        "flop_imbalance": flop_imbalance,
         "parts": parts,
         "samples": {f"{m}/{s}": v for (m, s), v in samples.items()},
         "config": {"batch": args.batch, "seq": args.seq, "layers": args.layers, "hidden": args.hidden,

@@ -39,3 +39,12 @@ def layer_costs(config: ModelConfig, seq_len: int, num_queries: int) -> list[int
 def head_flops(config: ModelConfig, num_targets: int) -> int:
     """Forward FLOPs per sequence of the sparse MLM head (transform + tied decoder on the target rows)."""
     return 2 * num_targets * config.hidden_size * (config.hidden_size + config.vocab_size)
+
+
+def pipeline_layer_costs(config: ModelConfig, seq_len: int, num_queries: int) -> list[float]:
+    """What pipeline partitioning weighs: each layer's forward FLOPs, the MLM head's added to the last layer's
+    (the head always shares the last stage)."""
+    costs = [float(c) for c in layer_costs(config, seq_len, num_queries)]
+    costs[-1] += head_flops(config, num_queries)
+    return costs
+

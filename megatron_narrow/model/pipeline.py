@@ -33,7 +33,7 @@ from megatron_narrow.model.bert import (
     pretraining_loss,
     with_cls_query,
 )
-from megatron_narrow.model.costs import head_flops, layer_costs
+from megatron_narrow.model.costs import pipeline_layer_costs
 from megatron_narrow.model.embeddings import BertEmbeddings
 from megatron_narrow.model.encoder import EncoderState, run_layers, state_fields, transition_layer
 from megatron_narrow.model.heads import BertLMPredictionHead, BertPooler
@@ -177,9 +177,7 @@ def stage_boundaries(config: ModelConfig, num_stages: int, method: str, *, seq_l
     if method == "uniform":
         layer_parts = uniform_partition(num_layers, num_stages)
     elif method == "cost":
-        costs = [float(c) for c in layer_costs(config, seq_len, num_queries)]
-        costs[-1] += head_flops(config, num_queries)
-        layer_parts = balanced_partition(costs, num_stages)
+        layer_parts = balanced_partition(pipeline_layer_costs(config, seq_len, num_queries), num_stages)
     else:
         raise ValueError(f"pipeline partition must be uniform or cost, got {method!r}")
     return [0, *(1 + cut for cut in layer_parts[1:-1]), num_layers + 3]

@@ -119,9 +119,8 @@ def encode_examples(examples: list, task: TaskConfig, tokenizer: Tokenizer, labe
     return encoded.tensors, encoded.labeled_words
 
 
-def encode(run: FinetuneConfig, pretrained: Pretrained, path: str, labels: list[str]):
-    """(examples, tensors, labeled words per example or None) of one task file."""
-    examples = read_examples(path, run.task)
+def encode(run: FinetuneConfig, pretrained: Pretrained, examples: list, path: str, labels: list[str]):
+    """(examples, tensors, labeled words per example or None) of one task file's examples."""
     tensors, labeled_words = encode_examples(examples, run.task, pretrained.tokenizer, labels, path)
     if labeled_words is not None:
         unlabeled = sum(len(e.words) - n for e, n in zip(examples, labeled_words, strict=True))
@@ -150,8 +149,10 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     pretrained = load_pretrained(run.model.init_from)
     train_examples = read_examples(run.task.train_file, run.task)
     labels = label_set(run.task, train_examples)
-    _, train_tensors, _ = encode(run, pretrained, run.task.train_file, labels)
-    valid = encode(run, pretrained, run.task.valid_file, labels) if run.task.valid_file else None
+    _, train_tensors, _ = encode(run, pretrained, train_examples, run.task.train_file, labels)
+    valid = None
+    if run.task.valid_file:
+        valid = encode(run, pretrained, read_examples(run.task.valid_file, run.task), run.task.valid_file, labels)
 
     init_distributed()
     groups = ProcessGroups.from_world(ParallelConfig())
