@@ -7,6 +7,7 @@ and its value, before any compute or process-group work happens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -304,7 +305,12 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end and on SIGTERM)."""
 
     keep_last: int = 2
-    """Checkpoints to keep; older ones are deleted."""
+    """Checkpoints to keep; older ones are deleted (never one newer than the checkpoint being saved)."""
+
+    restart: bool = False
+    """Start fresh even though train.save_dir holds checkpoints: they are moved aside to
+    checkpoints.before_restart_N, never deleted. Pass it once on the command line, not in a YAML that a
+    requeued job reuses. Without it, a save_dir whose checkpoints are all unusable is refused."""
 
     log_interval: int = 1
     """Log every N steps (console, metrics.jsonl, tensorboard)."""
@@ -409,8 +415,16 @@ def read_yaml_with_overrides(path: str | None, overrides: list[str]) -> dict:
 
     raw: dict = {}
     if path:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"config {path} does not exist (--config takes a YAML file; see examples/configs/)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML ({' '.join(str(error).split())}); fix the file") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a run config is a mapping of sections (model, data, parallel, train), "
+                             f"got a {type(raw).__name__}")
     for override in overrides:
         key, sep, value = override.partition("=")
         section, dot, name = key.partition(".")
@@ -419,5 +433,8 @@ def read_yaml_with_overrides(path: str | None, overrides: list[str]) -> dict:
         raw.setdefault(section, {})
         if raw[section] is None:
             raw[section] = {}
-        raw[section][name] = yaml.safe_load(value)
+        try:
+            raw[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"override {override!r}: {value!r} is not a YAML value; quote it") from None
     return raw

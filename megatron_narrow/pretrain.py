@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None, *, description: str = __doc__,
     parser.add_argument("--config", default=None, help=f"YAML run config (sections {sections})")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", required=True,
                         help="DeepSpeed JSON (ZeRO stage, offload, precision sections); see ds_configs/")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a refused run (also MEGATRON_NARROW_DEBUG=1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_args(argv)
@@ -43,11 +45,13 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from megatron_narrow.cli import EXIT_USAGE_ERROR, debug_requested, report_error
+
     try:
         job(args)
-    except (ValueError, FileNotFoundError) as error:  # DataError and TaskDataError are ValueErrors
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # DataError, CheckpointError and TaskDataError are ValueErrors
+        report_error(error, debug=args.debug or debug_requested([]))
+        return EXIT_USAGE_ERROR
     except FloatingPointError as error:  # train.nonfinite_loss=stop: a run that failed, not a refused one
         print(f"error: {error}", file=sys.stderr)
         return 1

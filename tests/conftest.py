@@ -67,3 +67,23 @@ def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "
     }
     settings.update(extra)
     return [f"{key}={value}" for key, value in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory, tiny_corpus_data):
+    """Uninterrupted 10-step runs (checkpoints every 3 steps, the last two kept), one per variant, made once
+    and shared: the tests copy a run's save_dir and compare against its losses."""
+    from .training_runs import command, run
+
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            save_dir = tmp_path_factory.mktemp(f"reference_{variant}")
+            run(command(tiny_corpus_data, save_dir, variant))
+            made[variant] = save_dir
+        return made[variant]
+
+    return get
+
+

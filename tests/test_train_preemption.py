@@ -3,37 +3,60 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import REPO
-from .test_train_resume import command, environment, latest, losses
+from .training_runs import STEPS, command, environment, latest, losses
 
 
-def test_sigterm_checkpoints_then_the_rerun_finishes_the_schedule(tmp_path, tiny_corpus_data):
-    save_dir = tmp_path / "run"
-    process = subprocess.Popen(command(tiny_corpus_data, save_dir, "narrow"), env=environment(),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def stop_mid_run(command_line: list[str], save_dir, signum: int, *, group: bool) -> tuple[int, str, int]:
+    """Start a run, send `signum` once two steps are logged (to the whole process group, as a terminal's Ctrl-C
+    or SLURM's --signal does, or to the main process only); returns (exit code, stdout, last logged step)."""
+    process = subprocess.Popen(command_line, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 2:
             break
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=300)
-    assert process.returncode == 0
-    stopped_at = max(losses(save_dir))
-    assert stopped_at < 10, "the run must stop early on SIGTERM"
-    assert f"SIGTERM: checkpoint saved at step {stopped_at}" in stdout
+    assert process.poll() is None, "the run ended before the signal"
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return process.returncode, stdout, max(losses(save_dir))
+
+
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True),
+                                               (signal.SIGTERM, True)], ids=["sigterm", "ctrl_c_group",
+                                                                             "sigterm_group_with_workers"])
+def test_signal_checkpoints_then_the_rerun_equals_an_uninterrupted_run(tmp_path, tiny_corpus_data, reference_runs,
+                                                                       signum, group):
+    """SIGTERM and Ctrl-C save a checkpoint at the step boundary and exit 0, also when the signal reaches the
+    DataLoader workers (train.num_workers=1: they leave it to the main process); the rerun finishes the
+    schedule with the losses of an uninterrupted run, bit for bit."""
+    save_dir = tmp_path / "run"
+    workers = {"train.num_workers": "1"} if group else {}
+    code, stdout, stopped_at = stop_mid_run(command(tiny_corpus_data, save_dir, "narrow", **workers), save_dir,
+                                            signum, group=group)
+    assert code == 0
+    assert stopped_at < STEPS, "the run must stop early"
+    assert f"{signal.Signals(signum).name}: checkpoint saved at step {stopped_at}" in stdout
     assert latest(save_dir) == f"step_{stopped_at:07d}"
 
-    result = subprocess.run(command(tiny_corpus_data, save_dir, "narrow"), env=environment(), capture_output=True,
-                            text=True)
+    result = subprocess.run(command(tiny_corpus_data, save_dir, "narrow", **workers), env=environment(),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from step {stopped_at}" in result.stdout
-    assert sorted(losses(save_dir)) == list(range(1, 11))
+    assert losses(save_dir) == losses(reference_runs("narrow"))
 
 
 def test_init_from_hugging_face_starts_from_its_weights(tmp_path, tiny_corpus_data):

@@ -1,5 +1,6 @@
-"""Exact resume: SIGKILL a real training process after a checkpoint, resume, and get the same losses bit for
-bit; a checkpoint cut off mid-write never becomes the one that loads."""
+"""Nothing lost on resume: SIGKILL after a checkpoint gives the same losses bit for bit; a damaged or missing
+newest checkpoint falls back to the previous complete one; a run never starts fresh over checkpoints;
+the schedule is a pure function of the step and the current config."""
 
 from __future__ import annotations
 
@@ -7,50 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, tiny_train_overrides
-from .distributed import free_port
-
-STEPS, KILL_AFTER, SAVE_EVERY = 10, 6, 3
-
-
-def command(data, save_dir: Path, variant: str) -> list[str]:
-    overrides = tiny_train_overrides(data, save_dir, variant, steps=STEPS, **{"train.save_interval": str(SAVE_EVERY)})
-    return [sys.executable, str(REPO / "megatron_narrow/pretrain.py"),
-            "--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
-            "--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *overrides]
-
-
-def environment() -> dict[str, str]:
-    """One process of its own: a free rendezvous port, so concurrent runs never meet on the default 29500."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(name, None)
-    return env
-
-
-def losses(save_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def latest(save_dir: Path) -> str | None:
-    marker = save_dir / "checkpoints" / "latest"
-    return marker.read_text().strip() if marker.is_file() else None
+from .training_runs import KILL_AFTER, STEPS, command, copy_run_dir, environment, latest, losses, records, run
 
 
 @pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
-def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, variant):
-    reference = tmp_path / "reference"
-    subprocess.run(command(tiny_corpus_data, reference, variant), check=True, env=environment(),
-                   capture_output=True)
-    expected = losses(reference)
+def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, reference_runs, variant):
+    expected = losses(reference_runs(variant))
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert expected[STEPS] < expected[1], "the tiny run must learn"
 
@@ -66,9 +34,7 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
     killed_at = max(losses(killed))
     assert KILL_AFTER <= killed_at < STEPS, (killed_at, latest(killed))
 
-    result = subprocess.run(command(tiny_corpus_data, killed, variant), env=environment(), capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run(command(tiny_corpus_data, killed, variant))
     assert f"resumed from step {KILL_AFTER}" in result.stdout
     resumed = losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
@@ -76,39 +42,97 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
         assert resumed[step] == expected[step], f"step {step}: {resumed[step]!r} != {expected[step]!r}"
 
 
-def test_checkpoint_cut_off_mid_write_is_never_loaded(tmp_path, tiny_corpus_data):
-    """A save killed before it completes leaves `latest` on the previous checkpoint (it is replaced only after
-    every rank has written): a half-written newer directory is ignored and the previous one resumes."""
-    save_dir = tmp_path / "run"
-    subprocess.run(command(tiny_corpus_data, save_dir, "narrow"), check=True, env=environment(), capture_output=True)
-    root = save_dir / "checkpoints"
-    assert latest(save_dir) == f"step_{STEPS:07d}"
-    (root / "latest").write_text(f"step_{STEPS - 1 - (STEPS - 1) % SAVE_EVERY:07d}\n")  # as before the last save
-    final = root / f"step_{STEPS:07d}"
-    for file in final.glob("*.pt"):
-        file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])  # the kill cut the write short
-    expected = losses(save_dir)
-    result = subprocess.run(command(tiny_corpus_data, save_dir, "narrow"), env=environment(), capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resumed from step {STEPS - 1 - (STEPS - 1) % SAVE_EVERY}" in result.stdout
-    assert losses(save_dir) == expected
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tmp_path, tiny_corpus_data,
+                                                                            reference_runs):
+    """The newest checkpoint (step 10, named by `latest`) has a file cut short, as a full disk or a partial
+    copy leaves it: the run says so in one line, resumes from step 9 and trains step 10 to the same loss."""
+    reference = reference_runs("narrow")
+    save_dir = copy_run_dir(reference, tmp_path / "run")
+    newest = save_dir / "checkpoints" / f"step_{STEPS:07d}"
+    assert latest(save_dir) == newest.name
+    victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    result = run(command(tiny_corpus_data, save_dir, "narrow"))
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and newest.name in warnings[0] and victim.name in warnings[0], result.stdout
+    assert "resuming from step_0000009" in warnings[0]
+    assert "resumed from step 9" in result.stdout
+    assert losses(save_dir) == losses(reference), "the redone step must equal the uninterrupted run bit for bit"
+    assert "Traceback" not in result.stderr
+
+    # `latest` naming a tag that is not there (a partial rsync): the newest complete tag resumes, nothing is
+    # pruned, and no step is trained twice
+    (save_dir / "checkpoints" / "latest").write_text("step_0000099\n")
+    result = run(command(tiny_corpus_data, save_dir, "narrow", **{"train.train_steps": "2", "train.save_interval": "1",
+                                                                   "train.keep_last": "1"}))
+    assert "step_0000099: named by latest, but it does not exist" in result.stdout
+    assert f"resumed from step {STEPS}" in result.stdout
+    tags = sorted(p.name for p in (save_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_0000009", f"step_{STEPS:07d}"], tags
+    assert losses(save_dir) == losses(reference)
 
 
-def test_pruning_keeps_the_published_checkpoint_and_drops_leftovers_of_a_killed_save(tmp_path):
+def test_extending_a_run_and_changing_lr_follow_the_new_schedule(tmp_path, tiny_corpus_data, reference_runs):
+    """Resume a finished 10-step run with train_steps=12 and a new lr: step 11 trains at the new schedule's
+    rate for step 11 (never 0, never the old schedule's), and the change is reported in one line."""
+    save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
+    new_lr, warmup, steps = 1.0e-3, 2, 12  # tiny_train_overrides: warmup 2; linear decay to min_lr 0
+    result = run(command(tiny_corpus_data, save_dir, "narrow", **{"train.train_steps": str(steps),
+                                                                   "train.lr": str(new_lr)}))
+    changed = [line for line in result.stdout.splitlines() if line.startswith("config changed")]
+    assert len(changed) == 1, result.stdout
+    assert "train.lr 0.002 -> 0.001" in changed[0] and "train.train_steps 10 -> 12" in changed[0], changed
+    lrs = {r["step"]: r["lr"] for r in records(save_dir) if "lr" in r}
+    for step in (11, 12):  # the update of step s is the (s-1)-th after warmup's 2: lr x (1 - (s-1-2)/(12-2))
+        assert lrs[step] == pytest.approx(new_lr * (1 - (step - 1 - warmup) / (steps - warmup)), rel=1e-12), lrs
+    assert lrs[1] == pytest.approx(2.0e-3 / warmup, rel=1e-12), "warmup starts at lr/warmup_steps"
+
+
+def test_resume_refuses_a_changed_model_shape_and_unusable_checkpoints(tmp_path, reference_runs, tiny_corpus_data):
+    """Checked before any process-group work: one line naming both values, or naming every skipped tag."""
+    from megatron_narrow.config import load_run_config
+    from megatron_narrow.training import checkpoint
+    from megatron_narrow.training.setup import check_resumable
+
+    save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
+    argv = command(tiny_corpus_data, save_dir, "narrow")
+    config_path, overrides = argv[3], argv[6:]
+    run_config = load_run_config(config_path, [*overrides, "model.hidden_size=128", "model.num_heads=4"])
+    refusal = r"step_0000010 with a changed model.hidden_size 64 -> 128; .*\(checkpoint -> config\)"
+    with pytest.raises(ValueError, match=refusal):
+        check_resumable(run_config)
+    check_resumable(load_run_config(config_path, [*overrides, "train.lr=1e-3"]))  # a schedule change is fine
+
+    for tag in checkpoint.all_tags(save_dir):
+        (checkpoint.checkpoint_root(save_dir) / tag / checkpoint.COMPLETE_NAME).unlink()
+    with pytest.raises(ValueError, match=r"holds 2 checkpoint\(s\) but none is usable .*train.restart=true"):
+        check_resumable(load_run_config(config_path, overrides))
+    restart = load_run_config(config_path, [*overrides, "train.restart=true"])
+    check_resumable(restart)
+    moved = checkpoint.move_aside(save_dir)
+    assert sorted(p.name for p in moved.iterdir()) == ["latest", "metrics.jsonl", "step_0000009", "step_0000010"]
+    assert not checkpoint.checkpoint_root(save_dir).exists()
+
+
+def test_pruning_never_deletes_a_tag_newer_than_the_one_saved(tmp_path):
     from megatron_narrow.training import checkpoint
 
-    class Engine:  # stands in for DeepSpeed: writes a tag directory
+    class Engine:  # stands in for DeepSpeed: writes a tag directory with one file
         def save_checkpoint(self, root, tag, client_state, save_latest):
             (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
 
     root = checkpoint.checkpoint_root(tmp_path)
-    (root / "step_0000200").mkdir(parents=True)  # a save of step 200 was killed half-way
+    (root / "step_0000050").mkdir(parents=True)  # an older save that was killed half-way
+    (root / "step_0000200").mkdir(parents=True)  # a newer save that was killed half-way
     for step in (100, 150):
         checkpoint.save(Engine(), tmp_path, step, {}, run_config={}, tokenizer_model=None, keep_last=1,
                         is_rank0=True)
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_0000150"]
+    assert checkpoint.all_tags(tmp_path) == ["step_0000150", "step_0000200"]
     assert checkpoint.latest_tag(tmp_path) == "step_0000150"
+    checkpoint.save(Engine(), tmp_path, 300, {}, run_config={}, tokenizer_model=None, keep_last=2, is_rank0=True)
+    assert checkpoint.all_tags(tmp_path) == ["step_0000150", "step_0000300"], "keep_last=2 complete tags"
 
 
 def test_resume_drops_a_metrics_line_torn_by_the_kill(tmp_path):

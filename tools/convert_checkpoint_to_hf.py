@@ -24,21 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="save_dir (uses checkpoints/latest) or a step_ directory")
     parser.add_argument("--output", required=True, help="Hugging Face output directory")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    from megatron_narrow.convert.checkpoint import CheckpointError, convert_checkpoint
+    from megatron_narrow.cli import run_cli
+    from megatron_narrow.convert.checkpoint import convert_checkpoint
 
-    try:
-        out = convert_checkpoint(args.checkpoint, args.output)
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    def convert() -> None:
+        print(f"wrote {convert_checkpoint(args.checkpoint, args.output)}")
+
+    return run_cli(convert, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ import torch
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, VOCAB_ROWS, merge_tensor_parallel, tensor_parallel_dims
 from megatron_narrow.model import BertForPreTraining
-from megatron_narrow.training.checkpoint import CONFIG_NAME, checkpoint_root, latest_tag
+from megatron_narrow.training.checkpoint import (
+    COMPLETE_NAME,
+    CONFIG_NAME,
+    checkpoint_root,
+    incomplete_reason,
+    latest_tag,
+)
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # resolves in transformers 4.x and 5.x alike
 _MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
@@ -79,6 +85,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     folder) whose `latest` marker names one."""
     path = Path(path)
     if (path / CONFIG_NAME).is_file():
+        if (path / COMPLETE_NAME).is_file() and (why := incomplete_reason(path)) is not None:
+            raise CheckpointError(f"{path} is damaged: {why}; convert an older step_ directory beside it")
         return path
     for save_dir in (path, path.parent) if path.name == "checkpoints" else (path,):
         tag = latest_tag(save_dir)
@@ -151,7 +159,15 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
         for pattern in (f"*mp_rank_{mp_rank:02d}_model_states.pt", f"*mp_rank_{mp_rank:02d}_optim_states.pt"):
             for file in step_dir.glob(pattern):
                 os.symlink(file.resolve(), view / file.name)
-        state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=step_dir.name)
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=step_dir.name)
+        except (ValueError, KeyError, RuntimeError, FileNotFoundError, AssertionError) as error:
+            found = sorted(p.name for p in view.glob("*optim_states.pt"))
+            raise CheckpointError(f"{step_dir}: the ZeRO-{info.zero_stage} optimizer shards of model-parallel rank "
+                                  f"{mp_rank} are incomplete or damaged (found {found}; DeepSpeed: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                                  "copy the missing *_optim_states.pt files or convert an older checkpoint"
+                                  ) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

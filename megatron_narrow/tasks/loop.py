@@ -137,7 +137,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     from megatron_narrow.convert.export import export_classifier_to_hf
     from megatron_narrow.training.loop import agree_finite
     from megatron_narrow.training.metrics import MetricsLogger
-    from megatron_narrow.training.optim import build_optimizer, build_scheduler
+    from megatron_narrow.training.optim import build_optimizer, set_learning_rate
     from megatron_narrow.training.setup import DeepSpeedMPU, deepspeed_config, init_distributed, world_size_from_env
 
     run.validate()
@@ -161,9 +161,8 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
     model = build_task_model(run, pretrained, len(labels), groups, tracker).to(device)
     optimizer = build_optimizer(model, run.train)
-    scheduler = build_scheduler(optimizer, run.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=DeepSpeedMPU(groups))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           mpu=DeepSpeedMPU(groups))
     kind, train = run.task.kind, run.train
     dataset = TensorDataset(*(train_tensors[k] for k in TENSOR_ORDER[kind]))
     sampler = DistributedSampler(dataset, num_replicas=groups.data.size, rank=groups.data.rank, shuffle=True,
@@ -202,7 +201,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     engine.train()
     for step in range(1, train.train_steps + 1):
         started = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
+        lr = set_learning_rate(optimizer, step - 1, train)
         total = 0.0
         finite = True
         for index in range(gas):

@@ -1,9 +1,15 @@
-"""Checkpoints through DeepSpeed, plus what DeepSpeed does not know: data position, RNG states, our config.
+"""Checkpoints through DeepSpeed, plus what DeepSpeed does not know: data position, RNG states, our config,
+and whether a checkpoint is whole.
 
-Layout: SAVE_DIR/checkpoints/step_NNNNNNN/ (DeepSpeed's files, run_config.json, tokenizer copy) and
-SAVE_DIR/checkpoints/latest, a one-line file naming the newest complete checkpoint. `latest` is
-replaced atomically only after every rank has finished writing, so a kill in the middle of a save
-leaves the previous checkpoint the one that loads.
+Layout: SAVE_DIR/checkpoints/step_NNNNNNN/ (DeepSpeed's files, run_config.json, tokenizer copy, and
+complete.json written last) and SAVE_DIR/checkpoints/latest, a one-line file naming the newest save.
+
+Nothing lost: a tag is used only when its completion marker lists every file with its size and the
+files match (a kill mid-save, a partial rsync, a truncated copy all fail that check). When `latest`
+names a tag that is missing or incomplete, or a tag fails to load, the run falls back to the newest
+complete tag and says in one line what it skipped and why. A save directory whose tags are all unusable
+is refused rather than overwritten (unless train.restart=true, which moves them aside). Pruning never
+deletes a tag newer than the one being saved, so a run resumed from an older tag cannot destroy a newer one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +29,8 @@ from megatron_narrow.parallel import RNGStatesTracker
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
+COMPLETE_NAME = "complete.json"
+TAG_PREFIX = "step_"
 
 
 def checkpoint_root(save_dir: str | Path) -> Path:
@@ -29,15 +38,116 @@ def checkpoint_root(save_dir: str | Path) -> Path:
 
 
 def tag_of(step: int) -> str:
-    return f"step_{step:07d}"
+    return f"{TAG_PREFIX}{step:07d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[len(TAG_PREFIX):])
+
+
+def all_tags(save_dir: str | Path) -> list[str]:
+    """Every step_ directory under SAVE_DIR/checkpoints, oldest first (complete or not)."""
+    root = checkpoint_root(save_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name[len(TAG_PREFIX):].isdigit())
+
+
+def write_completion_marker(path: Path) -> None:
+    """List every file of the tag with its size, then publish the list atomically: written last, it says
+    the tag is whole, and the sizes let a later run detect a file truncated by a copy or a full disk."""
+    files = {str(p.relative_to(path)): p.stat().st_size
+             for p in sorted(path.rglob("*")) if p.is_file() and p.name != COMPLETE_NAME}
+    tmp = path / f"{COMPLETE_NAME}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / COMPLETE_NAME)
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why the tag at `path` cannot be trusted, or None when its marker and files agree."""
+    if not path.is_dir():
+        return "it does not exist"
+    marker = path / COMPLETE_NAME
+    if not marker.is_file():
+        return f"it has no {COMPLETE_NAME} (the save did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"its {COMPLETE_NAME} is unreadable"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def latest_tag(save_dir: str | Path) -> str | None:
-    marker = checkpoint_root(save_dir) / LATEST
-    if not marker.is_file():
+    """The tag a run resumes from: `latest` if it names a complete tag, else the newest complete tag."""
+    plan = plan_resume(save_dir)
+    return plan.candidates[0] if plan.candidates else None
+
+
+@dataclass
+class ResumePlan:
+    """Which tags to try, in order, and the tags passed over with the reason."""
+
+    candidates: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+    def skipped_line(self) -> str:
+        return "; ".join(f"{tag}: {why}" for tag, why in self.skipped)
+
+
+def plan_resume(save_dir: str | Path) -> ResumePlan:
+    """`latest`'s tag first when complete, then every other complete tag, newest first."""
+    root = checkpoint_root(save_dir)
+    tags = all_tags(save_dir)
+    plan = ResumePlan(tags=tags)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    if named is not None:
+        why = incomplete_reason(root / named) if named else "it is empty"
+        if why is None:
+            plan.candidates.append(named)
+        else:
+            plan.skipped.append((named or LATEST, f"named by {LATEST}, but {why}"))
+    for tag in reversed(tags):
+        if tag == named:
+            continue
+        why = incomplete_reason(root / tag)
+        if why is None:
+            plan.candidates.append(tag)
+        else:
+            plan.skipped.append((tag, why))
+    return plan
+
+
+def refuse_unusable(save_dir: str | Path, plan: ResumePlan) -> None:
+    """Tags present but none usable: refuse rather than start fresh over the user's checkpoints."""
+    raise ValueError(f"{checkpoint_root(save_dir)} holds {len(plan.tags)} checkpoint(s) but none is usable "
+                     f"({plan.skipped_line()}); to start fresh set train.restart=true (the old checkpoints "
+                     "are moved aside, not deleted) or choose another train.save_dir")
+
+
+def move_aside(save_dir: str | Path) -> Path | None:
+    """train.restart=true: keep the old checkpoints under a new name instead of deleting or mixing them."""
+    root = checkpoint_root(save_dir)
+    if not root.exists():
         return None
-    tag = marker.read_text().strip()
-    return tag if (checkpoint_root(save_dir) / tag).is_dir() else None
+    index = 1
+    while (target := root.with_name(f"checkpoints.before_restart_{index}")).exists():
+        index += 1
+    root.rename(target)
+    metrics = Path(save_dir) / "metrics.jsonl"
+    if metrics.is_file():  # the fresh run rewrites it from step 1: keep the old curve with its checkpoints
+        metrics.rename(target / metrics.name)
+    return target
 
 
 def rng_state(tracker: RNGStatesTracker) -> dict:
@@ -59,13 +169,27 @@ def restore_rng_state(state: dict, tracker: RNGStatesTracker) -> None:
     tracker.load_state_dict(state["tracker"])
 
 
+def tags_to_prune(tags: list[str], current: str, keep_last: int, root: Path) -> list[str]:
+    """Older tags beyond the newest `keep_last` complete ones (the current tag counts), and older leftovers
+    of killed saves. Tags newer than the current one are never touched: they may be the user's real
+    checkpoints (a run resumed from an older tag), or be overwritten when the run reaches them."""
+    older = [t for t in tags if t < current]
+    complete_older = [t for t in older if incomplete_reason(root / t) is None]
+    keep = set(complete_older[len(complete_older) - (keep_last - 1):]) if keep_last > 1 else set()
+    return [t for t in older if t not in keep]
+
+
 def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_config: dict,
          tokenizer_model: str | None, keep_last: int, is_rank0: bool) -> Path:
-    """Save a checkpoint on every rank, then (rank 0) publish it as latest and prune old ones."""
+    """Save a checkpoint on every rank, then (rank 0) mark it complete, publish it as latest and prune."""
     root = checkpoint_root(save_dir)
     tag = tag_of(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     path = root / tag
+    if is_rank0 and (path / COMPLETE_NAME).exists():
+        (path / COMPLETE_NAME).unlink()  # rewriting a tag (a resumed run reaching it again): not whole until done
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     if is_rank0:
         (path / CONFIG_NAME).write_text(json.dumps(run_config, indent=1))
         if tokenizer_model:
@@ -73,26 +197,51 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
     if dist.is_initialized():
         dist.barrier()
     if is_rank0:
-        tmp = root / (LATEST + ".tmp")
+        write_completion_marker(path)
+        tmp = root / f"{LATEST}.{os.getpid()}.tmp"
         tmp.write_text(tag + "\n")
         os.replace(tmp, root / LATEST)
-        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        newer = [t for t in tags if t > tag]  # left half-written by a save that was killed
-        older = [t for t in tags if t <= tag]
-        for old in newer + older[:-keep_last]:
+        for old in tags_to_prune(all_tags(save_dir), tag, keep_last, root):
             shutil.rmtree(root / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return path
 
 
-def load(engine, save_dir: str | Path) -> dict | None:
-    """Load the latest checkpoint into the engine; returns its client state, or None when there is none."""
-    tag = latest_tag(save_dir)
-    if tag is None:
+def _agree(ok: bool) -> bool:
+    """Whether every rank succeeded (a tag is used only if all ranks loaded it)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(float(ok))
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() >= 1
+
+
+def load(engine, save_dir: str | Path, *, report) -> tuple[str, dict] | None:
+    """Load the newest usable checkpoint into the engine; returns (tag, client state), or None when the
+    save directory holds no checkpoint. `report(line)` prints a warning once (rank 0)."""
+    plan = plan_resume(save_dir)
+    if not plan.tags:
+        if plan.skipped:
+            report(f"warning: {plan.skipped_line()}; no checkpoint to resume from, starting fresh")
         return None
-    _, client_state = engine.load_checkpoint(str(checkpoint_root(save_dir)), tag=tag,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
-    if client_state is None:
-        raise RuntimeError(f"checkpoint {tag} in {save_dir} could not be loaded")
-    return client_state
+    if plan.skipped:
+        target = plan.candidates[0] if plan.candidates else "none"
+        report(f"warning: skipped checkpoint(s) {plan.skipped_line()}; resuming from {target}")
+    failures = []
+    for tag in plan.candidates:
+        try:
+            _, client_state = engine.load_checkpoint(str(checkpoint_root(save_dir)), tag=tag,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+            error = None if client_state is not None else "DeepSpeed found no checkpoint files"
+        except Exception as exc:  # a corrupt file fails in torch.load or DeepSpeed; any rank may see it
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if _agree(error is None):
+            return tag, client_state
+        failures.append((tag, error or "another rank failed to load it"))
+        report(f"warning: checkpoint {tag} failed to load ({failures[-1][1]}); trying an older one")
+    plan.skipped += failures
+    refuse_unusable(save_dir, plan)
+    return None

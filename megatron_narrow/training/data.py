@@ -68,7 +68,17 @@ def make_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_ran
                                             micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
                                             data_parallel_size=dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=leave_signals_to_main)
+
+
+def leave_signals_to_main(worker_id: int) -> None:
+    """SLURM's --signal and `kill` of a process group reach the DataLoader workers too. A worker that died
+    of SIGTERM would make the main process raise instead of checkpointing, so workers ignore SIGTERM and
+    SIGINT; the main process saves, then shuts them down (or they notice it is gone)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,9 @@ on all data-parallel ranks), so data parallelism and gradient accumulation repro
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +23,7 @@ from megatron_narrow.training import checkpoint
 from megatron_narrow.training.data import build_datasets, make_loader
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.metrics import MetricsLogger
-from megatron_narrow.training.optim import build_optimizer, build_scheduler
+from megatron_narrow.training.optim import build_optimizer, set_learning_rate
 from megatron_narrow.training.pipeline import (
     PipelineModel,
     build_pipeline,
@@ -33,16 +35,29 @@ from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, valid
 
 @dataclass
 class StopSignal:
-    """Set by SIGTERM (cluster preemption); the loop checkpoints and exits at the next step boundary."""
+    """SIGTERM (cluster preemption) or Ctrl-C: the loop checkpoints and exits at the next step boundary.
+    A second Ctrl-C stops at once, without a checkpoint, for a user who cannot wait for the save."""
 
-    received: bool = False
+    received: str | None = None
     previous: dict = field(default_factory=dict)
 
     def install(self) -> None:
-        self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            print("second interrupt: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                print("interrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -118,7 +133,11 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     gas = ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
     pair_head = run.data.pair_task != "none"
-    resuming = checkpoint.latest_tag(train.save_dir) is not None
+    if train.restart:
+        if is_rank0 and (moved := checkpoint.move_aside(train.save_dir)) is not None:
+            print(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}", flush=True)
+        dist.barrier()
+    resuming = bool(checkpoint.all_tags(train.save_dir))
 
     pipe: PipelineModel | None = None
     if run.parallel.pipeline_parallel > 1:
@@ -139,20 +158,20 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
             _load_hf(model, train.init_from_hf)
         mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
     optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         # ZeRO-0 fp16/bf16: these wrappers take one zero-gradient step of our AdamW to create its state, which
         # would start Adam's bias correction at step 2 (first update ~0.74 lr); drop that state (ZeRO 1-3 do not)
         optimizer.state.clear()
     step, consumed, skipped = 0, 0, 0
-    client = checkpoint.load(engine, train.save_dir) if resuming else None
-    if client is not None:
+    loaded = checkpoint.load(engine, train.save_dir, report=_rank0_print(is_rank0)) if resuming else None
+    client = loaded[1] if loaded else None
+    if loaded is not None:
         ours = client["megatron_narrow"]
         step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
         if is_rank0:
             print(f"resumed from step {step} ({consumed:,} samples consumed)", flush=True)
+            _report_config_changes(checkpoint.checkpoint_root(train.save_dir) / loaded[0], run, step)
 
     loader = iter(make_loader(data.train, consumed_samples=consumed, micro_batch_size=train.micro_batch_size,
                               dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=train.num_workers))
@@ -175,7 +194,7 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     engine.train()
     while step < train.train_steps:
         started = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]  # the rate this step trains with (the scheduler moves on after it)
+        lr = set_learning_rate(optimizer, step - skipped, train)
         micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
         counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
@@ -211,15 +230,32 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
             records.append(record)
             logger.log(record)
             engine.train()
-        preempted = _all_reduce(torch.tensor(float(stop.received), device=device), op=dist.ReduceOp.MAX).item() > 0
+        signalled = torch.tensor(float(stop.received is not None), device=device)
+        preempted = _all_reduce(signalled, op=dist.ReduceOp.MAX).item() > 0
         if (train.save_interval and step % train.save_interval == 0) or step == train.train_steps or preempted:
             save()
         if preempted:
             if is_rank0:
-                print(f"SIGTERM: checkpoint saved at step {step}; exiting", flush=True)
+                print(f"{stop.received or 'signal on another rank'}: checkpoint saved at step {step}; exiting",
+                      flush=True)
             break
+    stop.uninstall()
     logger.close()
     return records
+
+
+def _rank0_print(is_rank0: bool):
+    return (lambda line: print(line, flush=True)) if is_rank0 else (lambda line: None)
+
+
+def _report_config_changes(tag_dir, run: RunConfig, step: int) -> None:
+    """One line listing what differs from the checkpoint's config (schedule changes apply from the next step);
+    changes that cannot apply were refused before the run started."""
+    from megatron_narrow.training.resume import check_resume_config
+
+    changed = check_resume_config(tag_dir, run.to_dict())
+    if changed:
+        print(f"config changed since the checkpoint, applied from step {step + 1}: {'; '.join(changed)}", flush=True)
 
 
 @torch.no_grad()

@@ -42,5 +42,12 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
     return floor + (1 - floor) * (1 - progress)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+def set_learning_rate(optimizer: torch.optim.Optimizer, applied_steps: int, config: TrainConfig) -> float:
+    """Set and return the rate of the next update: a pure function of the updates applied so far and the
+    current config, with no scheduler state. A resumed run with a changed lr, warmup or length therefore
+    follows the new schedule from its next step, and a checkpoint never carries a stale one. Steps that
+    were skipped (non-finite loss, fp16 overflow) do not advance it, as DeepSpeed's own schedulers do."""
+    lr = config.lr * lr_multiplier(applied_steps, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

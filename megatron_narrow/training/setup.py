@@ -48,7 +48,23 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
         identity = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model).identity
     for path in run.data.data_paths:
         check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
+    check_resumable(run)
     return deepspeed_config(ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+
+
+def check_resumable(run: RunConfig) -> None:
+    """Refuse, before any process starts, a save_dir whose checkpoints are all unusable (unless
+    train.restart) and a resume that changes what the checkpoint's tensors depend on."""
+    from megatron_narrow.training import checkpoint
+    from megatron_narrow.training.resume import check_resume_config
+
+    if run.train.restart:
+        return
+    plan = checkpoint.plan_resume(run.train.save_dir)
+    if plan.tags and not plan.candidates:
+        checkpoint.refuse_unusable(run.train.save_dir, plan)
+    if plan.candidates:
+        check_resume_config(checkpoint.checkpoint_root(run.train.save_dir) / plan.candidates[0], run.to_dict())
 
 
 def _validate_pipeline(run: RunConfig, stages: int, partition: str) -> None:
@@ -84,7 +100,13 @@ def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_par
     """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
     if not Path(path).is_file():
         raise ValueError(f"DeepSpeed config {path} does not exist")
-    ds = json.loads(Path(path).read_text())
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({error}); fix the file or use one of "
+                         "ds_configs/") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must be a JSON object, got a {type(ds).__name__}")
     train = run.train
     gas = train.gradient_accumulation(data_parallel)
     ours = {"train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": gas,
