@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None, *, description: str = __doc__,
 def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -> int:
     """The entry points' shell: parse the command line, pick DeepSpeed's CPU accelerator without a GPU, run
     `job(args)`; a refused run (bad config or data) is one `error:` line and exit code 2, a run stopped by
-    train.nonfinite_loss=stop exit code 1, and the process group is torn down whatever happened."""
+    train.nonfinite_loss=stop exit code 1, one stopped by SIGTERM or Ctrl-C after its checkpoint 75, and
+    the process group is torn down whatever happened."""
     args = parse_args(argv, description=description, sections=sections)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -46,12 +47,15 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from megatron_narrow.cli import EXIT_USAGE_ERROR, debug_requested, report_error
+    from megatron_narrow.training.stop import EXIT_STOPPED, RunStopped
 
     try:
         job(args)
     except (ValueError, OSError) as error:  # DataError, CheckpointError and TaskDataError are ValueErrors
         report_error(error, debug=args.debug or debug_requested([]))
         return EXIT_USAGE_ERROR
+    except RunStopped:  # the loop checkpointed and said so
+        return EXIT_STOPPED
     except FloatingPointError as error:  # train.nonfinite_loss=stop: a run that failed, not a refused one
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -63,15 +67,19 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> None:
+def _pretrain(args: argparse.Namespace, stop) -> None:
     from megatron_narrow.config import load_run_config
     from megatron_narrow.training.loop import pretrain
 
-    pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config)
+    pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_entry(argv, _pretrain, description=__doc__, sections="model, data, parallel, train")
+    from megatron_narrow.training.stop import StopSignal
+
+    stop = StopSignal().install()  # before the heavy imports: a signal during start-up is kept too
+    return run_entry(argv, lambda args: _pretrain(args, stop), description=__doc__,
+                     sections="model, data, parallel, train")
 
 
 def exit_now(code: int) -> None:

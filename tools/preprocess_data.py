@@ -6,8 +6,13 @@ Example:
       --tokenizer-type wordpiece --tokenizer-model vocab.txt --workers 8 --split-sentences
 
 The output is byte-identical for any --workers. Killed and rerun with the same arguments, it skips the
-shards it finished. Bad records (invalid JSON or UTF-8, missing or non-string keys, empty or oversized
-documents) are counted by kind in the summary and the manifest, and written to --reject-file if given.
+shards it finished (its workers die with it). Bad records (invalid JSON or UTF-8, missing or non-string
+keys, empty or oversized documents) are counted by kind in the summary and the manifest, and written to
+--reject-file if given; a run that keeps no document at all writes no manifest and exits 1.
+
+Errors are one `error:` line naming the file and the fix: exit 2 for a refused argument or file (a
+missing or corrupt tokenizer, a directory as --input, an --output-dir in use by another run), exit 1
+for bad data (a corrupt .gz, no valid documents). --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_narrow.cli import run_cli  # noqa: E402
 from megatron_narrow.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 
 
@@ -46,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output directory that holds a different dataset")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     return PreprocessConfig(
         inputs=args.input, output_dir=args.output_dir, tokenizer_type=args.tokenizer_type,
@@ -57,13 +64,10 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_args(argv)
-        preprocess(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    def run() -> None:
+        preprocess(parse_args(argv))
+
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

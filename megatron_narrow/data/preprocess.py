@@ -7,20 +7,29 @@ How the guarantees are met:
   its input checksum is renamed into `.progress/`. A rerun skips chunks whose record matches and redoes
   the rest; the manifest is written last, from the records alone, so it has no timing in it.
 - Bad input costs nothing: every record is classified, rejects are counted by kind (and written to the
-  reject file with their source and line), and every valid record becomes exactly one document.
+  reject file with their source and line), and every valid record becomes exactly one document. A run
+  that keeps no document at all (a wrong --json-keys, say) is refused and writes no manifest.
+- One run per output directory: an exclusive flock on OUTPUT_DIR/.lock, holding the runner's pid. Workers
+  die with the main process (Linux: PR_SET_PDEATHSIG), so a killed run leaves nothing that could race a
+  rerun, and temp files carry pid and a random token, so two writers never share one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import chain
@@ -35,6 +44,7 @@ from megatron_narrow.data.raw_input import (
     Record,
     Rejected,
     TextMode,
+    check_input_files,
     chunk_records,
     document_text,
     iter_chunks,
@@ -43,14 +53,19 @@ from megatron_narrow.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    DataError,
     atomic_write_bytes,
     atomic_write_json,
     encode_shard,
+    is_temp_file,
     shard_name,
+    temp_path,
 )
 from megatron_narrow.data.tokenizer import TokenizerType, load_tokenizer, tokenizer_description
 
 PROGRESS_DIR = ".progress"
+LOCK_NAME = ".lock"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TOKENIZE_BATCH_BYTES = 1 << 21  # tokenize ~2 MB of text at a time: bounded memory, long enough batches
 
 
@@ -103,9 +118,10 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("preprocess: give at least one --input file")
-        for path in self.inputs:
-            if not Path(path).is_file():
-                raise ValueError(f"preprocess: input {path} does not exist")
+        check_input_files(self.inputs)
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"preprocess: --output-dir {self.output_dir} is an existing file, not a directory; "
+                             "give the path of a directory (it is created if missing)")
         if self.workers < 1:
             raise ValueError(f"preprocess: --workers must be >= 1, got {self.workers}")
         if not self.json_keys:
@@ -254,15 +270,14 @@ def _finished(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> Shard
 
 
 def _prepare_output(config: PreprocessConfig, fingerprint: str) -> bool:
-    """Create the output directory; True when it already holds this exact dataset (nothing to do)."""
+    """Set up the (locked) output directory; True when it already holds this exact dataset (nothing to do)."""
     out = Path(config.output_dir)
     manifest_path = out / MANIFEST_NAME
     if manifest_path.is_file():
-        try:
-            previous = json.loads(manifest_path.read_text()).get("fingerprint")
-        except json.JSONDecodeError:
-            previous = None
-        if previous == fingerprint and (not config.reject_file or Path(config.reject_file).is_file()):
+        previous, documents = _previous_run(manifest_path)
+        # a manifest of 0 documents (written before such runs were refused) is redone, and so refused
+        if (previous == fingerprint and documents > 0
+                and (not config.reject_file or Path(config.reject_file).is_file())):
             return True
         if previous != fingerprint and not config.overwrite:
             raise ValueError(
@@ -271,9 +286,70 @@ def _prepare_output(config: PreprocessConfig, fingerprint: str) -> bool:
             )
         manifest_path.unlink()
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-    for tmp in chain(out.glob("*.tmp"), (out / PROGRESS_DIR).glob("*.tmp")):
-        tmp.unlink()
+    for path in chain(out.iterdir(), (out / PROGRESS_DIR).iterdir()):
+        if is_temp_file(path):  # left by a killed run; we hold the lock, so no writer is using it
+            path.unlink()
     return False
+
+
+def _previous_run(manifest_path: Path) -> tuple[str | None, int]:
+    """Fingerprint and document count of an existing manifest; (None, 0) where it is unreadable."""
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, 0
+    if not isinstance(manifest, dict):
+        return None, 0
+    totals = manifest.get("totals")
+    documents = totals.get("documents") if isinstance(totals, dict) else None
+    return manifest.get("fingerprint"), documents if isinstance(documents, int) else 0
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold OUTPUT_DIR/.lock for a whole run: two runs writing one directory would mix their shards.
+
+    flock dies with its holders, so a killed run never leaves a stale lock; forked workers share it,
+    so a rerun is refused until they too are gone. The file is removed before it is unlocked, and a
+    run that locked a removed file locks the new one instead (see _acquire_lock).
+    """
+    path = out / LOCK_NAME
+    fd = _acquire_lock(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire_lock(path: Path) -> int:
+    """Lock `path` without waiting; a held lock is a one-line refusal naming the holder's pid."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"{path.parent} is in use by another preprocessing run (pid {holder}, lock {path}); "
+                "wait for it to finish or stop it, or choose another --output-dir"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_same_file(fd, path):
+            return fd
+        os.close(fd)  # the previous holder removed the file between our open and our lock
+
+
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def run_fingerprint(config: PreprocessConfig, tokenizer_identity: str) -> str:
@@ -290,13 +366,19 @@ def preprocess(config: PreprocessConfig) -> dict:
     del tokenizer  # workers load their own
     fingerprint = run_fingerprint(config, description["identity"])
     out = Path(config.output_dir)
-    if _prepare_output(config, fingerprint):
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        if config.progress:
-            print(f"{out} already holds this dataset ({manifest['totals']['documents']} documents); "
-                  "nothing to do", file=sys.stderr)
-        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if _prepare_output(config, fingerprint):
+            manifest = json.loads((out / MANIFEST_NAME).read_text())
+            if config.progress:
+                print(f"{out} already holds this dataset ({manifest['totals']['documents']} documents); "
+                      "nothing to do", file=sys.stderr)
+            return manifest
+        return _run(config, description, fingerprint)
 
+
+def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
+    """Tokenize every chunk (or reuse an earlier run's shard), then write the manifest."""
     total_bytes = sum(Path(p).stat().st_size for p in config.inputs)
     position = [0]
     chunks = iter_chunks(config.inputs, chunk_bytes=config.shard_size_bytes, input_format=config.input_format,
@@ -308,31 +390,66 @@ def preprocess(config: PreprocessConfig) -> dict:
         results.append(result)
         meter.update(input_position, result, skipped)
 
-    if config.workers == 1:
-        for chunk in chunks:
-            done = _finished(chunk, config, fingerprint)
-            consume(done or process_chunk(chunk, config, fingerprint), position[0], done is not None)
-    else:
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_single_threaded_worker) as pool:
-            in_flight: deque[tuple[cf.Future | ShardResult, int]] = deque()
+    try:
+        if config.workers == 1:
             for chunk in chunks:
                 done = _finished(chunk, config, fingerprint)
-                job = done or pool.submit(process_chunk, chunk, config, fingerprint)
-                in_flight.append((job, position[0]))
-                while len(in_flight) > 2 * config.workers:  # bounded memory: a few chunks in flight
-                    _drain_one(in_flight, consume)
-            while in_flight:
-                _drain_one(in_flight, consume)
-
-    manifest = _write_outputs(config, description, fingerprint, results)
-    meter.close(manifest)
+                consume(done or process_chunk(chunk, config, fingerprint), position[0], done is not None)
+        else:
+            _run_pool(config, fingerprint, chunks, position, consume)
+        _refuse_empty(config, results)
+        manifest = _write_outputs(config, description, fingerprint, results)
+    finally:
+        meter.close()  # before an error's message, so that it starts on a line of its own
+    meter.summary(manifest)
     return manifest
 
 
-def _single_threaded_worker() -> None:
-    """One core per worker: N workers on N cores beat N workers each spawning N tokenizer threads."""
+def _run_pool(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], position: list[int],
+              consume: Callable[[ShardResult, int, bool], None]) -> None:
+    """Tokenize in worker processes; results are consumed in chunk order, a few chunks in flight."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                                initargs=(os.getpid(),)) as pool:
+        in_flight: deque[tuple[cf.Future | ShardResult, int]] = deque()
+        for chunk in chunks:
+            done = _finished(chunk, config, fingerprint)
+            job = done or pool.submit(process_chunk, chunk, config, fingerprint)
+            in_flight.append((job, position[0]))
+            while len(in_flight) > 2 * config.workers:  # bounded memory: a few chunks in flight
+                _drain_one(in_flight, consume)
+        while in_flight:
+            _drain_one(in_flight, consume)
+
+
+def _refuse_empty(config: PreprocessConfig, results: list[ShardResult]) -> None:
+    """No document at all is a wrong --json-keys or --input-format, not a dataset: refuse it, before the manifest."""
+    if any(result.documents for result in results):
+        return
+    rejected = {kind: sum(result.rejected[kind] for result in results) for kind in REJECT_KINDS}
+    counts = ", ".join(f"{kind} {count}" for kind, count in rejected.items() if count) or "none, the inputs are empty"
+    inputs = ", ".join(config.inputs[:5]) + (f" and {len(config.inputs) - 5} more" if len(config.inputs) > 5 else "")
+    raise DataError(
+        f"no valid documents in {inputs} (rejected records: {counts}); check --json-keys "
+        f"(now: {' '.join(config.json_keys)}), --input-format and the inputs"
+    )
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Worker set-up: one core per worker (N workers on N cores beat N workers each spawning N tokenizer
+    threads), and no life after the main process (see _die_with_parent)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL of the main process must take the workers along: orphans would go on writing shards and
+    race a rerun. On Linux the kernel sends SIGKILL when the forking thread ends (the thread that calls
+    submit(), alive until the pool is shut down); a parent gone before prctl is caught by getppid."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _drain_one(in_flight: deque, consume) -> None:
@@ -357,7 +474,7 @@ def _write_outputs(config: PreprocessConfig, tokenizer: dict, fingerprint: str, 
     if config.reject_file:
         reject_path = Path(config.reject_file)
         reject_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = reject_path.with_name(reject_path.name + ".tmp")
+        tmp = temp_path(reject_path)
         with open(tmp, "wb") as f:
             for result in results:
                 with open(out / PROGRESS_DIR / f"{result.file}.rejects.jsonl", "rb") as part:
@@ -414,10 +531,13 @@ class _Progress:
             self.bar.set_postfix(docs_per_s=f"{self.documents / elapsed:,.0f}",
                                  tokens_per_s=f"{self.tokens / elapsed:,.0f}", refresh=False)
 
-    def close(self, manifest: dict) -> None:
-        if self.bar is None:
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def summary(self, manifest: dict) -> None:
+        if not self.enabled:
             return
-        self.bar.close()
         elapsed = time.perf_counter() - self.start
         totals = manifest["totals"]
         rejects = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items() if v) or "none"

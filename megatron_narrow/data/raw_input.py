@@ -3,7 +3,8 @@
 The main process only cuts: it reads about `chunk_bytes` at a time and extends the cut to the next
 record boundary (a newline; a blank line in block mode), so it does C-speed work only. Workers split
 their chunk into records and decode them. Chunks never span files, and where a cut falls depends on
-the bytes alone, never on the worker count.
+the bytes alone, never on the worker count. A UTF-8 byte order mark at the start of a file (editors on
+Windows write one) is dropped, so it cannot spoil the first record.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from megatron_narrow.data.shards import DataError
+
 REJECT_KINDS = ("invalid_json", "missing_key", "not_a_string", "invalid_utf8", "empty", "too_large")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 InputFormat = Literal["auto", "jsonl", "text"]
 TextMode = Literal["line", "block"]
@@ -54,6 +59,16 @@ def input_format_of(path: str, configured: InputFormat) -> Literal["jsonl", "tex
     return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
 
 
+def check_input_files(paths: list[str]) -> None:
+    """Refuse a missing input or a directory (a common slip: `--input data/` for the files in it)."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise ValueError(f"--input {path} is a directory; give the files in it "
+                             f"(e.g. --input {Path(path) / '*.jsonl'})")
+        if not Path(path).is_file():
+            raise ValueError(f"input {path} does not exist")
+
+
 def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat, text_mode: TextMode,
                 position: list[int] | None = None) -> Iterator[Chunk]:
     """Cut every input into chunks of about `chunk_bytes` at record boundaries, in order.
@@ -65,24 +80,37 @@ def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat
     for source, path in enumerate(paths):
         is_json = input_format_of(path, input_format) == "jsonl"
         block_mode = not is_json and text_mode == "block"
-        first_line = 1
+        first_line, at_start = 1, True
         with open(path, "rb") as raw, (gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
-            while data := f.read(chunk_bytes):
-                parts = [data]
-                if not data.endswith(b"\n"):  # complete the last line (b"" at EOF)
-                    parts.append(f.readline())
-                if block_mode:  # and in block mode, go on to a blank line so no block is cut
-                    last_line = _last_line(b"".join(parts))
-                    while last_line.strip() and (line := f.readline()):
-                        parts.append(line)
-                        last_line = line
-                data = b"".join(parts)
-                position[0] = done_bytes + raw.tell()
-                yield Chunk(index, source, first_line, data, is_json, block_mode)
-                index += 1
-                first_line += data.count(b"\n")
+            try:
+                while data := f.read(chunk_bytes):
+                    parts = [data]
+                    if not data.endswith(b"\n"):  # complete the last line (b"" at EOF)
+                        parts.append(f.readline())
+                    if block_mode:  # and in block mode, go on to a blank line so no block is cut
+                        last_line = _last_line(b"".join(parts))
+                        while last_line.strip() and (line := f.readline()):
+                            parts.append(line)
+                            last_line = line
+                    data = b"".join(parts)
+                    if at_start and data.startswith(UTF8_BOM):
+                        data = data[len(UTF8_BOM):]
+                    at_start = False
+                    position[0] = done_bytes + raw.tell()
+                    yield Chunk(index, source, first_line, data, is_json, block_mode)
+                    index += 1
+                    first_line += data.count(b"\n")
+            except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+                raise _gzip_error(path, error) from None
         done_bytes += Path(path).stat().st_size
         position[0] = done_bytes
+
+
+def _gzip_error(path: str, error: Exception) -> DataError:
+    """A .gz input that cannot be decompressed, as a DataError naming the file and what to do."""
+    if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped file"):
+        return DataError(f"input {path} is not gzip-compressed ({error}); rename it without .gz if it is plain text")
+    return DataError(f"input {path} is a truncated or corrupt gzip file ({error}); download or compress it again")
 
 
 def _last_line(data: bytes) -> bytes:

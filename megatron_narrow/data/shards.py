@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +33,32 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.arrow"
 
 
+TEMP_NAME = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp$")
+"""Temp files are `NAME.<pid>.<hex>.tmp`: two writers of one file (a run and a leftover of a killed one)
+never share a temp file, and a run cleaning up at start can tell them from anything else."""
+
+
+def temp_path(path: Path) -> Path:
+    """A temp file beside `path` that no other process or call uses (see TEMP_NAME)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def is_temp_file(path: Path) -> bool:
+    return TEMP_NAME.search(path.name) is not None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that it either does not exist or is complete: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -71,17 +91,47 @@ class DataError(ValueError):
     """The data on disk disagrees with its manifest, or with the model that wants to read it."""
 
 
+MANIFEST_KEYS = ("format", "format_version", "tokenizer", "shards", "totals")
+TOKENIZER_KEYS = ("file", "identity", "vocab_size", "special_ids")
+TOTALS_KEYS = ("documents", "tokens", "shards")
+SHARD_KEYS = ("file", "documents", "bytes", "sha256")
+REPAIR_HINT = "preprocess the corpus again with tools/preprocess_data.py"
+
+
 def load_manifest(data_dir: str | Path) -> dict:
+    """Read and check index.json; a damaged one is a DataError naming the file, never a KeyError later."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path} does not exist: is {data_dir} a directory written by tools/preprocess_data.py?")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error}); {REPAIR_HINT}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a JSON {type(manifest).__name__}, not an object; {REPAIR_HINT}")
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
             f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
+    missing = _missing_manifest_keys(manifest)
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing[:5])} (damaged or edited); {REPAIR_HINT}")
     return manifest
+
+
+def _missing_manifest_keys(manifest: dict) -> list[str]:
+    """The keys readers rely on that a manifest lacks (or holds with the wrong shape), as dotted paths."""
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list):
+        return [*missing, "shards (a list)"]
+    sections = [(name, manifest[name], keys) for name, keys in (("tokenizer", TOKENIZER_KEYS), ("totals", TOTALS_KEYS))
+                if name in manifest]
+    sections += [(f"shards[{index}]", entry, SHARD_KEYS) for index, entry in enumerate(shards)]
+    for name, section, keys in sections:
+        missing += [f"{name}.{key}" for key in keys if not isinstance(section, dict) or key not in section]
+    return missing
 
 
 def check_tokenizer_matches(manifest: dict, *, identity: str | None, vocab_size: int | None, where: str) -> None:
@@ -102,8 +152,10 @@ def check_tokenizer_matches(manifest: dict, *, identity: str | None, vocab_size:
 class IndexedDocuments:
     """Memory-mapped shards of a preprocessed dataset; random access by global document index.
 
-    Opening checks the manifest against the files (shard count, each file's size); `verify()` also
-    compares checksums. Both name the offending shard.
+    Opening checks the manifest against the files (shard count, each file's size) and every token id
+    against the vocabulary (one vectorised pass over each shard's memory-mapped ids: a flipped byte
+    would otherwise surface as an IndexError deep into training); `verify()` also compares checksums.
+    All name the offending shard.
     """
 
     def __init__(self, data_dir: str | Path, *, expected_identity: str | None = None,
@@ -116,6 +168,7 @@ class IndexedDocuments:
                                 where=str(self.data_dir))
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.special = SpecialTokens(**self.manifest["tokenizer"]["special_ids"])
+        self.check_not_empty()
         self.check_files()
         if verify_checksums:
             self.verify()
@@ -143,11 +196,33 @@ class IndexedDocuments:
             ids_array = ids.chunk(0) if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
             sents_array = sents.chunk(0) if sents.num_chunks else pa.array([], pa.list_(pa.int32()))
             self._tokens.append(ids_array.values.to_numpy(zero_copy_only=False))
+            self._check_token_ids(entry["file"], self._tokens[-1])
             self._token_offsets.append(ids_array.offsets.to_numpy(zero_copy_only=False))
             self._sent_lengths.append(sents_array.values.to_numpy(zero_copy_only=False))
             self._sent_offsets.append(sents_array.offsets.to_numpy(zero_copy_only=False))
             doc_counts.append(table.num_rows)
         self._shard_starts = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
+
+    def check_not_empty(self) -> None:
+        """A dataset without documents (every record rejected, e.g. a wrong --json-keys) cannot train."""
+        if self.manifest["totals"]["documents"] > 0:
+            return
+        rejected = ", ".join(f"{k} {v}" for k, v in self.manifest.get("rejected", {}).items() if v) or "none"
+        raise DataError(
+            f"{self.data_dir} holds 0 documents (rejected records: {rejected}); {REPAIR_HINT} "
+            "with the right --json-keys / --input-format"
+        )
+
+    def _check_token_ids(self, file: str, ids: np.ndarray) -> None:
+        """Every id must index the vocabulary; the uint32 view folds negative ids into the same max."""
+        if not len(ids) or int(ids.view(np.uint32).max()) < self.vocab_size:
+            return
+        bad = np.flatnonzero(ids.view(np.uint32) >= self.vocab_size)
+        raise DataError(
+            f"shard {file} in {self.data_dir} holds token id {int(ids[bad[0]])} (at token {int(bad[0])}; "
+            f"{len(bad)} ids out of range) but the vocabulary has {self.vocab_size}: the file is corrupt; "
+            f"run tools/verify_data.py {self.data_dir}, then {REPAIR_HINT}"
+        )
 
     def check_files(self) -> None:
         shards = self.manifest["shards"]
@@ -176,7 +251,7 @@ class IndexedDocuments:
             if digest != entry["sha256"]:
                 raise DataError(
                     f"shard {entry['file']} in {self.data_dir} fails its checksum (sha256 {digest[:16]}..., "
-                    f"manifest {entry['sha256'][:16]}...): the file is corrupt"
+                    f"manifest {entry['sha256'][:16]}...): the file is corrupt; {REPAIR_HINT}"
                 )
 
     def __len__(self) -> int:

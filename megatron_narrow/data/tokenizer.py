@@ -84,7 +84,13 @@ class SentencePieceTokenizer:
 
         self.path = str(path)
         data = Path(path).read_bytes()
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        except RuntimeError:  # its message is a C++ source location, nothing a user can act on
+            raise ValueError(
+                f"tokenizer {path} is not a valid sentencepiece model (it cannot be parsed); give a .model file "
+                "written by tools/train_tokenizer.py or sentencepiece"
+            ) from None
         self.vocab_size = int(self._sp.get_piece_size())
         self.identity = file_identity(data)
         unk = self._sp.unk_id()
@@ -120,15 +126,18 @@ class HFTokenizer:
 
         path = Path(path)
         self.path = str(path)
-        if path.suffix == ".json":
-            data = path.read_bytes()
-            self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-            self.identity = file_identity(data)
-        else:
-            data = path.read_bytes()
-            lowercase = _vocab_is_uncased(path, data)
-            self._tok = tokenizers.BertWordPieceTokenizer(str(path), lowercase=lowercase)._tokenizer
-            self.identity = file_identity(data, b"lowercase=%d" % lowercase)
+        data = path.read_bytes()
+        # tokenizers raises bare Exceptions (and TypeError for a vocab.txt without [SEP]); name the file
+        try:
+            if path.suffix == ".json":
+                self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+                self.identity = file_identity(data)
+            else:
+                lowercase = _vocab_is_uncased(path, data)
+                self._tok = tokenizers.BertWordPieceTokenizer(str(path), lowercase=lowercase)._tokenizer
+                self.identity = file_identity(data, b"lowercase=%d" % lowercase)
+        except Exception as error:  # whatever the library raises, the file is unusable
+            raise ValueError(f"tokenizer {path} cannot be loaded ({error}); {_wordpiece_hint(path)}") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -151,10 +160,20 @@ class HFTokenizer:
         return mask
 
 
+def _wordpiece_hint(path: Path) -> str:
+    if path.suffix == ".json":
+        return "give a tokenizer.json saved by the tokenizers or transformers library"
+    return (f"give a WordPiece vocab.txt: UTF-8, one token per line, including {' '.join(BERT_SPECIAL_TOKENS)} "
+            "(and a valid tokenizer_config.json beside it, if any)")
+
+
 def _vocab_is_uncased(vocab_path: Path, data: bytes) -> bool:
     config = vocab_path.with_name("tokenizer_config.json")
     if config.exists():
-        setting = json.loads(config.read_text()).get("do_lower_case")
+        try:
+            setting = json.loads(config.read_text()).get("do_lower_case")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            raise ValueError(f"{config} is not a JSON object ({error})") from None
         if setting is not None:
             return bool(setting)
     tokens = data.decode("utf-8").splitlines()

@@ -8,11 +8,13 @@ markers during sample building.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from megatron_narrow.data.raw_input import iter_documents
+from megatron_narrow.data.shards import DataError
 
 
 def iter_training_sentences(inputs: list[str], *, json_keys: list[str], text_mode: str = "line",
@@ -34,8 +36,27 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, *, vocab_size: int
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model type must be unigram or bpe, got {model_type!r}")
     model = io.BytesIO()
+    counted = [0]
+    try:
+        _train(sentencepiece, _counting(iter_training_sentences(inputs, json_keys=json_keys or ["text"],
+                                                                text_mode=text_mode), counted),
+               model, vocab_size=vocab_size, model_type=model_type, input_sentence_size=input_sentence_size,
+               character_coverage=character_coverage)
+    except RuntimeError as error:  # sentencepiece reports input problems as C++ assertions
+        raise _training_error(error, inputs, counted[0], vocab_size) from None
+    out = Path(f"{model_prefix}.model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab_lines = [f"{processor.id_to_piece(i)}\t{processor.get_score(i)}" for i in range(processor.get_piece_size())]
+    Path(f"{model_prefix}.vocab").write_text("\n".join(vocab_lines) + "\n", encoding="utf-8")
+    return out
+
+
+def _train(sentencepiece, sentences: Iterator[str], model: io.BytesIO, *, vocab_size: int, model_type: str,
+           input_sentence_size: int, character_coverage: float) -> None:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter_training_sentences(inputs, json_keys=json_keys or ["text"], text_mode=text_mode),
+        sentence_iterator=sentences,
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -49,10 +70,24 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, *, vocab_size: int
         num_threads=2,
         minloglevel=2,
     )
-    out = Path(f"{model_prefix}.model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(model.getvalue())
-    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab_lines = [f"{processor.id_to_piece(i)}\t{processor.get_score(i)}" for i in range(processor.get_piece_size())]
-    Path(f"{model_prefix}.vocab").write_text("\n".join(vocab_lines) + "\n", encoding="utf-8")
-    return out
+
+
+def _counting(items: Iterator[str], count: list[int]) -> Iterator[str]:
+    """Pass items through, counting them in count[0] (so an empty input can be told from other failures)."""
+    for item in items:
+        count[0] += 1
+        yield item
+
+
+def _training_error(error: RuntimeError, inputs: list[str], sentences: int, vocab_size: int) -> ValueError:
+    """sentencepiece's assertion as one line a user can act on: the inputs or the flag to change."""
+    message = str(error)
+    if sentences == 0:
+        return DataError(f"no training text in {', '.join(inputs)}: every record was rejected or empty; "
+                         "check --json-keys and --text-mode")
+    if "Vocabulary size too high" in message:
+        largest = re.search(r"<= (\d+)", message)
+        limit = f" (at most {largest.group(1)} for it)" if largest else ""
+        return ValueError(f"--vocab-size {vocab_size} is too large for the text in {', '.join(inputs)}{limit}; "
+                          "lower --vocab-size or train on more text")
+    return ValueError(f"sentencepiece could not train on {', '.join(inputs)}: {message.strip()}")

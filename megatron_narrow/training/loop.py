@@ -7,11 +7,7 @@ on all data-parallel ranks), so data parallelism and gradient accumulation repro
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,33 +27,7 @@ from megatron_narrow.training.pipeline import (
     pipeline_train_step,
 )
 from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
-
-
-@dataclass
-class StopSignal:
-    """SIGTERM (cluster preemption) or Ctrl-C: the loop checkpoints and exits at the next step boundary.
-    A second Ctrl-C stops at once, without a checkpoint, for a user who cannot wait for the save."""
-
-    received: str | None = None
-    previous: dict = field(default_factory=dict)
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received == "SIGINT" and signum == signal.SIGINT:
-            print("second interrupt: stopping now, without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(130)
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            if signum == signal.SIGINT:
-                print("interrupt: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)",
-                      file=sys.stderr, flush=True)
-
-    def uninstall(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+from megatron_narrow.training.stop import RunStopped, StopSignal
 
 
 def _all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -119,8 +89,9 @@ def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.opti
     return finite, loss_sum
 
 
-def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
-    """Train (or resume) to run.train.train_steps; returns the records logged by rank 0."""
+def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None) -> list[dict]:
+    """Train (or resume) to run.train.train_steps; returns the records logged by rank 0. Raises RunStopped
+    after checkpointing when `stop` (installed here if not given) sees SIGTERM or Ctrl-C."""
     import deepspeed
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -176,8 +147,7 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
     loader = iter(make_loader(data.train, consumed_samples=consumed, micro_batch_size=train.micro_batch_size,
                               dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=train.num_workers))
     logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps)
-    stop = StopSignal()
-    stop.install()
+    stop = stop or StopSignal().install()
     flops_per_sequence = training_flops_per_sequence(run.model, run.data.seq_len, run.data.max_predictions)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     records = []
@@ -235,11 +205,11 @@ def pretrain(run: RunConfig, ds_config_path: str) -> list[dict]:
         if (train.save_interval and step % train.save_interval == 0) or step == train.train_steps or preempted:
             save()
         if preempted:
+            logger.close()
+            stopped = RunStopped(stop.received or "signal on another rank", step)
             if is_rank0:
-                print(f"{stop.received or 'signal on another rank'}: checkpoint saved at step {step}; exiting",
-                      flush=True)
-            break
-    stop.uninstall()
+                print(stopped, flush=True)
+            raise stopped
     logger.close()
     return records
 
