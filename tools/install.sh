@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libopenmpi-dev openmpi-bin)
+APT_PACKAGES=(libopenmpi-dev openmpi-bin slurm-wlm munge)  # slurm-wlm, munge: the SLURM preemption test
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
