@@ -243,3 +243,24 @@ def test_step_directory_and_errors(converted, tmp_path, capsys):
     tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
     assert tool["main"](["--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "neither a checkpoint directory" in capsys.readouterr().err
+
+
+def test_missing_optimizer_shard_is_one_line_naming_the_checkpoint(converted, tmp_path, capsys):
+    """A ZeRO-2 checkpoint copied without one data-parallel rank's optimizer shard: with its completion marker
+    the file is named as missing; without (an older checkpoint) DeepSpeed's complaint about the temporary
+    view is replaced by the step directory and the fix."""
+    import shutil
+
+    step = shutil.copytree(step_dir(converted["bert_dp2_zero2"][0]), tmp_path / "step_0000002")
+    (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
+    capsys.readouterr()
+    assert tool["main"](["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in err[0], err
+    (step / "complete.json").unlink()
+    assert tool["main"](["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # DeepSpeed's loading progress bar may come first
+    assert [line for line in err if line.startswith("error:")] == err[-1:], err
+    assert str(step) in err[-1] and "optimizer shards" in err[-1] and "/tmp/mp_rank_" not in err[-1], err
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()

@@ -175,3 +175,31 @@ def test_nonfinite_loss_skip_continues_counts_and_applies_nothing(ds_name, tiny_
     assert any("importance" in name for name in state)
     broken = [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
     assert not broken, f"non-finite after skipped steps: {broken}"
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("invalid_yaml", "is not valid YAML"),
+    ("yaml_not_a_mapping", "a run config is a mapping of sections"),
+    ("missing_yaml", "does not exist (--config takes a YAML file"),
+    ("invalid_ds_json", "is not valid JSON (Expecting"),
+])
+def test_bad_config_files_are_one_line_naming_the_file(name, expected, tmp_path, monkeypatch, capsys):
+    from megatron_narrow import pretrain
+
+    config, ds = tmp_path / "run.yaml", tmp_path / "ds.json"
+    config.write_text({"invalid_yaml": "model:\n  hidden_size: [64\n", "yaml_not_a_mapping": "- a\n- b\n"}
+                      .get(name, "train:\n  train_steps: 1\n"))
+    ds.write_text('{"zero_optimization": {"stage": 0},}' if name == "invalid_ds_json" else "{}")
+    if name == "missing_yaml":
+        config.unlink()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    capsys.readouterr()
+    assert pretrain.main(["--config", str(config), "--deepspeed_config", str(ds)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    named = ds if name == "invalid_ds_json" else config
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0] and expected in lines[0], lines
+
+    monkeypatch.setenv("MEGATRON_NARROW_DEBUG", "1")  # the traceback stays available
+    assert pretrain.main(["--config", str(config), "--deepspeed_config", str(ds)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.strip().splitlines()[-1] == lines[0]

@@ -163,9 +163,9 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
             state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=step_dir.name)
         except (ValueError, KeyError, RuntimeError, FileNotFoundError, AssertionError) as error:
             found = sorted(p.name for p in view.glob("*optim_states.pt"))
+            said = (str(error).splitlines() or [type(error).__name__])[0].replace(tmp, str(step_dir.parent))
             raise CheckpointError(f"{step_dir}: the ZeRO-{info.zero_stage} optimizer shards of model-parallel rank "
-                                  f"{mp_rank} are incomplete or damaged (found {found}; DeepSpeed: "
-                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                                  f"{mp_rank} are incomplete or damaged (found {found}; DeepSpeed: {said}); "
                                   "copy the missing *_optim_states.pt files or convert an older checkpoint"
                                   ) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -17,14 +17,12 @@ How the guarantees are met:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import deque
@@ -62,10 +60,10 @@ from megatron_narrow.data.shards import (
     temp_path,
 )
 from megatron_narrow.data.tokenizer import TokenizerType, load_tokenizer, tokenizer_description
+from megatron_narrow.data.worker_processes import die_with_parent
 
 PROGRESS_DIR = ".progress"
 LOCK_NAME = ".lock"
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TOKENIZE_BATCH_BYTES = 1 << 21  # tokenize ~2 MB of text at a time: bounded memory, long enough batches
 
 
@@ -437,19 +435,9 @@ def _refuse_empty(config: PreprocessConfig, results: list[ShardResult]) -> None:
 
 def _init_worker(parent_pid: int) -> None:
     """Worker set-up: one core per worker (N workers on N cores beat N workers each spawning N tokenizer
-    threads), and no life after the main process (see _die_with_parent)."""
+    threads), and no life after the main process (see data.worker_processes)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _die_with_parent(parent_pid)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL of the main process must take the workers along: orphans would go on writing shards and
-    race a rerun. On Linux the kernel sends SIGKILL when the forking thread ends (the thread that calls
-    submit(), alive until the pool is shut down); a parent gone before prctl is caught by getppid."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
+    die_with_parent(parent_pid)
 
 
 def _drain_one(in_flight: deque, consume) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -68,15 +70,19 @@ def make_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_ran
                                             micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
                                             data_parallel_size=dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0, worker_init_fn=leave_signals_to_main)
+                      persistent_workers=num_workers > 0,
+                      worker_init_fn=partial(leave_signals_to_main, os.getpid()))
 
 
-def leave_signals_to_main(worker_id: int) -> None:
+def leave_signals_to_main(parent_pid: int, worker_id: int) -> None:
     """SLURM's --signal and `kill` of a process group reach the DataLoader workers too. A worker that died
     of SIGTERM would make the main process raise instead of checkpointing, so workers ignore SIGTERM and
-    SIGINT; the main process saves, then shuts them down (or they notice it is gone)."""
+    SIGINT; the main process saves, then shuts them down, and a SIGKILL of it takes them along."""
     import signal
 
+    from megatron_narrow.data.worker_processes import die_with_parent
+
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

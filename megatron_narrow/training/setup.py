@@ -28,6 +28,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     """Every check that needs no process group; returns the completed DeepSpeed config."""
     from megatron_narrow.training.data import check_data_paths
 
+    read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
     run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
@@ -96,8 +97,8 @@ def _pipeline_section(path: str, ds: dict, stages: int) -> dict:
     return pipeline
 
 
-def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_parallel: int = 1) -> dict:
-    """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
+def read_deepspeed_json(path: str) -> dict:
+    """The DeepSpeed JSON as a dict; a missing or malformed file is one line naming it."""
     if not Path(path).is_file():
         raise ValueError(f"DeepSpeed config {path} does not exist")
     try:
@@ -107,6 +108,12 @@ def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_par
                          "ds_configs/") from None
     if not isinstance(ds, dict):
         raise ValueError(f"DeepSpeed config {path} must be a JSON object, got a {type(ds).__name__}")
+    return ds
+
+
+def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_parallel: int = 1) -> dict:
+    """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
+    ds = read_deepspeed_json(path)
     train = run.train
     gas = train.gradient_accumulation(data_parallel)
     ours = {"train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": gas,
