@@ -6,7 +6,12 @@
 
 The YAML has sections model, data, parallel and train (see examples/configs/); each key can be
 overridden on the command line, e.g. `train.lr=2e-4 model.variant=narrow`. The run resumes from
-train.save_dir when it holds a checkpoint and writes metrics.jsonl and tensorboard events there.
+train.save_dir when it holds a checkpoint (the newest complete one) and writes metrics.jsonl and
+tensorboard events there.
+
+Exit codes: 0 finished; 75 stopped early by SIGTERM or Ctrl-C after saving a checkpoint (run the same
+command again to resume); 2 a refused config or input (one `error:` line; --debug shows the traceback);
+1 stopped on a non-finite loss.
 """
 
 from __future__ import annotations
