@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the fork server preloads deepspeed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,15 +73,15 @@ def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory, tiny_corpus_data):
     """Uninterrupted 10-step runs (checkpoints every 3 steps, the last two kept), one per variant, made once
-    and shared: the tests copy a run's save_dir and compare against its losses."""
-    from .training_runs import command, run
+    and shared: resume, preemption and conversion tests copy a run's save_dir and compare against it."""
+    from .runs import pretrain_argv, run_pretraining
 
     made: dict[str, Path] = {}
 
     def get(variant: str) -> Path:
         if variant not in made:
             save_dir = tmp_path_factory.mktemp(f"reference_{variant}")
-            run(command(tiny_corpus_data, save_dir, variant))
+            run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, variant))
             made[variant] = save_dir
         return made[variant]
 

@@ -32,7 +32,8 @@ from typing import Any
 
 # Imported once by the fork server. torch.distributed.tensor pulls in sympy (0.5-1 s), which the first
 # torch.testing.assert_close call in a child would otherwise import again in every rank.
-_PRELOAD = ["__main__", "torch", "torch.distributed", "torch.distributed.tensor", "torch.nn.functional"]
+_PRELOAD = ["__main__", "torch", "torch.distributed", "torch.distributed.tensor", "torch.nn.functional",
+            "torch._dynamo", "deepspeed", "megatron_narrow.training.loop"]
 _GRACE_S = 2.0  # how long the other ranks may take to finish once one rank has failed
 _NO_OUTPUT_HINT = ("(none: did unpickling fn fail before it ran? Is its module importable, and is the main module "
                    "guarded by if __name__ == '__main__'?)")

@@ -5,15 +5,23 @@ the schedule is a pure function of the step and the current config."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .training_runs import KILL_AFTER, STEPS, command, copy_run_dir, environment, latest, losses, records, run
+from .runs import (
+    KILL_AFTER,
+    STEPS,
+    copy_run_dir,
+    latest,
+    losses,
+    pretrain_argv,
+    records,
+    run_pretraining,
+    start_pretraining,
+)
 
 
 @pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
@@ -23,19 +31,18 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
     assert expected[STEPS] < expected[1], "the tiny run must learn"
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(tiny_corpus_data, killed, variant), env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_pretraining(pretrain_argv(tiny_corpus_data, killed, variant))
     deadline = time.monotonic() + 300
     while latest(killed) != f"step_{KILL_AFTER:07d}" and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "training ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
+    process.send_signal(signal.SIGKILL, group=True)
     process.wait()
     killed_at = max(losses(killed))
     assert KILL_AFTER <= killed_at < STEPS, (killed_at, latest(killed))
 
-    result = run(command(tiny_corpus_data, killed, variant))
-    assert f"resumed from step {KILL_AFTER}" in result.stdout
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, killed, variant))
+    assert f"resumed from step {KILL_AFTER}" in output
     resumed = losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
     for step in range(KILL_AFTER + 1, STEPS + 1):
@@ -53,21 +60,21 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tm
     victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
-    result = run(command(tiny_corpus_data, save_dir, "narrow"))
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and newest.name in warnings[0] and victim.name in warnings[0], result.stdout
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
+    warnings = [line for line in output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and newest.name in warnings[0] and victim.name in warnings[0], output
     assert "resuming from step_0000009" in warnings[0]
-    assert "resumed from step 9" in result.stdout
+    assert "resumed from step 9" in output
     assert losses(save_dir) == losses(reference), "the redone step must equal the uninterrupted run bit for bit"
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in output
 
     # `latest` naming a tag that is not there (a partial rsync): the newest complete tag resumes, nothing is
     # pruned, and no step is trained twice
     (save_dir / "checkpoints" / "latest").write_text("step_0000099\n")
-    result = run(command(tiny_corpus_data, save_dir, "narrow", **{"train.train_steps": "2", "train.save_interval": "1",
-                                                                   "train.keep_last": "1"}))
-    assert "step_0000099: named by latest, but it does not exist" in result.stdout
-    assert f"resumed from step {STEPS}" in result.stdout
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
+        "train.train_steps": "2", "train.save_interval": "1", "train.keep_last": "1"}))
+    assert "step_0000099: named by latest, but it does not exist" in output
+    assert f"resumed from step {STEPS}" in output
     tags = sorted(p.name for p in (save_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert tags == ["step_0000009", f"step_{STEPS:07d}"], tags
     assert losses(save_dir) == losses(reference)
@@ -78,10 +85,10 @@ def test_extending_a_run_and_changing_lr_follow_the_new_schedule(tmp_path, tiny_
     rate for step 11 (never 0, never the old schedule's), and the change is reported in one line."""
     save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
     new_lr, warmup, steps = 1.0e-3, 2, 12  # tiny_train_overrides: warmup 2; linear decay to min_lr 0
-    result = run(command(tiny_corpus_data, save_dir, "narrow", **{"train.train_steps": str(steps),
-                                                                   "train.lr": str(new_lr)}))
-    changed = [line for line in result.stdout.splitlines() if line.startswith("config changed")]
-    assert len(changed) == 1, result.stdout
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
+        "train.train_steps": str(steps), "train.lr": str(new_lr)}))
+    changed = [line for line in output.splitlines() if line.startswith("config changed")]
+    assert len(changed) == 1, output
     assert "train.lr 0.002 -> 0.001" in changed[0] and "train.train_steps 10 -> 12" in changed[0], changed
     lrs = {r["step"]: r["lr"] for r in records(save_dir) if "lr" in r}
     for step in (11, 12):  # the update of step s is the (s-1)-th after warmup's 2: lr x (1 - (s-1-2)/(12-2))
@@ -96,8 +103,8 @@ def test_resume_refuses_a_changed_model_shape_and_unusable_checkpoints(tmp_path,
     from megatron_narrow.training.setup import check_resumable
 
     save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
-    argv = command(tiny_corpus_data, save_dir, "narrow")
-    config_path, overrides = argv[3], argv[6:]
+    argv = pretrain_argv(tiny_corpus_data, save_dir, "narrow")
+    config_path, overrides = argv[1], argv[4:]
     run_config = load_run_config(config_path, [*overrides, "model.hidden_size=128", "model.num_heads=4"])
     refusal = r"step_0000010 with a changed model.hidden_size 64 -> 128; .*\(checkpoint -> config\)"
     with pytest.raises(ValueError, match=refusal):

@@ -82,7 +82,8 @@ def leave_signals_to_main(parent_pid: int, worker_id: int) -> None:
 
     from megatron_narrow.data.worker_processes import die_with_parent
 
-    die_with_parent(parent_pid)
+    if os.getppid() == parent_pid:  # forked by the rank; a fork-server worker (Python 3.14's default) is not
+        die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -1,0 +1,177 @@
+"""Start pretraining the way the tests need it, and read what it wrote: one helper for every test.
+
+    run = start_pretraining(argv, world=2)          # warm ranks forked from the preloaded fork server
+    assert run.wait() == 0, run.output()
+    losses(save_dir), records(save_dir), latest(save_dir)
+
+`start_pretraining` forks each rank from the fork server of tests/distributed.py, which has torch, torch._dynamo
+and deepspeed imported already: a run costs its work, not ~4 s of imports. Every rank is a real process
+running the entry point's `main(argv)` with the environment a launcher gives it (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT), so tests can signal or kill it, and it exits with the entry point's exit code. The
+launchers themselves (deepspeed, mpirun, torchrun) are tested in test_train_launchers.py with real commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .conftest import REPO, tiny_train_overrides
+from .distributed import _context, _redirect_output, free_port
+
+TINY_CONFIG = str(REPO / "examples/configs/tiny_cpu.yaml")
+ZERO0 = str(REPO / "ds_configs/zero0.json")
+STEPS, KILL_AFTER, SAVE_EVERY = 10, 6, 3
+
+
+def pretrain_argv(data, save_dir: Path, variant: str = "narrow", *, ds_config: str = ZERO0, **extra: str) -> list[str]:
+    """The entry point's command line for a seconds-long run of tiny_cpu.yaml on tiny_corpus_data: STEPS steps,
+    a checkpoint every SAVE_EVERY (override any key, e.g. **{"train.train_steps": "4"})."""
+    settings = {"train.save_interval": str(SAVE_EVERY), **extra}
+    steps = int(settings.pop("train.train_steps", STEPS))
+    return ["--config", TINY_CONFIG, "--deepspeed_config", str(ds_config),
+            *tiny_train_overrides(data, save_dir, variant, steps=steps, **settings)]
+
+
+def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str) -> None:
+    """A rank: the caller's environment, output to a file, then the entry point as `python entry.py argv` runs it."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.setsid()  # its own process group, as a launched command has: killpg(pid) reaches it and its workers only
+    _redirect_output(Path(log))
+    for signum in (signal.SIGTERM, signal.SIGINT):  # as in a fresh interpreter (the fork server may differ)
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)  # a fresh `python` on Linux (<= 3.13): DataLoader
+    # workers are the rank's own children, in its process group
+    import torch
+
+    torch.set_num_threads(1)
+    if entry == "finetune":
+        from megatron_narrow import finetune as module
+    else:
+        from megatron_narrow import pretrain as module
+    from megatron_narrow.pretrain import exit_now
+
+    sys.argv = [f"{entry}.py", *argv]
+    exit_now(module.main(argv))
+
+
+@dataclass
+class WarmRun:
+    """Handles of a run's rank processes (Popen-like: pid, send_signal, wait) and their output."""
+
+    processes: list = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    workdir: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    def send_signal(self, signum: int, *, group: bool = False) -> None:
+        """`signum` to every rank; with group=True to each rank's process group (its DataLoader workers too),
+        as a terminal's Ctrl-C or SLURM's --signal delivers it."""
+        for process in self.processes:
+            (os.killpg if group else os.kill)(process.pid, signum)
+
+    def poll(self) -> int | None:
+        codes = [p.exitcode for p in self.processes]
+        return None if any(c is None for c in codes) else max(codes, key=abs)
+
+    def wait(self, timeout: float = 300) -> int:
+        """The run's exit code (the largest in absolute value over ranks; -N for a signal); kills it on timeout."""
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        if any(p.is_alive() for p in self.processes):
+            self.kill()
+            raise TimeoutError(f"run timed out after {timeout} s; output:\n{self.output()[-4000:]}")
+        return self.poll()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        for process in self.processes:
+            process.join(10)
+
+    def output(self, rank: int = 0) -> str:
+        return self.logs[rank].read_text(errors="replace") if self.logs[rank].exists() else ""
+
+
+def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None,
+                      entry: str = "pretrain") -> WarmRun:
+    """Start `world` ranks of megatron_narrow/{entry}.py with `argv`, as a launcher would, from warm processes."""
+    workdir = Path(tempfile.mkdtemp(prefix="warm_run_"))
+    base = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    if os.path.exists("/sys/class/net/lo"):
+        base.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    run = WarmRun(workdir=workdir)
+    ctx = _context()
+    for rank in range(world):
+        rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        log = workdir / f"rank{rank}.log"
+        process = ctx.Process(target=_rank_main, args=(entry, argv, rank_env, str(log)), name=f"rank{rank}")
+        process.start()
+        run.processes.append(process)
+        run.logs.append(log)
+    return run
+
+
+def run_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None, expect: int = 0,
+                    entry: str = "pretrain", timeout: float = 300) -> str:
+    """Run to the end; assert the exit code and return rank 0's output."""
+    run = start_pretraining(argv, world=world, env=env, entry=entry)
+    code = run.wait(timeout)
+    output = run.output()
+    assert code == expect, f"exit code {code}, expected {expect}; rank 0 output:\n{output[-4000:]}" + (
+        f"\nrank 1:\n{run.output(1)[-3000:]}" if world > 1 else "")
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return output
+
+
+def records(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(save_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(save_dir) if "loss" in r}
+
+
+def latest(save_dir: Path) -> str | None:
+    marker = Path(save_dir) / "checkpoints" / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def copy_run_dir(reference: Path, target: Path) -> Path:
+    """A private copy of a shared run's save_dir, for a test that resumes or damages it."""
+    shutil.copytree(reference, target)
+    return target
+
+
+def resume_from(reference: Path, target: Path, step: int) -> Path:
+    """A copy of `reference` as it was when checkpoint `step` had just been saved: newer tags removed, `latest`
+    on that tag, metrics after it dropped (the resumed run writes them again)."""
+    from megatron_narrow.training import checkpoint
+
+    copy_run_dir(reference, target)
+    root = checkpoint.checkpoint_root(target)
+    for tag in checkpoint.all_tags(target):
+        if checkpoint.step_of(tag) > step:
+            shutil.rmtree(root / tag)
+    assert (root / checkpoint.tag_of(step)).is_dir(), f"{reference} has no checkpoint of step {step}"
+    (root / "latest").write_text(checkpoint.tag_of(step) + "\n")
+    kept = [r for r in records(target) if r["step"] <= step]
+    (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return target
