@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_narrow.training.stop import StopSignal
 
     stop = StopSignal().install()  # before the heavy imports: a signal during start-up is kept too
-    return run_entry(argv, lambda args: _pretrain(args, stop), description=__doc__,
-                     sections="model, data, parallel, train")
+    try:
+        return run_entry(argv, lambda args: _pretrain(args, stop), description=__doc__,
+                         sections="model, data, parallel, train")
+    finally:
+        stop.uninstall()
 
 
 def exit_now(code: int) -> None:

@@ -31,7 +31,7 @@ class StopSignal:
     """Records the first SIGTERM or SIGINT; the training loop polls `received`."""
 
     received: str | None = None
-    previous: dict = field(default_factory=dict)
+    previous: dict = field(default_factory=dict, repr=False)
 
     def install(self) -> StopSignal:
         for signum in (signal.SIGTERM, signal.SIGINT):
