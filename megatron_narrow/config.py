@@ -271,7 +271,7 @@ class TrainConfig:
     """Learning rate at the end of the decay."""
 
     warmup_steps: int = 0
-    """Linear warmup from 0 to lr."""
+    """Linear warmup: step s (1-based) of the first warmup_steps trains at lr x s / warmup_steps."""
 
     lr_decay: Literal["linear", "cosine", "constant"] = "linear"
     """Decay from lr to min_lr over the steps after warmup."""

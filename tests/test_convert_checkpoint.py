@@ -71,7 +71,7 @@ def converted(tmp_path_factory, tiny_corpus_data) -> dict[str, tuple[Path, Path]
         argv = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config",
                 str(_ds_config(root, ds_name)), *overrides]
         run_distributed(_train, 2, argv, init_process_group=False, timeout=240, env={"DS_ACCELERATOR": "cpu"})
-        if tp == 2:  # the command-line tool, as users run it
+        if name == "bert_tp2":  # the command-line tool, as users run it
             result = convert(save_dir, root / f"hf_{name}")
             assert result.returncode == 0, result.stderr[-3000:]
         else:  # the same function in-process (saves a process start)

@@ -1,0 +1,87 @@
+"""Promises of the training loop under every layout it supports, on warm ranks (tests/runs.py):
+
+- exact resume from a mid-run checkpoint with DP=2, TP=2, ZeRO-2 partitioned optimizer state, bf16 and
+  DataLoader workers: the losses after the resume equal the uninterrupted run's bit for bit;
+- TP=2 x DP=2 equals one process with the same global batch per step at 1e-5;
+- tensorboard events hold what metrics.jsonl holds; weight decay skips biases and LayerNorm weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import REPO
+from .runs import STEPS, losses, pretrain_argv, records, resume_from, run_pretraining
+
+NO_DROPOUT = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0"}
+# name -> (ranks, DeepSpeed config, overrides); checkpoints every 3 steps, all kept
+LAYOUTS = {
+    "dp2": (2, "zero0.json", {}),
+    "tp2": (2, "zero0.json", {"parallel.tensor_parallel": "2"}),
+    "zero2_dp2": (2, "zero2.json", {}),
+    "bf16_zero1": (1, "zero1.json", {"train.precision": "bf16"}),
+    "num_workers_1": (1, "zero0.json", {"train.num_workers": "1"}),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corpus_data):
+    ranks, ds_name, extra = LAYOUTS[name]
+    settings = {"train.keep_last": "10", **extra}
+    reference = tmp_path / "reference"
+    ds_config = str(REPO / "ds_configs" / ds_name)
+    run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", ds_config=ds_config, **settings),
+                    world=ranks)
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1)) and expected[STEPS] < expected[1]
+
+    resumed = resume_from(reference, tmp_path / "resumed", 6)
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", ds_config=ds_config, **settings),
+                             world=ranks)
+    assert "resumed from step 6" in output
+    assert losses(resumed) == expected, f"{name}: the steps after the resume differ from the uninterrupted run"
+    assert [r["consumed_samples"] for r in records(resumed)] == [r["consumed_samples"] for r in records(reference)]
+
+
+def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data):
+    """Four ranks as TP=2 x DP=2: each step's loss equals one process with the same global batch of 16."""
+    single, parallel = tmp_path / "single", tmp_path / "tp2_dp2"
+    run_pretraining(pretrain_argv(tiny_corpus_data, single, "narrow", **{
+        **NO_DROPOUT, "train.train_steps": "4", "train.micro_batch_size": "16", "train.save_interval": "0"}))
+    run_pretraining(pretrain_argv(tiny_corpus_data, parallel, "narrow", **{
+        **NO_DROPOUT, "train.train_steps": "4", "parallel.tensor_parallel": "2", "train.save_interval": "0"}), world=4)
+    a, b = losses(single), losses(parallel)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, f"step {step}: one process {a[step]!r}, TP2 x DP2 {b[step]!r}"
+
+
+def test_tensorboard_events_hold_the_logged_metrics(reference_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save_dir = reference_runs("narrow")
+    events = EventAccumulator(str(save_dir / "tensorboard"))
+    events.Reload()
+    logged = {r["step"]: r for r in records(save_dir) if "loss" in r}
+    for key in ("loss", "lr", "consumed_samples"):
+        scalars = {event.step: event.value for event in events.Scalars(f"train/{key}")}
+        assert sorted(scalars) == sorted(logged), key
+        for step, value in scalars.items():
+            assert value == pytest.approx(logged[step][key], rel=1e-6), (key, step)  # stored as float32
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    from megatron_narrow.config import ModelConfig, TrainConfig
+    from megatron_narrow.model import BertForPreTraining
+    from megatron_narrow.training.optim import build_optimizer
+
+    model = BertForPreTraining(ModelConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
+                                           max_position_embeddings=16, variant="narrow"))
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    assert all(n.endswith(".bias") or "LayerNorm" in n for n in plain), sorted(plain)
+    assert all(n.endswith(".weight") and "LayerNorm" not in n for n in decayed), sorted(decayed)
+    assert "bert.embeddings.word_embeddings.weight" in decayed
