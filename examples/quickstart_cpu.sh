@@ -6,24 +6,30 @@
 #   bash examples/quickstart_cpu.sh                      # embedded default corpus
 #   bash examples/quickstart_cpu.sh --input my.jsonl     # your own corpus (JSONL with "text", or .txt, .gz ok)
 #   bash examples/quickstart_cpu.sh --work-dir /tmp/qs   # where everything is written (default runs/quickstart)
+#   bash examples/quickstart_cpu.sh -- train.train_steps=50   # anything after -- overrides the pretraining config
+#   --skip-install skips step 1 (what it installs is already there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK_DIR=runs/quickstart
 INPUTS=()
 VOCAB_SIZE=8000
+INSTALL=1
+OVERRIDES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --input) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do INPUTS+=("$1"); shift; done ;;
     --work-dir) WORK_DIR="$2"; shift 2 ;;
     --vocab-size) VOCAB_SIZE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --skip-install) INSTALL=0; shift ;;
+    --) shift; OVERRIDES=("$@"); break ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 echo "== 1/7 install"
-bash tools/install.sh
+if [ "$INSTALL" -eq 1 ]; then bash tools/install.sh; else echo "skipped (--skip-install)"; fi
 
 mkdir -p "$WORK_DIR"
 if [ ${#INPUTS[@]} -eq 0 ]; then
@@ -50,7 +56,7 @@ rm -rf "$WORK_DIR/pretrain"
 deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" megatron_narrow/pretrain.py \
   --config examples/configs/tiny_cpu.yaml --deepspeed_config ds_configs/zero1.json \
   "data.data_paths=[$WORK_DIR/data]" "train.save_dir=$WORK_DIR/pretrain" \
-  "train.tokenizer_model=$WORK_DIR/tokenizer/spm.model" "model.vocab_size=$VOCAB_SIZE"
+  "train.tokenizer_model=$WORK_DIR/tokenizer/spm.model" "model.vocab_size=$VOCAB_SIZE" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 
 echo "== 6/7 export to Hugging Face"
 python tools/convert_checkpoint_to_hf.py --checkpoint "$WORK_DIR/pretrain" --output "$WORK_DIR/hf"

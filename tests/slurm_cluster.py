@@ -107,29 +107,30 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         for daemon in ("slurmctld", "slurmd"):
             subprocess.run([daemon], env=self.env, check=True)  # they daemonize and write their pid files
         self.started_at = time.monotonic()
-        self.pids += [int((self.root / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmd")
-                      if (self.root / f"{d}.pid").is_file()]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             state = self.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip()
-            if state in ("idle", "mix", "alloc"):
+            if state in ("idle", "mix", "alloc"):  # both daemons are up and have written their pid files
+                self.pids += [int((self.root / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmd")]
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the local SLURM node did not come up (state {state!r}); see {self.root}/slurmd.log")
 
     def stop(self) -> None:
+        """Cancel every job, then end the daemons and everything in their sessions (slurmd forks a child per
+        request, and such a child can outlive its parent)."""
         self.run(["scancel", "--full", "--user", "root"], check=False)
+        sessions = {os.getsid(pid) for pid in self.pids if _alive(pid)} - {os.getsid(0)}  # never our own
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        for pid in self.pids:
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        while time.monotonic() < deadline and any(_alive(pid) for pid in self.pids):
+            time.sleep(0.1)
+        for pid in set(_session_members(sessions)) | set(_working_in(self.root)):
+            os.kill(pid, signal.SIGKILL)
 
     def run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=check, timeout=60)
@@ -153,6 +154,35 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id}: {info.get('JobState')} {info.get('Reason')} after {timeout} s")
             time.sleep(0.2)
+
+
+def _session_members(sessions: set[int]) -> list[int]:
+    """Live processes whose session is one of `sessions`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) in sessions and _alive(int(entry.name)):
+                    members.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return members
+
+
+def _working_in(root: Path) -> list[int]:
+    """Live processes whose working directory is under `root` (the daemons chdir there, and so do their
+    children)."""
+    root = root.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cwd = (entry / "cwd").resolve()
+            except OSError:
+                continue
+            if (cwd == root or root in cwd.parents) and _alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from .conftest import REPO, tiny_train_overrides
 from .distributed import run_distributed
+from .runs import run_pretraining
 
 TOL = 1e-5
 VOCAB = 1000
@@ -29,15 +30,6 @@ RUNS = {
     "bert_dp2_zero2": ("bert", 1, "zero2.json"),
     "bert_dp2_zero3": ("bert", 1, "zero3.json"),
 }
-
-
-def _train(rank: int, world_size: int, argv: list[str]) -> int:
-    from megatron_narrow.pretrain import main
-
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"pretrain exited with {code}")
-    return code
 
 
 def _ds_config(tmp: Path, name: str) -> Path:
@@ -70,7 +62,7 @@ def converted(tmp_path_factory, tiny_corpus_data) -> dict[str, tuple[Path, Path]
             "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "parallel.tensor_parallel": str(tp)})
         argv = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config",
                 str(_ds_config(root, ds_name)), *overrides]
-        run_distributed(_train, 2, argv, init_process_group=False, timeout=240, env={"DS_ACCELERATOR": "cpu"})
+        run_pretraining(argv, world=2, timeout=240)
         if name == "bert_tp2":  # the command-line tool, as users run it
             result = convert(save_dir, root / f"hf_{name}")
             assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .conftest import REPO
-from .distributed import run_distributed
+from .runs import pretrain_argv, run_pretraining
 
 FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
           "default", "path", "module", "class", "method", "number", "time", "line", "is", "of", "to", "a", "in"]
@@ -90,21 +90,12 @@ def tiny_hf_models(tmp_path_factory, tiny_corpus_data) -> dict[str, Path]:
     return out
 
 
-def _finetune(rank: int, world_size: int, argv: list[str]) -> int:
-    from megatron_narrow.finetune import main
-
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"finetune exited with {code}")
-    return code
-
-
 def finetune(save_dir: Path, init_from: Path, **settings: str) -> dict:
     overrides = {"model.init_from": str(init_from), "train.save_dir": str(save_dir), "train.micro_batch_size": "16",
                  "train.lr": "1.0e-3", "train.warmup_steps": "10", "train.log_interval": "10",
                  "train.weight_decay": "0.0", **settings}
     argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *(f"{k}={v}" for k, v in overrides.items())]
-    run_distributed(_finetune, 2, argv, init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    run_pretraining(argv, world=2, entry="finetune", timeout=400)
     return json.loads((save_dir / "eval_results.json").read_text())
 
 
@@ -142,6 +133,19 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
     with torch.no_grad():
         logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ours
+    # logits, not only argmax: transformers' code and ours on the exported weights agree to fp32 rounding
+    from megatron_narrow.tasks.config import TaskConfig
+    from megatron_narrow.tasks.data import read_examples
+    from megatron_narrow.tasks.loop import encode_examples, task_logits
+    from megatron_narrow.tasks.predict import load_classifier
+
+    classifier = load_classifier(hf_dir)
+    task = TaskConfig(kind="sequence", max_seq_len=32, labels=classifier.labels)
+    tensors, _ = encode_examples(read_examples(sentiment_files["valid"], task), task, classifier.tokenizer,
+                                 classifier.labels, "valid")
+    with torch.no_grad():
+        our_logits = task_logits(classifier.model, tensors, "sequence")
+    torch.testing.assert_close(our_logits, logits, atol=1e-5, rtol=0)
     classify = pipeline("text-classification", model=str(hf_dir), trust_remote_code=remote)
     assert [r["label"] for r in classify(texts[:8])] == ours[:8]
 
@@ -194,27 +198,15 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
         [r["predictions"] for r in records]
 
 
-def _pretrain(rank: int, world_size: int, argv: list[str]) -> int:
-    from megatron_narrow.pretrain import main
-
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"pretrain exited with {code}")
-    return code
-
-
 def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_data):
     """A token_drop pretraining checkpoint (its tokenizer from the checkpoint) fine-tunes as plain BERT on text
     pairs; the export is a stock BertForSequenceClassification that classifies pairs as our model did."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from .conftest import tiny_train_overrides
-
     pretrained = tmp_path / "pretrain"
-    run_distributed(_pretrain, 1, ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config",
-                                   str(REPO / "ds_configs/zero1.json"),
-                                   *tiny_train_overrides(tiny_corpus_data, pretrained, "token_drop", steps=2)],
-                    init_process_group=False, timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    run_pretraining(pretrain_argv(tiny_corpus_data, pretrained, "token_drop",
+                                  ds_config=str(REPO / "ds_configs/zero1.json"),
+                                  **{"train.train_steps": "2", "train.save_interval": "0"}))
     rng = random.Random(3)
     pairs = []
     for example in sentiment_examples(96, 2):

@@ -52,15 +52,53 @@ def test_keep_all_equals_bert():
     assert (a.loss - b.loss).abs() <= 1e-6
 
 
-def test_dropping_changes_the_output_but_keeps_shapes():
-    batch = toy_batch()
-    bert = BertForPreTraining(tiny("bert"), special_ids=SPECIAL).eval()
-    drop = BertForPreTraining(tiny("token_drop", token_drop_keep_ratio=0.5), special_ids=SPECIAL).eval()
-    drop.load_state_dict(bert.state_dict(), strict=False)
+def _hf_layer(layer, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One transformers BertLayer over (B, S, H) with a (B, S) key mask (eager attention, additive mask)."""
+    additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    out = layer(hidden, attention_mask=additive)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_token_drop_forward_equals_its_definition_in_transformers_layers():
+    """The schedule rebuilt from stock transformers BertLayers on the same weights: layers 0..L/2-2 on all
+    tokens; the transition layer's outputs at the kept tokens (a query's output depends only on its own row
+    and all keys, so that is the full layer at those rows); the middle layers on the kept tokens alone; the
+    dropped tokens' transition inputs scattered back before the last layer. Logits at the targets agree to
+    fp32 rounding. The kept set is the model's own (test_kept_sets_* checks how it is chosen)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+
+    config = tiny("token_drop", token_drop_keep_ratio=0.5)
+    hf = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
+                                    intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                    attn_implementation="eager")).eval()
+    ours = BertForPreTraining(config, special_ids=SPECIAL).eval()
+    load_hf_state_dict(ours, hf.state_dict())
+    ours.bert.token_importance.importance[5:] = torch.linspace(0, 20, VOCAB - 5)  # a choice that depends on ids
+    ids, mask, types, positions, target_ids, valid = toy_batch()
+    seq = ids.shape[1]
+    kept, kept_real = ours.bert.token_importance.select(ids, mask, positions, valid, config.kept_tokens(seq))
+    assert 0 < kept.shape[1] < seq
+
+    layers = hf.bert.encoder.layer
     with torch.no_grad():
-        a, b = bert(*batch), drop(*batch)
-    assert a.logits.shape == b.logits.shape
-    assert (a.logits - b.logits)[..., :VOCAB].abs().max() > 1e-4  # 100x the keep-all agreement above
+        ours_logits = ours(ids, mask, types, positions, target_ids, valid).logits[..., :VOCAB]
+        hidden = hf.bert.embeddings(input_ids=ids, token_type_ids=types)
+        for index in (0, 1):
+            hidden = _hf_layer(layers[index], hidden, mask)
+        waiting = hidden
+        rows = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        hidden = _hf_layer(layers[2], hidden, mask).gather(1, rows)
+        for index in (3, 4):
+            hidden = _hf_layer(layers[index], hidden, kept_real)
+        hidden = _hf_layer(layers[5], waiting.scatter(1, rows, hidden), mask)
+        reference = hf.cls(hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+    torch.testing.assert_close(ours_logits, reference, atol=1e-5, rtol=0)
+    bert = BertForPreTraining(tiny("bert"), special_ids=SPECIAL).eval()
+    load_hf_state_dict(bert, hf.state_dict())
+    with torch.no_grad():  # and dropping matters here: plain BERT on the same weights is far from it
+        assert (bert(ids, mask, types, positions, target_ids, valid).logits[..., :VOCAB] - reference).abs().max() > 1e-3
 
 
 def test_kept_sets_hold_targets_and_specials_never_padding():

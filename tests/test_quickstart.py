@@ -1,0 +1,40 @@
+"""The README's main job, end to end: examples/quickstart_cpu.sh on a small corpus with a short run.
+
+Every stage runs as the user runs it (tokenizer, preprocessing with two workers, verify, the deepspeed
+launcher on two CPU ranks, export, fill-mask in stock transformers); only the install step (what CI just
+did) is skipped and the run is 20 steps instead of 200.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+from .conftest import REPO, write_jsonl
+from .distributed import free_port
+
+
+def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
+    corpus = write_jsonl(tmp_path / "docs.jsonl", stdlib_documents[:1500])
+    work = tmp_path / "quickstart"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        ["bash", "examples/quickstart_cpu.sh", "--skip-install", "--work-dir", str(work), "--input", str(corpus),
+         "--vocab-size", "1000", "--", "train.train_steps=20", "train.log_interval=5", "train.eval_interval=20"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = re.findall(r"^== (\d)/7", result.stdout, flags=re.M)
+    assert stages == [str(i) for i in range(1, 8)], stages
+    guesses = re.findall(r"^  (0\.\d{3})  Return the number of(.*) in the list\.$", result.stdout, flags=re.M)
+    assert len(guesses) == 5 and all(0 < float(score) <= 1 for score, _ in guesses), result.stdout[-2000:]
+    assert f"done: model in {work}/hf" in result.stdout
+
+    records = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20] and logged[-1]["loss"] < logged[0]["loss"]
+    assert logged[-1]["consumed_samples"] == 20 * 2 * 16  # two ranks x micro-batch 16 (tiny_cpu.yaml)
+    assert any("eval_loss" in r for r in records)
+    for name in ("config.json", "model.safetensors", "modeling_narrow_bert.py", "tokenizer.json", "README.md"):
+        assert (work / "hf" / name).is_file(), name
