@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megatron_narrow.config import DataConfig
-from megatron_narrow.data.preprocess import PreprocessConfig, preprocess
+from megatron_narrow.data.preprocess import PreprocessConfig, preprocess, split_paragraphs
 from megatron_narrow.data.samples import BertSampleDataset, split_documents
 from megatron_narrow.data.shards import IndexedDocuments
 from megatron_narrow.data.tokenizer import load_tokenizer
@@ -40,6 +40,8 @@ def test_samples_from_shards_rebuild_every_document(tmp_path, minilm_dir, stdlib
         assert real[0] == tokenizer.special.cls and real[-1] == tokenizer.special.sep
         document = int(dataset.sample_documents[index_sample])
         rebuilt.setdefault(document, []).append((int(starts[index_sample]), real[1:-1].tolist()))
+    texts = stdlib_documents[:600]  # the reference: the tokenizer on the raw text, not the shard reader
     for document in train.tolist():
         pieces = [tokens for _, tokens in sorted(rebuilt.get(document, []))]
-        assert [t for piece in pieces for t in piece] == documents.tokens(document).tolist()
+        expected = [t for ids in tokenizer.encode_batch(split_paragraphs(texts[document], True)) for t in ids]
+        assert [t for piece in pieces for t in piece] == expected
