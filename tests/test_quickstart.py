@@ -38,3 +38,14 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
     assert any("eval_loss" in r for r in records)
     for name in ("config.json", "model.safetensors", "modeling_narrow_bert.py", "tokenizer.json", "README.md"):
         assert (work / "hf" / name).is_file(), name
+
+
+def test_make_offline_corpus_writes_the_stdlib_docstrings(tmp_path, stdlib_documents):
+    """The quickstart's default corpus (step 2, skipped above by --input): the same documents as the fixture."""
+    import runpy
+
+    tool = runpy.run_path(str(REPO / "tools/make_offline_corpus.py"))
+    out = tmp_path / "corpus.jsonl"
+    assert tool["main"](["--output", str(out), "--max-documents", "50", "--repeat", "2"]) == 0
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert texts == stdlib_documents[:50] * 2
