@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_narrow.tasks.config import TaskConfig
+from megatron_narrow.tasks.data import read_examples
+from megatron_narrow.tasks.loop import encode_examples, task_logits
+from megatron_narrow.tasks.predict import load_classifier
+
 from .conftest import REPO
 from .runs import pretrain_argv, run_pretraining
 
@@ -134,11 +139,6 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
         logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ours
     # logits, not only argmax: transformers' code and ours on the exported weights agree to fp32 rounding
-    from megatron_narrow.tasks.config import TaskConfig
-    from megatron_narrow.tasks.data import read_examples
-    from megatron_narrow.tasks.loop import encode_examples, task_logits
-    from megatron_narrow.tasks.predict import load_classifier
-
     classifier = load_classifier(hf_dir)
     task = TaskConfig(kind="sequence", max_seq_len=32, labels=classifier.labels)
     tensors, _ = encode_examples(read_examples(sentiment_files["valid"], task), task, classifier.tokenizer,
@@ -176,7 +176,13 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
     hf_dir = save_dir / "hf"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForTokenClassification.from_pretrained(hf_dir, trust_remote_code=variant == "narrow").eval()
-    for record in records[:20]:
+    classifier = load_classifier(hf_dir)  # our model code on the export: the logits transformers computes below
+    task = TaskConfig(kind="token", max_seq_len=40, max_labeled_tokens=24, labels=classifier.labels)
+    tensors, _ = encode_examples(read_examples(valid, task)[:20], task, classifier.tokenizer, classifier.labels,
+                                 "valid")
+    with torch.no_grad():
+        our_logits = task_logits(classifier.model, tensors, "token")
+    for index, record in enumerate(records[:20]):
         encoding = tokenizer(record["tokens"], is_split_into_words=True, return_tensors="pt")
         firsts, previous = [], None
         for position, word in enumerate(encoding.word_ids()):
@@ -187,6 +193,7 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
             logits = model(**encoding).logits[0]
         tags = [model.config.id2label[i] for i in logits[firsts].argmax(-1).tolist()]
         assert tags == record["predictions"], record["tokens"]
+        torch.testing.assert_close(our_logits[index, :len(firsts)], logits[firsts], atol=1e-5, rtol=0)
 
     # words only (no tags column) through the batch prediction tool: the run's tags again
     words_only = tmp_path / "words.conll"
