@@ -142,17 +142,19 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
-        text = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        return dict(item.split("=", 1) for item in text.split() if "=" in item)
+        result = self.run(["scontrol", "show", "job", "-o", job_id], check=False)  # may fail while it is requeued
+        return dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
 
     def wait_for(self, job_id: str, condition: Callable[[dict[str, str]], bool], timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
-            if condition(info):
+            if info and condition(info):
                 return info
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id}: {info.get('JobState')} {info.get('Reason')} after {timeout} s")
+                log = (self.root / "slurmctld.log").read_text(errors="replace")[-3000:]
+                raise TimeoutError(f"job {job_id}: {info.get('JobState')} {info.get('Reason')} after {timeout} s; "
+                                   f"slurmctld.log:\n{log}")
             time.sleep(0.2)
 
 

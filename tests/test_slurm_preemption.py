@@ -8,6 +8,7 @@ losses of an uninterrupted run, bit for bit.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -40,12 +41,18 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(tmp_path, tin
                             "--time=1", "--signal=TERM@55", f"--output={log}", f"--chdir={REPO}",
                             str(REPO / "examples/pretrain_slurm.sbatch"), *argv(tiny_corpus_data, save_dir)[1:2],
                             *argv(tiny_corpus_data, save_dir)[4:]], env=job_env)
-        requeued = slurm.wait_for(job, lambda info: info.get("Restarts") == "1" or info["JobState"] in
-                                  ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), timeout=120)
+        requeued = slurm.wait_for(job, lambda info: (info.get("Restarts") == "1" and info["JobState"] == "PENDING")
+                                  or info["JobState"] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), timeout=120)
         assert requeued.get("Restarts") == "1", (requeued, log.read_text()[-3000:])
         # SLURM holds a requeued job for two minutes, and it would get the same 1-minute limit (and signal)
-        # again: release it now with room to finish
-        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"])
+        # again: release it now with room to finish (again if the requeue was still settling)
+        for _ in range(40):
+            update = slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"], check=False)
+            info = slurm.job(job)
+            if update.returncode == 0 and (info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime"):
+                break
+            time.sleep(0.5)
+        assert info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime", (info, update.stderr)
         done = slurm.wait_for(job, lambda info: info["JobState"] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"),
                               timeout=240)
     output = log.read_text()
