@@ -8,6 +8,7 @@ blank-line-separated blocks joined into single lines.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import sysconfig
 import warnings
@@ -45,9 +46,7 @@ def write_offline_corpus(path: str | Path, *, max_documents: int | None = None, 
     """Write the corpus as JSONL ({"text": ...} per line); returns the number of documents written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    documents = list(iter_stdlib_docstrings())
-    if max_documents is not None:
-        documents = documents[:max_documents]
+    documents = list(itertools.islice(iter_stdlib_docstrings(), max_documents))  # stops walking at the limit
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(repeat):
             for text in documents:
