@@ -45,14 +45,24 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(tmp_path, tin
                                   or info["JobState"] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), timeout=120)
         assert requeued.get("Restarts") == "1", (requeued, log.read_text()[-3000:])
         # SLURM holds a requeued job for two minutes, and it would get the same 1-minute limit (and signal)
-        # again: release it now with room to finish (again if the requeue was still settling)
-        for _ in range(40):
-            update = slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"], check=False)
+        # again: release it with room to finish, and again whenever the settling requeue holds it back. Not
+        # before the node is idle and a few seconds have passed: slurmd refuses to start a job whose previous
+        # run it is still cleaning up, or that it revoked within the same seconds ("Job credential revoked").
+        deadline = time.monotonic() + 30
+        while slurm.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() != "idle":
+            assert time.monotonic() < deadline, "the node never became idle after the requeue"
+            time.sleep(0.3)
+        time.sleep(3)
+        deadline = time.monotonic() + 60
+        while True:
             info = slurm.job(job)
-            if update.returncode == 0 and (info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime"):
-                break
-            time.sleep(0.5)
-        assert info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime", (info, update.stderr)
+            if info.get("JobState") not in ("PENDING", "REQUEUED", "COMPLETING", None):
+                break  # running (or already done)
+            assert time.monotonic() < deadline, ("the requeued job never started", info)
+            if info.get("Reason") == "BeginTime" or info.get("TimeLimit") != "00:10:00":
+                slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"], check=False)
+            time.sleep(0.3)
+        assert slurm.job(job).get("TimeLimit") == "00:10:00"
         done = slurm.wait_for(job, lambda info: info["JobState"] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"),
                               timeout=240)
     output = log.read_text()
