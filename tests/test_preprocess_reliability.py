@@ -16,17 +16,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from megatron_narrow.data import preprocess as preprocess_module
-from megatron_narrow.data.preprocess import PreprocessConfig, output_lock, preprocess
+from megatron_narrow.data.preprocess import output_lock
 from megatron_narrow.data.shards import DataError, IndexedDocuments, is_temp_file, temp_path
 from megatron_narrow.data.tokenizer import load_tokenizer
 
 from .conftest import REPO, write_jsonl
+from .test_preprocess import run_preprocess as preprocess_with_wordpiece
 
 KILL_SHARD_MB = 0.25
 
@@ -49,11 +51,7 @@ def vocab(minilm_dir) -> Path:
     return minilm_dir / "vocab.txt"
 
 
-def run_preprocess(inputs, out, vocab, **overrides) -> dict:
-    settings = dict(inputs=[str(p) for p in inputs], output_dir=str(out), tokenizer_type="wordpiece",
-                    tokenizer_model=str(vocab), shard_size_bytes=16 << 10, progress=False)
-    settings.update(overrides)
-    return preprocess(PreprocessConfig(**settings))
+run_preprocess = partial(preprocess_with_wordpiece, shard_size_bytes=16 << 10)  # several shards from small inputs
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:

@@ -28,7 +28,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     """Every check that needs no process group; returns the completed DeepSpeed config."""
     from megatron_narrow.training.data import check_data_paths
 
-    read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
+    ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
     run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
@@ -50,7 +50,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     for path in run.data.data_paths:
         check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
     check_resumable(run)
-    return deepspeed_config(ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+    return complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
 
 
 def check_resumable(run: RunConfig) -> None:
@@ -113,7 +113,12 @@ def read_deepspeed_json(path: str) -> dict:
 
 def deepspeed_config(path: str, run: RunConfig, data_parallel: int, pipeline_parallel: int = 1) -> dict:
     """Load a DeepSpeed JSON and fill in what our config owns: batch sizes, clipping, precision."""
-    ds = read_deepspeed_json(path)
+    return complete_deepspeed_config(read_deepspeed_json(path), path, run, data_parallel, pipeline_parallel)
+
+
+def complete_deepspeed_config(ds: dict, path: str, run: RunConfig, data_parallel: int,
+                              pipeline_parallel: int = 1) -> dict:
+    """`ds` (read from `path`, named in errors) with batch sizes, clipping and precision from the run config."""
     train = run.train
     gas = train.gradient_accumulation(data_parallel)
     ours = {"train_micro_batch_size_per_gpu": train.micro_batch_size, "gradient_accumulation_steps": gas,
