@@ -5,65 +5,64 @@ after SIGKILL; a TP=2 x PP=2 checkpoint converts to Hugging Face with the single
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, tiny_train_overrides
-from .distributed import free_port, run_distributed
+from .conftest import REPO
+from .runs import (
+    KILL_AFTER,
+    SAVE_EVERY,
+    STEPS,
+    latest,
+    losses,
+    pretrain_argv,
+    records,
+    run_pretraining,
+    start_pretraining,
+)
 
-STEPS, SAVE_EVERY, KILL_AFTER = 10, 3, 6
 TOL = 1e-5
+ZERO1 = str(REPO / "ds_configs/zero1.json")
 # one layout per run: name -> (pipeline_parallel, tensor_parallel)
 LAYOUTS = {"single": (1, 1), "pp2": (2, 1), "tp2_pp2": (2, 2)}
 
 
-def _train(rank: int, world_size: int, argv: list[str]) -> int:
-    """What the entry point runs; returns the first step this run trained (after a resume: the next one)."""
-    import torch.distributed as dist
-
-    from megatron_narrow.config import load_run_config
-    from megatron_narrow.pretrain import parse_args
-    from megatron_narrow.training.loop import pretrain
-
-    args = parse_args(argv)
-    records = pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config)
-    dist.destroy_process_group()
-    return records[0]["step"]
-
-
 def argv(data, save_dir: Path, variant: str, pipeline: int, tensor: int, **extra: str) -> list[str]:
     """10 steps of 2 micro-batches (the pipeline schedule interleaves them), dropout off, ZeRO-1."""
-    overrides = tiny_train_overrides(data, save_dir, variant, steps=STEPS, **{
+    return pretrain_argv(data, save_dir, variant, ds_config=ZERO1, **{
         "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "train.global_batch_size": "16",
-        "train.save_interval": str(SAVE_EVERY), "parallel.pipeline_parallel": str(pipeline),
-        "parallel.tensor_parallel": str(tensor), **extra})
-    return ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
-            "--deepspeed_config", str(REPO / "ds_configs/zero1.json"), *overrides]
+        "parallel.pipeline_parallel": str(pipeline), "parallel.tensor_parallel": str(tensor), **extra})
 
 
-def losses(save_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+def train(data, save_dir: Path, variant: str, pipeline: int, tensor: int, world: int | None = None,
+          **extra: str) -> dict[int, float]:
+    """Run to the end on pipeline x tensor ranks (or `world`); its per-step losses."""
+    run_pretraining(argv(data, save_dir, variant, pipeline, tensor, **extra), world=world or pipeline * tensor)
+    return losses(save_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(tmp_path_factory, tiny_corpus_data):
+    """(variant, layout name) -> save_dir of a finished 10-step run, made once and shared."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(variant: str, name: str) -> Path:
+        if (variant, name) not in made:
+            save_dir = tmp_path_factory.mktemp(f"pipeline_{variant}_{name}")
+            train(tiny_corpus_data, save_dir, variant, *LAYOUTS[name])
+            made[variant, name] = save_dir
+        return made[variant, name]
+
+    return get
 
 
 @pytest.fixture(scope="module", params=["bert", "narrow", "token_drop"])
-def runs(request, tmp_path_factory, tiny_corpus_data) -> dict[str, Path]:
+def runs(request, pipeline_runs) -> dict[str, Path]:
     """layout name -> save_dir of a finished 10-step run of the variant."""
-    variant = request.param
-    root = tmp_path_factory.mktemp(f"pipeline_{variant}")
-    out = {"variant": variant}
-    for name, (pipeline, tensor) in LAYOUTS.items():
-        save_dir = root / name
-        run_distributed(_train, pipeline * tensor, argv(tiny_corpus_data, save_dir, variant, pipeline, tensor),
-                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-        out[name] = save_dir
-    return out
+    return {"variant": request.param, **{name: pipeline_runs(request.param, name) for name in LAYOUTS}}
 
 
 def test_pipeline_losses_equal_one_process(runs):
@@ -80,39 +79,22 @@ def test_pipeline_losses_equal_one_process(runs):
         print(f"{runs['variant']} {name}: largest per-step loss difference {worst:.2e}")
 
 
-def latest(save_dir: Path) -> str | None:
-    marker = save_dir / "checkpoints" / "latest"
-    return marker.read_text().strip() if marker.is_file() else None
-
-
 def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
-    """SIGKILL both ranks of a PP=2 run once step 6 is checkpointed; the resumed run's losses equal the
-    uninterrupted PP=2 run's bit for bit. The ranks are started directly (RANK/WORLD_SIZE, as a launcher
-    would) because SIGKILL to torchrun's agent leaves its workers running."""
-    save_dir = runs["pp2"].parent / "pp2_killed"
-    port = str(free_port())
-    ranks = []
-    for rank in range(2):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        command = [sys.executable, str(REPO / "megatron_narrow/pretrain.py"),
-                   *argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1)]
-        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    """SIGKILL both ranks of a PP=2 run (and their process groups) once step 6 is checkpointed; the resumed
+    run says where it resumed and its losses equal the uninterrupted PP=2 run's bit for bit."""
+    save_dir = runs["pp2"].parent / f"{runs['pp2'].name}_killed"
+    run = start_pretraining(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), world=2)
     deadline = time.monotonic() + 300
-    while (latest(save_dir) != f"step_{KILL_AFTER:07d}" and all(r.poll() is None for r in ranks)
-           and time.monotonic() < deadline):
+    while latest(save_dir) != f"step_{KILL_AFTER:07d}" and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert all(r.poll() is None for r in ranks), "training ended before it could be killed"
-    for process in ranks:
-        process.send_signal(signal.SIGKILL)
-    for process in ranks:
-        process.wait()
+    assert run.poll() is None, "training ended before it could be killed"
+    run.send_signal(signal.SIGKILL, group=True)
+    run.wait()
     resume_from = int(latest(save_dir).removeprefix("step_"))  # 6, or 9 on a machine slow to deliver the kill
     assert resume_from in (KILL_AFTER, KILL_AFTER + SAVE_EVERY) and max(losses(save_dir)) < STEPS
 
-    first = run_distributed(_train, 2, argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1),
-                            init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-    assert first == [resume_from + 1] * 2, f"both ranks must resume after step {resume_from}, not {first}"
+    output = run_pretraining(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), world=2)
+    assert f"resumed from step {resume_from}" in output
     expected, resumed = losses(runs["pp2"]), losses(save_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
     for step in range(resume_from + 1, STEPS + 1):
@@ -157,16 +139,13 @@ def test_pipeline_with_pair_head_and_evaluation_equals_one_process(tmp_path, tin
     """Sentence-order prediction (the pooled [CLS] is the first query, the pair classifier sits on the last
     stage) and evaluation through the pipeline engine's inference schedule: the same losses as one process."""
     extra = {"data.pair_task": "sop", "train.eval_interval": "3", "train.eval_steps": "2"}
-    records = {}
+    logged = {}
     for name, (pipeline, tensor) in (("single", (1, 1)), ("pp2", (2, 1))):
-        save_dir = tmp_path / name
-        run_distributed(_train, pipeline * tensor,
-                        argv(tiny_corpus_data, save_dir, "narrow", pipeline, tensor, **extra),
-                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-        records[name] = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {name: [r["eval_loss"] for r in rs if "eval_loss" in r] for name, rs in records.items()}
+        train(tiny_corpus_data, tmp_path / name, "narrow", pipeline, tensor, **extra)
+        logged[name] = records(tmp_path / name)
+    evals = {name: [r["eval_loss"] for r in rs if "eval_loss" in r] for name, rs in logged.items()}
     assert len(evals["single"]) == STEPS // 3 and len(evals["pp2"]) == STEPS // 3
-    trains = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
+    trains = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in logged.items()}
     for key, values in (("eval", evals), ("train", trains)):
         for step, (a, b) in enumerate(zip(values["single"], values["pp2"], strict=True)):
             assert abs(a - b) <= TOL, f"{key} loss {step}: one process {a!r}, PP=2 {b!r}"
@@ -180,10 +159,9 @@ def test_pipeline_nonfinite_loss_is_skipped_and_counted(tmp_path, tiny_corpus_da
     import torch
 
     save_dir = tmp_path / "run"
-    run_distributed(_train, 2, argv(tiny_corpus_data, save_dir, "token_drop", 2, 1, **{
-        "train.lr": "1.0e+30", "train.nonfinite_loss": "skip", "train.train_steps": "3"}),
-        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-    logged = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    train(tiny_corpus_data, save_dir, "token_drop", 2, 1, **{
+        "train.lr": "1.0e+30", "train.nonfinite_loss": "skip", "train.train_steps": "3"})
+    logged = records(save_dir)
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert math.isfinite(logged[0]["loss"]) and all(r["loss"] is None for r in logged[1:])
     assert [r["skipped_steps"] for r in logged] == [0, 1, 2]
@@ -195,19 +173,15 @@ def test_pipeline_nonfinite_loss_is_skipped_and_counted(tmp_path, tiny_corpus_da
     assert not broken, f"non-finite after skipped steps: {broken}"
 
 
-def test_pipeline_with_data_parallelism_equals_one_process(tmp_path, tiny_corpus_data):
+def test_pipeline_with_data_parallelism_equals_one_process(tmp_path, tiny_corpus_data, pipeline_runs):
     """PP=2 x DP=2 (four ranks): the two replicas split each global batch of 16; losses (and through them the
     token-drop importance, reduced over the replicas) equal one process taking the batch as 2 x 8."""
-    values = {}
-    for name, world in (("single", 1), ("pp2_dp2", 4)):
-        save_dir = tmp_path / name
-        run_distributed(_train, world, argv(tiny_corpus_data, save_dir, "token_drop", 2 if world > 1 else 1, 1),
-                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-        values[name] = losses(save_dir)
-    assert sorted(values["pp2_dp2"]) == list(range(1, STEPS + 1))
-    for step, expected in values["single"].items():
-        got = values["pp2_dp2"][step]
-        assert abs(got - expected) <= TOL, f"step {step}: PP=2 x DP=2 {got!r}, one process {expected!r}"
+    expected = losses(pipeline_runs("token_drop", "single"))
+    got = train(tiny_corpus_data, tmp_path / "pp2_dp2", "token_drop", 2, 1, world=4)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= TOL, \
+            f"step {step}: PP=2 x DP=2 {got[step]!r}, one process {expected[step]!r}"
 
 
 def test_pipeline_starts_from_hugging_face_weights(tmp_path, tiny_corpus_data):
@@ -223,11 +197,8 @@ def test_pipeline_starts_from_hugging_face_weights(tmp_path, tiny_corpus_data):
     values = {}
     for name, pipeline, extra in (("single", 1, {"train.init_from_hf": str(hf_dir)}),
                                   ("pp2", 2, {"train.init_from_hf": str(hf_dir)}), ("fresh", 2, {})):
-        save_dir = tmp_path / name
-        run_distributed(_train, pipeline, argv(tiny_corpus_data, save_dir, "narrow", pipeline, 1,
-                                               **{"train.train_steps": "3", **extra}),
-                        init_process_group=False, timeout=400, env={"DS_ACCELERATOR": "cpu"})
-        values[name] = losses(save_dir)
+        values[name] = train(tiny_corpus_data, tmp_path / name, "narrow", pipeline, 1,
+                             **{"train.train_steps": "3", **extra})
     for step in (1, 2, 3):
         assert abs(values["pp2"][step] - values["single"][step]) <= TOL, (step, values)
     assert abs(values["fresh"][1] - values["pp2"][1]) > 1e-3, "the Hugging Face weights were not loaded"
