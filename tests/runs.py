@@ -40,7 +40,16 @@ def pretrain_argv(data, save_dir: Path, variant: str = "narrow", *, ds_config: s
             *tiny_train_overrides(data, save_dir, variant, steps=steps, **settings)]
 
 
-def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str) -> None:
+def allow_fp16_on_this_cpu() -> None:
+    """Let DeepSpeed's CPU accelerator accept fp16. It refuses fp16 where oneDNN has no fp16 kernels
+    (AVX512-FP16/AMX); torch still computes fp16 on any CPU, only slowly, which is all a tiny test run needs to
+    exercise DeepSpeed's fp16 optimizer and its dynamic loss scaler."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    CPU_Accelerator.is_fp16_supported = lambda self: True
+
+
+def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str, fp16_on_cpu: bool) -> None:
     """A rank: the caller's environment, output to a file, then the entry point as `python entry.py argv` runs it."""
     os.environ.clear()
     os.environ.update(env)
@@ -55,6 +64,8 @@ def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str) -> No
     import torch
 
     torch.set_num_threads(1)
+    if fp16_on_cpu:
+        allow_fp16_on_this_cpu()
     if entry == "finetune":
         from megatron_narrow import finetune as module
     else:
@@ -109,8 +120,9 @@ class WarmRun:
 
 
 def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None,
-                      entry: str = "pretrain") -> WarmRun:
-    """Start `world` ranks of megatron_narrow/{entry}.py with `argv`, as a launcher would, from warm processes."""
+                      entry: str = "pretrain", fp16_on_cpu: bool = False) -> WarmRun:
+    """Start `world` ranks of megatron_narrow/{entry}.py with `argv`, as a launcher would, from warm processes
+    (with fp16_on_cpu: see allow_fp16_on_this_cpu)."""
     workdir = Path(tempfile.mkdtemp(prefix="warm_run_"))
     base = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
@@ -122,7 +134,8 @@ def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | 
     for rank in range(world):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         log = workdir / f"rank{rank}.log"
-        process = ctx.Process(target=_rank_main, args=(entry, argv, rank_env, str(log)), name=f"rank{rank}")
+        process = ctx.Process(target=_rank_main, args=(entry, argv, rank_env, str(log), fp16_on_cpu),
+                              name=f"rank{rank}")
         process.start()
         run.processes.append(process)
         run.logs.append(log)
@@ -130,9 +143,9 @@ def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | 
 
 
 def run_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None, expect: int = 0,
-                    entry: str = "pretrain", timeout: float = 300) -> str:
+                    entry: str = "pretrain", timeout: float = 300, fp16_on_cpu: bool = False) -> str:
     """Run to the end; assert the exit code and return rank 0's output."""
-    run = start_pretraining(argv, world=world, env=env, entry=entry)
+    run = start_pretraining(argv, world=world, env=env, entry=entry, fp16_on_cpu=fp16_on_cpu)
     code = run.wait(timeout)
     output = run.output()
     assert code == expect, f"exit code {code}, expected {expect}; rank 0 output:\n{output[-4000:]}" + (

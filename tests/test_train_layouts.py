@@ -1,12 +1,15 @@
 """Promises of the training loop under every layout it supports, on warm ranks (tests/runs.py):
 
-- exact resume from a mid-run checkpoint with DP=2, TP=2, ZeRO-2 partitioned optimizer state, bf16 and
-  DataLoader workers: the losses after the resume equal the uninterrupted run's bit for bit;
+- exact resume from a mid-run checkpoint with DP=2, TP=2, ZeRO-2 partitioned optimizer state, bf16, fp16 with
+  a dynamic loss scale that moved before the checkpoint, and DataLoader workers: the losses (and skipped
+  steps) after the resume equal the uninterrupted run's bit for bit;
 - TP=2 x DP=2 equals one process with the same global batch per step at 1e-5;
 - tensorboard events hold what metrics.jsonl holds; weight decay skips biases and LayerNorm weights.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -21,7 +24,22 @@ LAYOUTS = {
     "zero2_dp2": (2, "zero2.json", {}),
     "bf16_zero1": (1, "zero1.json", {"train.precision": "bf16"}),
     "num_workers_1": (1, "zero0.json", {"train.num_workers": "1"}),
+    "fp16_zero1": (1, "zero1.json", {"train.precision": "fp16"}),
 }
+# fp16: a loss scale of 2^20 overflows (steps skipped) and halves; a window of 2 doubles it again every two good
+# steps, so the scaler's state at step 6 differs from a fresh one's: a resume that lost it skips other steps
+FP16_SCALER = {"initial_scale_power": 20, "loss_scale_window": 2, "hysteresis": 1}
+
+
+def ds_config_for(name: str, ds_name: str, tmp_path) -> str:
+    path = REPO / "ds_configs" / ds_name
+    if not name.startswith("fp16"):
+        return str(path)
+    config = json.loads(path.read_text())
+    config["fp16"] = {**config.get("fp16", {}), **FP16_SCALER}
+    custom = tmp_path / f"{name}.json"
+    custom.write_text(json.dumps(config))
+    return str(custom)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -29,18 +47,23 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
     ranks, ds_name, extra = LAYOUTS[name]
     settings = {"train.keep_last": "10", **extra}
     reference = tmp_path / "reference"
-    ds_config = str(REPO / "ds_configs" / ds_name)
+    ds_config = ds_config_for(name, ds_name, tmp_path)
+    fp16 = extra.get("train.precision") == "fp16"
     run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", ds_config=ds_config, **settings),
-                    world=ranks)
+                    world=ranks, fp16_on_cpu=fp16)
     expected = losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1)) and expected[STEPS] < expected[1]
+    skipped = [r["skipped_steps"] for r in records(reference)]
+    if fp16:
+        assert 0 < skipped[5] < 6, f"the loss scale must have overflowed before step 6: {skipped}"
 
     resumed = resume_from(reference, tmp_path / "resumed", 6)
     output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", ds_config=ds_config, **settings),
-                             world=ranks)
+                             world=ranks, fp16_on_cpu=fp16)
     assert "resumed from step 6" in output
     assert losses(resumed) == expected, f"{name}: the steps after the resume differ from the uninterrupted run"
-    assert [r["consumed_samples"] for r in records(resumed)] == [r["consumed_samples"] for r in records(reference)]
+    for key in ("consumed_samples", "skipped_steps"):
+        assert [r[key] for r in records(resumed)] == [r[key] for r in records(reference)], key
 
 
 def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data):
