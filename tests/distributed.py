@@ -16,6 +16,7 @@ rather than one torch import per rank. Each child still imports fn's module: kee
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from typing import Any
 _PRELOAD = ["__main__", "torch", "torch.distributed", "torch.distributed.tensor", "torch.nn.functional",
             "torch._dynamo", "deepspeed", "megatron_narrow.training.loop"]
 _GRACE_S = 2.0  # how long the other ranks may take to finish once one rank has failed
+_SLOW_S = 30.0  # a rank still running after this long dumps its stacks into its log, and a run that took
+# longer warns with them (an intermittent stall of ~120 s in 4-rank gloo tests has been seen twice)
 _NO_OUTPUT_HINT = ("(none: did unpickling fn fail before it ran? Is its module importable, and is the main module "
                    "guarded by if __name__ == '__main__'?)")
 
@@ -106,6 +110,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, resul
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # never depend on how the hostname resolves
     path = Path(result_dir) / f"rank{rank}.pkl"
     _redirect_output(Path(result_dir) / f"rank{rank}.log")
+    faulthandler.dump_traceback_later(_SLOW_S, exit=False)
     import torch
     import torch.distributed as dist
 
@@ -170,10 +175,11 @@ def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float
     port = store.port if store is not None else free_port()  # without init, rank 0 will bind MASTER_PORT itself
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, result_dir, args, env, timeout, init),
                          name=f"rank{r}") for r in range(world_size)]  # not daemonic: ranks may start workers
+    started = time.monotonic()
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout
+        deadline = started + timeout
         failed_at: float | None = None
         while any(p.is_alive() for p in procs):
             now = time.monotonic()
@@ -206,6 +212,10 @@ def _launch(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float
                 problems.append(((1, 0.0), f"rank {rank} exited with code {p.exitcode} {after}; its output:\n{output}"))
             else:
                 results.append(got[1])
+        if not problems and time.monotonic() - started > _SLOW_S:
+            stacks = "\n".join(f"rank {rank}:\n{log[-3000:]}" for rank, log in enumerate(logs) if "Thread 0x" in log)
+            warnings.warn(f"{fn.__module__}.{fn.__qualname__} on {world_size} ranks took "
+                          f"{time.monotonic() - started:.0f} s; stacks after {_SLOW_S:.0f} s:\n{stacks}", stacklevel=3)
         if problems:
             problems.sort(key=lambda item: item[0])  # root cause first: the earliest exception, then crashes
             raise DistributedTestError(f"{fn.__module__}.{fn.__qualname__} on {world_size} ranks failed:\n"
