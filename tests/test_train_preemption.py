@@ -67,3 +67,42 @@ def test_init_from_hugging_face_starts_from_its_weights(tmp_path, tiny_corpus_da
     first = losses(continued)[1]
     assert first < fresh - 0.5, f"continued pretraining starts at {first:.3f}, a fresh model at {fresh:.3f}"
     assert first < losses(trained)[10] + 0.3, "it must start about where the trained run ended"
+    check_init_from_hf_loads_every_weight(trained, hf_dir, tmp_path)
+
+
+def check_init_from_hf_loads_every_weight(trained, hf_dir, tmp_path) -> None:
+    """What the run loads is the trained checkpoint bit for bit; a missing head warns; a missing encoder tensor
+    is refused (a half-fresh encoder would train silently)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_narrow.config import ModelConfig
+    from megatron_narrow.model import BertForPreTraining
+    from megatron_narrow.training.loop import _load_hf
+
+    root = trained / "checkpoints"
+    tag = root / (root / "latest").read_text().strip()
+    model_config = ModelConfig(**json.loads((tag / "run_config.json").read_text())["model"])
+    expected = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    model, said = BertForPreTraining(model_config), []
+    _load_hf(model, str(hf_dir), said.append)
+    assert said == []
+    got = model.state_dict()
+    names = [k for k in expected if k != "bert.token_importance.importance"]
+    assert sorted(names) == sorted(k for k in got if k != "bert.token_importance.importance")
+    for name in names:
+        assert torch.equal(got[name], expected[name]), name
+
+    state = load_file(str(hf_dir / "model.safetensors"))
+    for dropped, outcome in (("cls.predictions.transform.dense.weight", "warning"),
+                             ("bert.encoder.layer.2.attention.output.dense.weight", "error")):
+        partial = tmp_path / f"partial_{outcome}"
+        partial.mkdir()
+        save_file({k: v for k, v in state.items() if k != dropped}, str(partial / "model.safetensors"))
+        said.clear()
+        if outcome == "warning":
+            _load_hf(BertForPreTraining(model_config), str(partial), said.append)
+            assert len(said) == 1 and said[0].startswith("warning:") and dropped in said[0], said
+        else:
+            with pytest.raises(ValueError, match="no weights for 1 encoder tensors"):
+                _load_hf(BertForPreTraining(model_config), str(partial), said.append)

@@ -116,7 +116,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
         if train.init_from_hf and not resuming:
-            _load_hf(model, train.init_from_hf)
+            _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
         mpu = None  # the pipeline module hands DeepSpeed its grid
     else:
         groups = ProcessGroups.from_world(run.parallel)
@@ -126,7 +126,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
                                    special_ids=data.special.as_dict()).to(device)
         if train.init_from_hf and not resuming:
-            _load_hf(model, train.init_from_hf)
+            _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
         mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
     optimizer = build_optimizer(model, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
@@ -248,8 +248,11 @@ def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: tor
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _load_hf(model, hf_dir: str) -> None:
-    """train.init_from_hf: the directory's safetensors into a BertForPreTraining or a pipeline stage."""
+def _load_hf(model, hf_dir: str, report) -> None:
+    """train.init_from_hf: the directory's safetensors into a BertForPreTraining or a pipeline stage.
+
+    An encoder weight the directory lacks is an error (the run would silently train a half-fresh encoder);
+    a missing head (MLM transform, pooler, pair classifier) starts fresh with a warning, as in Hugging Face."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -262,7 +265,11 @@ def _load_hf(model, hf_dir: str) -> None:
     state = {}
     for file in files:
         state.update(load_file(str(file)))
-    if isinstance(model, BertForPreTraining):
-        load_hf_state_dict(model, state)
-    else:
-        load_hf_into_pipeline(model, state)
+    load = load_hf_state_dict if isinstance(model, BertForPreTraining) else load_hf_into_pipeline
+    missing = load(model, state)
+    encoder = [name for name in missing if name.startswith(("bert.embeddings.", "bert.encoder."))]
+    if encoder:
+        raise ValueError(f"train.init_from_hf={hf_dir} has no weights for {len(encoder)} encoder tensors (e.g. "
+                         f"{', '.join(encoder[:3])}): point it at a BERT checkpoint of this model's shape")
+    if missing:
+        report(f"warning: train.init_from_hf={hf_dir} has no weights for {', '.join(missing)}; they start fresh")
