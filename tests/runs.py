@@ -167,6 +167,31 @@ def latest(save_dir: Path) -> str | None:
     return marker.read_text().strip() if marker.is_file() else None
 
 
+def latest_weights(save_dir: Path) -> dict[str, object]:
+    """Every model tensor of the latest checkpoint, keyed "file:name" (each TP rank and pipeline layer file)."""
+    import torch
+
+    tag = Path(save_dir) / "checkpoints" / latest(save_dir)
+    out = {}
+    for file in sorted(tag.glob("*model_states.pt")):
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        module = state["module"] if "module" in state else state  # pipeline: None there, tensors in layer_* files
+        for name, value in (module or {}).items():
+            out[f"{file.name}:{name}"] = value
+    assert out, f"no model states in {tag}"
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The latest checkpoints of two runs hold the same model tensors, bit for bit."""
+    import torch
+
+    first, second = latest_weights(a), latest_weights(b)
+    assert sorted(first) == sorted(second)
+    changed = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not changed, f"the final weights differ: {changed[:5]}"
+
+
 def copy_run_dir(reference: Path, target: Path) -> Path:
     """A private copy of a shared run's save_dir, for a test that resumes or damages it."""
     shutil.copytree(reference, target)

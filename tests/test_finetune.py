@@ -231,9 +231,23 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
                         truncation=True, max_length=48, return_tensors="pt")
     assert (encoded["token_type_ids"] == 1).any()
     with torch.no_grad():
-        hf = [model.config.id2label[i] for i in model(**encoded).logits.argmax(-1).tolist()]
+        logits = model(**encoded).logits
+    hf = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
     ours = [json.loads(line)["prediction"] for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
     assert hf == ours
+    # the same token and segment ids as our encoder, and the same logits to fp32 rounding (an argmax alone would
+    # pass a lost token-type embedding: after 6 steps most pairs get one label)
+    classifier = load_classifier(hf_dir)
+    task = TaskConfig(kind="sequence", max_seq_len=48, labels=classifier.labels, text_field="premise",
+                      text_pair_field="hypothesis")
+    tensors, _ = encode_examples(read_examples(train, task), task, classifier.tokenizer, classifier.labels, "train")
+    width = encoded["input_ids"].shape[1]
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(tensors[key][:, :width].long(), encoded[key]), key
+        assert not tensors[key][:, width:].any(), key
+    with torch.no_grad():
+        our_logits = task_logits(classifier.model, tensors, "sequence")
+    torch.testing.assert_close(our_logits, logits, atol=1e-5, rtol=0)
     assert json.loads((save_dir / "finetune_config.json").read_text())["task"]["text_pair_field"] == "hypothesis"
 
 

@@ -65,6 +65,11 @@ def test_tp2_equals_tp1(variant):
     tp_logits = torch.cat([r[1] for r in ranks], dim=-1)[..., :VOCAB]
     assert (tp_logits - logits[..., :VOCAB]).abs().max() <= 1e-5
 
+    replicated = [name for name in ranks[0][2] if name not in dims]
+    assert replicated, "LayerNorms, biases and embeddings are replicated"
+    for name in replicated:  # the merge below reads rank 0's copy: rank 1's must be the same
+        diff = (ranks[1][2][name] - ranks[0][2][name]).abs().max().item()
+        assert diff <= 1e-6, f"{variant}: rank 1's gradient of replicated {name} differs from rank 0's by {diff}"
     merged = merge_tensor_parallel([r[2] for r in ranks], dims)
     assert merged.keys() == grads.keys()
     for name, grad in grads.items():

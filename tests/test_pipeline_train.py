@@ -16,6 +16,7 @@ from .runs import (
     KILL_AFTER,
     SAVE_EVERY,
     STEPS,
+    assert_same_weights,
     latest,
     losses,
     pretrain_argv,
@@ -100,6 +101,7 @@ def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
     for step in range(resume_from + 1, STEPS + 1):
         assert resumed[step] == expected[step], \
             f"{runs['variant']} step {step}: {resumed[step]!r} != {expected[step]!r}"
+    assert_same_weights(save_dir, runs["pp2"])
 
 
 def test_tp2_pp2_checkpoint_converts_with_the_single_process_logits(runs, tmp_path):

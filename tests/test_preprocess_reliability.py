@@ -376,6 +376,7 @@ def test_bad_files_give_one_error_line_naming_the_file(tool, make_argv, code, ex
         assert (pattern.search(line) if isinstance(pattern, re.Pattern) else pattern in line), (pattern, line)
     if tool == "preprocess_data":
         assert not (tmp_path / "out" / "index.json").exists()
+    assert bad_files["file_out"].read_text() == "I am a file\n", "an output path that is a file is left alone"
 
 
 @pytest.mark.parametrize("tool", ["preprocess_data", "train_tokenizer", "verify_data"])

@@ -28,7 +28,7 @@ def test_pairs_from_csv_with_types_and_longest_first_truncation(tmp_path, tokeni
     path = tmp_path / "mnli.csv"
     path.write_text("premise,hypothesis,label\n"
                     "\"Return the value of the default path, then the module name\",the value,entailment\n"
-                    "a,\"the file, the list and the string\",neutral\n")
+                    "a,\"the file, the list, the module and the string\",neutral\n")
     task = TaskConfig(text_field="premise", text_pair_field="hypothesis", max_seq_len=12)
     examples = read_sequence_examples(path, task)
     labels = label_set(task, examples)
@@ -40,8 +40,14 @@ def test_pairs_from_csv_with_types_and_longest_first_truncation(tmp_path, tokeni
     kept_a = 9 - len(b)
     assert out["input_ids"][0].tolist() == [special.cls, *a[:kept_a], special.sep, *b, special.sep]
     assert out["token_type_ids"][0].tolist() == [0] * (kept_a + 2) + [1] * (len(b) + 1)
+    # the second row's hypothesis is the longer text: it loses its tail, the premise is kept whole
+    a, b = tokenizer.encode_batch([examples[1].text, examples[1].pair])
+    assert len(a) + len(b) > 9 and len(b) > len(a)
+    kept_b = 9 - len(a)
+    assert out["input_ids"][1].tolist() == [special.cls, *a, special.sep, *b[:kept_b], special.sep]
+    assert out["token_type_ids"][1].tolist() == [0] * (len(a) + 2) + [1] * (kept_b + 1)
     assert out["labels"].tolist() == [0, 1]
-    assert out["attention_mask"][1].sum() == (out["input_ids"][1] != special.pad).sum()
+    assert out["attention_mask"][1].tolist() == [1] * 12
 
 
 def test_conll_words_labeled_at_their_first_piece(tmp_path, tokenizer):

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from .conftest import REPO
-from .runs import STEPS, losses, pretrain_argv, records, resume_from, run_pretraining
+from .runs import STEPS, assert_same_weights, losses, pretrain_argv, records, resume_from, run_pretraining
 
 NO_DROPOUT = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0"}
 # name -> (ranks, DeepSpeed config, overrides); checkpoints every 3 steps, all kept
@@ -64,6 +64,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
     assert losses(resumed) == expected, f"{name}: the steps after the resume differ from the uninterrupted run"
     for key in ("consumed_samples", "skipped_steps"):
         assert [r[key] for r in records(resumed)] == [r[key] for r in records(reference)], key
+    assert_same_weights(resumed, reference)  # the last update too, which no logged loss shows
 
 
 def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data):

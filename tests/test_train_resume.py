@@ -14,6 +14,7 @@ import pytest
 from .runs import (
     KILL_AFTER,
     STEPS,
+    assert_same_weights,
     copy_run_dir,
     latest,
     losses,
@@ -47,6 +48,7 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
     for step in range(KILL_AFTER + 1, STEPS + 1):
         assert resumed[step] == expected[step], f"step {step}: {resumed[step]!r} != {expected[step]!r}"
+    assert_same_weights(killed, reference_runs(variant))
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tmp_path, tiny_corpus_data,
