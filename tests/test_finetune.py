@@ -168,7 +168,7 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
     save_dir = tmp_path / "run"
     results = finetune(save_dir, tiny_hf_models[variant], **{
         "task.kind": "token", "task.train_file": train, "task.valid_file": valid, "task.max_seq_len": "40",
-        "task.max_labeled_tokens": "24", "train.train_steps": "400", "train.lr": "2.0e-3"})
+        "task.max_labeled_tokens": "24", "train.train_steps": "250", "train.lr": "3.0e-3"})
     assert results["span_f1"] >= 0.9 and results["entities_gold"] > 100, results
 
     records = [json.loads(line) for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
