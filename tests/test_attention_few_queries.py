@@ -31,5 +31,6 @@ def test_attention_through_weights_equals_projected_keys_and_values():
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_fast, grads_slow, strict=True):
         # the key bias shifts every score of a query equally: through the softmax its gradient is zero,
-        # which the fast path knows (None) and the projected path computes (~1e-7)
+        # which the fast path knows (None) and the projected path computes (~1e-7). 1e-4: the weight gradients
+        # are sums of products that cancel ((q W_k) x against q (W_k x)); measured 2.9e-5 on the key weight
         torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, atol=1e-4, rtol=1e-4)

@@ -93,9 +93,9 @@ def test_80_10_10_proportions():
         counts["random"] += int(np.sum((new != SPECIAL.mask) & (new != old)))
         counts["keep"] += int(np.sum(new == old))
     total = sum(counts.values())
-    assert abs(counts["mask"] / total - 0.8) < 0.015
-    assert abs(counts["random"] / total - 0.1) < 0.015
-    assert abs(counts["keep"] / total - 0.1) < 0.015
+    assert abs(counts["mask"] / total - 0.8) < 0.008  # ~4 standard deviations of 30k draws
+    assert abs(counts["random"] / total - 0.1) < 0.008  # ~4 standard deviations of 30k draws
+    assert abs(counts["keep"] / total - 0.1) < 0.008  # ~4 standard deviations of 30k draws
 
 
 def test_special_tokens_never_targets():
