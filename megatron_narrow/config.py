@@ -45,6 +45,15 @@ class DataConfig:
     pair_task: Literal["none", "nsp", "sop"] = "none"
     """Second pretraining task: none (MLM only, as both papers), next-sentence or sentence-order."""
 
+    packing: Literal["none", "concat", "segments"] = "none"
+    """How samples fill a row of seq_len. none: one document piece per row, padded (Google BERT, Megatron).
+    concat: several samples end to end, [SEP] between them, full attention (RoBERTa FULL-SENTENCES, Hugging
+    Face run_mlm). segments: several `[CLS] A [SEP]` samples end to end, each attending only to itself with
+    positions restarting: the same maths as running them one by one, without the padding."""
+
+    max_segments: int | None = None
+    """packing=segments/concat: at most this many samples per row (None: as many as fit)."""
+
     seed: int = 1234
     """Seed of shuffling and masking: sample i of epoch e is a pure function of (seed, e, i)."""
 
@@ -64,6 +73,7 @@ class DataConfig:
             )
         if self.pair_task not in ("none", "nsp", "sop"):
             raise ValueError(f"data.pair_task must be none, nsp or sop, got {self.pair_task!r}")
+        self._check_packing()
         if self.data_weights is not None and len(self.data_weights) != len(self.data_paths):
             raise ValueError(
                 f"data.data_weights has {len(self.data_weights)} entries but data.data_paths has {len(self.data_paths)}"
@@ -71,6 +81,18 @@ class DataConfig:
         if self.data_weights is not None and (any(w < 0 for w in self.data_weights) or sum(self.data_weights) <= 0):
             raise ValueError(f"data.data_weights must be non-negative with a positive sum, got {self.data_weights}")
         split_fractions(self.split)
+
+
+    def _check_packing(self) -> None:
+        if self.packing not in ("none", "concat", "segments"):
+            raise ValueError(f"data.packing must be none, concat or segments, got {self.packing!r}")
+        if self.max_segments is not None and self.max_segments < 1:
+            raise ValueError(f"data.max_segments must be >= 1 (or null for no bound), got {self.max_segments}")
+        if self.packing == "none":
+            return
+        if self.pair_task != "none":
+            raise ValueError(f"data.packing={self.packing} with data.pair_task={self.pair_task}: a packed row has no "
+                             "single sentence pair; set data.pair_task=none (both papers train MLM only)")
 
 
 def split_fractions(split: str) -> tuple[float, float, float]:

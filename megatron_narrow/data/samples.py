@@ -9,6 +9,11 @@ with numpy (one Python call per document to read sentence lengths) and stored as
 of (config.seed, i): the epoch's order is a permutation seeded by (seed, epoch, name) and the pair/mask
 randomness comes from a Philox generator keyed by (seed, name, i). Any worker, rank or restart that asks
 for sample i gets the same tensors.
+
+With data.packing (concat or segments) an item is a row of several of those samples (data/packing.py
+decides once, seeded, which samples share a row; every sample is in exactly one row), and the epoch
+permutation shuffles rows. segments rows add segment_ids (1, 2, ... per segment, 0 on padding) and
+position_ids that restart at every segment; each segment is masked as the sample it would be unpacked.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import numpy as np
 from megatron_narrow.config import DataConfig, split_fractions
 from megatron_narrow.data.documents import DocumentSource
 from megatron_narrow.data.masking import mask_tokens
+from megatron_narrow.data.packing import pack_samples
 
 # Distinguishes the two uses of the seed (epoch shuffle vs per-sample randomness).
 _SHUFFLE_SALT = 0x5EED_0001
 _SAMPLE_SALT = 0x5EED_0002
+_PACK_SALT = 0x5EED_0003
 
 
 def split_documents(num_documents: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,7 +59,8 @@ class BertSampleDataset:
     Each item is a dict of numpy arrays: input_ids, attention_mask, token_type_ids (int64[S]),
     target_positions, target_ids (int64[M]), target_valid (bool[M]), and pair_label (int64 scalar array)
     when config.pair_task is not "none". Layout: `[CLS] A [SEP]`, or `[CLS] A [SEP] B [SEP]` with token
-    type 1 on B and its [SEP].
+    type 1 on B and its [SEP]. packing=concat: `[CLS] A1 [SEP] A2 [SEP] ...`; packing=segments:
+    `[CLS] A1 [SEP] [CLS] A2 [SEP] ...` plus segment_ids and position_ids (int64[S]).
     """
 
     def __init__(
@@ -103,6 +111,9 @@ class BertSampleDataset:
         self._perm_epoch = -1
         self._perm = np.zeros(0, dtype=np.int64)
         self._build_index()
+        self._row_members = self._row_starts = None
+        if config.packing != "none":
+            self._build_rows()
 
     # ----------------------------------------------------------------------------------- index
 
@@ -159,6 +170,16 @@ class BertSampleDataset:
         self._sample_first_piece = sample_first[order]
         self._sample_end_piece = sample_end[order]
 
+    def _build_rows(self) -> None:
+        """packing: which samples share a row. A sample of n tokens costs n + 2 slots as a segment
+        ([CLS] and [SEP]) and n + 1 in a concat row (its [SEP]; the row's one [CLS] is set aside)."""
+        start, end = self.sample_token_ranges
+        segments = self.config.packing == "segments"
+        capacity = self.config.seq_len if segments else self.config.seq_len - 1
+        rng = np.random.default_rng([*self._shuffle_seed, _PACK_SALT])
+        self._row_members, self._row_starts = pack_samples(end - start + (2 if segments else 1), capacity, rng,
+                                                           self.config.max_segments)
+
     @property
     def sample_documents(self) -> np.ndarray:
         """int64[N]: global document index of each sample (index order, before shuffling)."""
@@ -171,8 +192,19 @@ class BertSampleDataset:
         return self._piece_start[self._sample_first_piece], self._piece_start[last] + self._piece_len[last]
 
     def __len__(self) -> int:
-        """Samples per epoch."""
+        """Samples (packed rows, with packing) per epoch."""
+        if self._row_starts is not None:
+            return int(self._row_starts.size - 1)
         return int(self._sample_local_doc.size)
+
+    @property
+    def num_unpacked_samples(self) -> int:
+        """Ordinary samples per epoch (the rows' segments, with packing)."""
+        return int(self._sample_local_doc.size)
+
+    def row_members(self, row: int) -> np.ndarray:
+        """packing: the index-order samples of packed row `row`."""
+        return self._row_members[self._row_starts[row]:self._row_starts[row + 1]]
 
     # ----------------------------------------------------------------------------------- samples
 
@@ -198,7 +230,24 @@ class BertSampleDataset:
         epoch, j = divmod(index, n)
         s = int(self.epoch_permutation(epoch)[j])
         rng = self.sample_rng(index)
+        if self._row_starts is not None:
+            pieces = [self._sample_tokens(int(m))[0] for m in self.row_members(s)]
+            return self._packed_segments(pieces, rng) if self.config.packing == "segments" else \
+                self._packed_concat(pieces, rng)
 
+        tokens, local_doc, first, stop, start = self._sample_tokens(s)
+        pair_label = None
+        if self.config.pair_task == "none":
+            a, b = tokens, None
+        else:
+            a, b, pair_label = self._pair(rng, tokens, local_doc, first, stop, start)
+        sample = self._layout(a, b, rng)
+        if pair_label is not None:
+            sample["pair_label"] = np.array(pair_label, dtype=np.int64)
+        return sample
+
+    def _sample_tokens(self, s: int) -> tuple[np.ndarray, int, int, int, int]:
+        """(tokens, local document, first piece, end piece, token start) of index-order sample `s`."""
         local_doc = int(self._sample_local_doc[s])
         first, stop = int(self._sample_first_piece[s]), int(self._sample_end_piece[s])
         start = int(self._piece_start[first])
@@ -209,17 +258,7 @@ class BertSampleDataset:
                 f"document {self.document_indices[local_doc]} has {len(doc_tokens)} tokens but its sentence "
                 f"lengths reach {end}"
             )
-        tokens = doc_tokens[start:end]
-
-        pair_label = None
-        if self.config.pair_task == "none":
-            a, b = tokens, None
-        else:
-            a, b, pair_label = self._pair(rng, tokens, local_doc, first, stop, start)
-        sample = self._layout(a, b, rng)
-        if pair_label is not None:
-            sample["pair_label"] = np.array(pair_label, dtype=np.int64)
-        return sample
+        return doc_tokens[start:end], local_doc, first, stop, start
 
     def _pair(
         self, rng: np.random.Generator, tokens: np.ndarray, local_doc: int, first: int, stop: int, start: int
@@ -248,9 +287,62 @@ class BertSampleDataset:
         b = other_tokens[b_start : b_start + self.target_length - len(a)]
         return a, b, 1
 
-    def _layout(self, a: np.ndarray, b: np.ndarray | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Place [CLS] A [SEP] (B [SEP]) into static-shape arrays and mask them."""
+    def _mask(self, input_ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generator):
+        return mask_tokens(input_ids, candidate_mask=candidates, config=self.config, rng=rng,
+                           vocab_size=self.vocab_size, special=self.special, word_start=self.word_start)
+
+    def _packed_concat(self, pieces: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`[CLS] A1 [SEP] A2 [SEP] ...`, full attention, masked as one sample."""
         seq_len, sp = self.config.seq_len, self.special
+        input_ids = np.full(seq_len, sp.pad, dtype=np.int64)
+        candidates = np.zeros(seq_len, dtype=bool)
+        input_ids[0] = sp.cls
+        offset = 1
+        for tokens in pieces:
+            input_ids[offset:offset + len(tokens)] = tokens
+            candidates[offset:offset + len(tokens)] = True
+            offset += len(tokens)
+            input_ids[offset] = sp.sep
+            offset += 1
+        attention_mask = (np.arange(seq_len) < offset).astype(np.int64)
+        masked, positions, ids, valid = self._mask(input_ids, candidates, rng)
+        return {"input_ids": masked, "attention_mask": attention_mask,
+                "token_type_ids": np.zeros(seq_len, dtype=np.int64), "target_positions": positions,
+                "target_ids": ids, "target_valid": valid}
+
+    def _packed_segments(self, pieces: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`[CLS] A1 [SEP] [CLS] A2 [SEP] ...`: each segment laid out and masked as its own sample would be."""
+        seq_len, m = self.config.seq_len, self.config.max_predictions
+        row = {key: np.zeros(seq_len, dtype=np.int64) for key in
+               ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "position_ids")}
+        row["input_ids"][:] = self.special.pad
+        target_positions, target_ids = [], []
+        offset = 0
+        for number, tokens in enumerate(pieces, start=1):
+            alone = self._layout(tokens, None, rng, length=len(tokens) + 2)
+            span = slice(offset, offset + len(tokens) + 2)
+            row["input_ids"][span] = alone["input_ids"]
+            row["attention_mask"][span] = 1
+            row["segment_ids"][span] = number
+            row["position_ids"][span] = np.arange(len(tokens) + 2)
+            valid = alone["target_valid"]
+            target_positions.append(alone["target_positions"][valid] + offset)
+            target_ids.append(alone["target_ids"][valid])
+            offset += len(tokens) + 2
+        positions, ids = np.concatenate(target_positions), np.concatenate(target_ids)
+        if positions.size > m:  # training/setup.check_packed_targets sizes M for the worst row
+            raise ValueError(f"a packed row needs {positions.size} targets but data.max_predictions={m}")
+        row["target_positions"] = np.zeros(m, dtype=np.int64)
+        row["target_ids"] = np.full(m, self.special.pad, dtype=np.int64)
+        row["target_valid"] = np.arange(m) < positions.size
+        row["target_positions"][:positions.size] = positions
+        row["target_ids"][:positions.size] = ids
+        return row
+
+    def _layout(self, a: np.ndarray, b: np.ndarray | None, rng: np.random.Generator,
+                length: int | None = None) -> dict[str, np.ndarray]:
+        """Place [CLS] A [SEP] (B [SEP]) into static-shape arrays of `length` (seq_len) and mask them."""
+        seq_len, sp = length or self.config.seq_len, self.special
         la = len(a)
         lb = 0 if b is None else len(b)
         real = la + 2 + (0 if b is None else lb + 1)
@@ -270,15 +362,7 @@ class BertSampleDataset:
             token_type_ids[2 + la : 3 + la + lb] = 1
             candidates[2 + la : 2 + la + lb] = True
         attention_mask[:real] = 1
-        masked, positions, ids, valid = mask_tokens(
-            input_ids,
-            candidate_mask=candidates,
-            config=self.config,
-            rng=rng,
-            vocab_size=self.vocab_size,
-            special=sp,
-            word_start=self.word_start,
-        )
+        masked, positions, ids, valid = self._mask(input_ids, candidates, rng)
         return {
             "input_ids": masked,
             "attention_mask": attention_mask,

@@ -28,6 +28,11 @@ def few_queries(num_queries: int, head_dim: int) -> bool:
     return num_queries * 4 <= head_dim
 
 
+def head_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A key mask (B, S) or a per-query mask (B, Q, S), True = may attend, broadcast over heads: (B, 1, ., S)."""
+    return mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
+
+
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, T, h*d) -> (B, h, T, d)"""
     b, t, _ = x.shape
@@ -73,7 +78,7 @@ class BertSelfAttention(nn.Module):
         context = copy_to_tensor_region(context, self.group)
         pulled = torch.einsum("bhqd,hdk->bhqk", q, self.key.weight.view(heads, d, hidden))  # (B, h, Q, H)
         scores = torch.einsum("bhqk,bsk->bhqs", pulled, context) * d ** -0.5  # (B, h, Q, S)
-        probs = scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+        probs = scores.masked_fill(~head_mask(key_mask), float("-inf")).softmax(dim=-1)
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0:
             fork = self.tracker.fork() if self.tracker is not None else contextlib.nullcontext()
@@ -87,7 +92,8 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real.
+        """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real,
+        or (B, Q, S) True where that query may attend that key (packed segments: encoder.segment_mask).
 
         With neither context nor kv this is ordinary self-attention (one fused QKV GEMM). A few queries
         against a context attend through the weights (attend_through_weights).
@@ -103,7 +109,7 @@ class BertSelfAttention(nn.Module):
         else:
             q = split_heads(self.query(queries), self.head_dim)
             k, v = kv if kv is not None else self.project_kv(context)
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
+        mask = head_mask(key_mask)
         dropout_p = self.dropout_p if self.training else 0.0
         fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
         with fork:

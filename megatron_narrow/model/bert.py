@@ -52,17 +52,18 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
-                query_valid: torch.Tensor | None = None) -> torch.Tensor:
+                query_valid: torch.Tensor | None = None, *, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids -> (B, Q, H) at query_positions (B, Q), or (B, S, H) when None.
 
         narrow computes its last layers only for the query positions; token_drop also forces them
-        (where query_valid) into the kept set.
+        (where query_valid) into the kept set. segment_ids/position_ids: packed rows (data.packing=segments).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.embeddings(input_ids, token_type_ids)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         return self.encoder(hidden, attention_mask, query_positions, importance=self.token_importance,
-                            input_ids=input_ids, forced_valid=query_valid)
+                            input_ids=input_ids, forced_valid=query_valid, segment_ids=segment_ids)
 
 
 @dataclass
@@ -121,14 +122,18 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 target_positions: torch.Tensor, target_ids: torch.Tensor, target_valid: torch.Tensor,
-                pair_label: torch.Tensor | None = None, num_targets: torch.Tensor | None = None) -> PretrainingOutput:
+                pair_label: torch.Tensor | None = None, num_targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> PretrainingOutput:
         """MLM (+ pair) loss. `num_targets` replaces this batch's valid-target count as the MLM loss's
         denominator: the training loop passes the global batch's count (per rank and micro-batch), so
-        that data parallelism and gradient accumulation reproduce one big batch exactly."""
+        that data parallelism and gradient accumulation reproduce one big batch exactly. segment_ids and
+        position_ids come with packed segments (data.packing=segments)."""
         positions, valid = target_positions, target_valid
         if self.cls.seq_relationship is not None:
             positions, valid = with_cls_query(positions, valid)
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid, segment_ids=segment_ids,
+                           position_ids=position_ids)
         logits, pair_logits = pretraining_logits(hidden, self.bert.embeddings.word_embeddings.weight,
                                                  self.cls.predictions, self.bert.pooler, self.cls.seq_relationship)
         loss, losses = pretraining_loss(logits, pair_logits, target_ids, target_valid, self.groups.tensor,

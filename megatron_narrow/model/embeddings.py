@@ -28,12 +28,14 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """position_ids (B, S): packed segments restart them; None is 0..S-1."""
         seq_len = input_ids.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise ValueError(f"sequence of {seq_len} tokens exceeds the {self.position_embeddings.num_embeddings} "
                              "learned positions")
-        positions = torch.arange(seq_len, device=input_ids.device)
+        positions = torch.arange(seq_len, device=input_ids.device) if position_ids is None else position_ids
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # (B, S, H)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]

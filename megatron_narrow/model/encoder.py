@@ -9,6 +9,10 @@ its own (model/pipeline.py), with the state packed into fixed-shape tensors betw
 - token_drop: layers 0..L/2-2 on all tokens; layer L/2-1 (transition) queries the kept tokens against
               all; layers L/2..L-2 on kept tokens only; the dropped tokens' states wait and are scattered
               back before layer L-1, which runs on all positions.
+
+Packed segments (data.packing=segments) carry `segment_ids`; every attention then takes a per-query mask
+(segment_mask) so that each row (a full position, a narrow query, a kept token) sees only the keys of its
+own segment. Without segment ids the key mask is used as before.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ class EncoderState:
     """token_drop, after the transition: (B, k) kept positions, in order."""
     kept_mask: torch.Tensor | None = None
     """token_drop, after the transition: (B, k) bool, which kept positions are real tokens."""
+    segment_ids: torch.Tensor | None = None
+    """Packed segments: (B, S) int, 1, 2, ... per segment, 0 on padding (None: one sample per row)."""
+    query_segments: torch.Tensor | None = None
+    """narrow with packed segments, after the full-length layers: (B, Q) segment of each query row."""
+
+
+def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
+    """(B, Q) and (B, S) segment ids -> (B, Q, S) bool: a query may attend the real keys of its own segment.
+    A query on padding (segment 0; nobody reads its output) may attend every real key, as unpacked padding
+    does: a row with no key at all would make the softmax NaN, and NaN leaks into gradients."""
+    queries, keys = query_segments.unsqueeze(-1), key_segments.unsqueeze(1)
+    return (keys != 0) & ((queries == keys) | (queries == 0))
 
 
 def transition_layer(config: ModelConfig) -> int:
@@ -62,18 +78,22 @@ def transition_layer(config: ModelConfig) -> int:
     return config.num_layers // 2 - 1
 
 
-def state_fields(config: ModelConfig, index: int) -> tuple[str, ...]:
+def state_fields(config: ModelConfig, index: int, segments: bool = False) -> tuple[str, ...]:
     """The EncoderState fields present before layer `index` (index == num_layers: the encoder's output,
-    hidden states at the query positions), for a walk that has query positions."""
+    hidden states at the query positions), for a walk that has query positions; `segments`: packed rows."""
     if index >= config.num_layers:
         return ("hidden",)
     if config.variant == "narrow" and index > config.full_length_layers:
-        return ("hidden", "key_mask", "context")
+        fields = ("hidden", "key_mask", "context")
+        return (*fields, "segment_ids", "query_segments") if segments else fields
     if config.variant == "token_drop":
         if index <= transition_layer(config):
-            return ("hidden", "key_mask", "query_positions", "query_valid", "input_ids")
-        return ("hidden", "key_mask", "query_positions", "context", "kept", "kept_mask")
-    return ("hidden", "key_mask", "query_positions")
+            fields = ("hidden", "key_mask", "query_positions", "query_valid", "input_ids")
+        else:
+            fields = ("hidden", "key_mask", "query_positions", "context", "kept", "kept_mask")
+    else:
+        fields = ("hidden", "key_mask", "query_positions")
+    return (*fields, "segment_ids") if segments else fields
 
 
 CPU_GEMM_OUTPUT_BYTES = 30 << 20
@@ -109,6 +129,9 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
     layers = list(layers)
     num_layers, variant = config.num_layers, config.variant
     full, transition = config.full_length_layers, transition_layer(config)
+    segments = state.segment_ids
+    full_mask = state.key_mask if segments is None else segment_mask(segments, segments)
+    narrow_mask = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in layers:
         if variant == "narrow" and index >= full:
@@ -116,26 +139,35 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
                 state.context = state.hidden
                 if state.query_positions is not None:
                     state.hidden = gather_positions(state.context, state.query_positions)
+                if segments is not None:
+                    state.query_segments = segments if state.query_positions is None else \
+                        segments.gather(1, state.query_positions)
                 state.query_positions = None
+            if narrow_mask is None:
+                narrow_mask = state.key_mask if segments is None else segment_mask(state.query_segments, segments)
             if few_queries(state.hidden.shape[1], config.head_dim):  # e.g. [CLS] only: no K/V for all positions
-                state.hidden = layer(state.hidden, state.key_mask, context=state.context)
+                state.hidden = layer(state.hidden, narrow_mask, context=state.context)
             else:
                 if index not in kv:
                     rest = [(i, lay) for i, lay in layers if i >= index]
                     projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
                     kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
-                state.hidden = layer(state.hidden, state.key_mask, kv=kv[index])
+                state.hidden = layer(state.hidden, narrow_mask, kv=kv[index])
         elif variant == "token_drop" and index == transition:
             _drop_tokens(config, layer, state, importance)
         elif variant == "token_drop" and transition < index < num_layers - 1:
-            state.hidden = layer(state.hidden, state.kept_mask)
+            if segments is None:
+                state.hidden = layer(state.hidden, state.kept_mask)
+            else:
+                kept_segments = segments.gather(1, state.kept)
+                state.hidden = layer(state.hidden, segment_mask(kept_segments, kept_segments))
         elif variant == "token_drop" and index == num_layers - 1:
             index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
             restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin
             state.context = state.kept = state.kept_mask = None
-            state.hidden = layer(restored, state.key_mask)
+            state.hidden = layer(restored, full_mask)
         else:
-            state.hidden = layer(state.hidden, state.key_mask)
+            state.hidden = layer(state.hidden, full_mask)
         if index == num_layers - 1 and state.query_positions is not None:
             state.hidden = gather_positions(state.hidden, state.query_positions)
             state.query_positions = None
@@ -144,13 +176,17 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
 
 def _drop_tokens(config: ModelConfig, layer: BertLayer, state: EncoderState,
                  importance: TokenImportance | None) -> None:
-    """The transition layer: pick the kept tokens, let them attend to all, and park the full states."""
+    """The transition layer: pick the kept tokens, let them attend to all (of their own segment, when
+    packed), and park the full states."""
     if importance is None or state.input_ids is None:
         raise ValueError("variant=token_drop needs the importance vector and the input ids")
     k = config.kept_tokens(state.hidden.shape[1])
     kept, kept_mask = importance.select(state.input_ids, state.key_mask, state.query_positions, state.query_valid, k)
+    mask = state.key_mask
+    if state.segment_ids is not None:
+        mask = segment_mask(state.segment_ids.gather(1, kept), state.segment_ids)
     state.context = state.hidden  # the dropped tokens' states wait here unchanged
-    state.hidden = layer(gather_positions(state.hidden, kept), state.key_mask, context=state.hidden)
+    state.hidden = layer(gather_positions(state.hidden, kept), mask, context=state.hidden)
     state.kept, state.kept_mask = kept, kept_mask
     state.input_ids = state.query_valid = None
 
@@ -165,8 +201,8 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, query_positions: torch.Tensor | None,
                 *, importance: TokenImportance | None = None, input_ids: torch.Tensor | None = None,
-                forced_valid: torch.Tensor | None = None) -> torch.Tensor:
+                forced_valid: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, S, H) embeddings -> (B, Q, H) at query_positions (B, Q), or (B, S, H) if None."""
         state = EncoderState(hidden=hidden, key_mask=attention_mask.bool(), query_positions=query_positions,
-                             query_valid=forced_valid, input_ids=input_ids)
+                             query_valid=forced_valid, input_ids=input_ids, segment_ids=segment_ids)
         return run_layers(self.config, enumerate(self.layer), state, group=self.group, importance=importance).hidden

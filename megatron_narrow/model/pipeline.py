@@ -65,11 +65,13 @@ def unpack(inputs: torch.Tensor | tuple[torch.Tensor, ...], fields: tuple[str, .
 
 
 def pipeline_inputs(batch: dict[str, torch.Tensor], pair_head: bool) -> tuple[torch.Tensor, ...]:
-    """The first stage's inputs from a pretraining batch: ids, mask, types, query positions and validity."""
+    """The first stage's inputs from a pretraining batch: ids, mask, types, query positions and validity
+    (+ segment and position ids of packed segments)."""
     positions, valid = batch["target_positions"], batch["target_valid"]
     if pair_head:
         positions, valid = with_cls_query(positions, valid)
-    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], positions, valid
+    inputs = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], positions, valid
+    return (*inputs, batch["segment_ids"], batch["position_ids"]) if "segment_ids" in batch else inputs
 
 
 def pipeline_labels(batch: dict[str, torch.Tensor], num_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -79,35 +81,39 @@ def pipeline_labels(batch: dict[str, torch.Tensor], num_targets: torch.Tensor) -
 
 
 class EmbeddingPipe(BertEmbeddings):
-    """Item 0 (tied): (ids, mask, types, query positions, query valid) -> the state before layer 0."""
+    """Item 0 (tied): (ids, mask, types, query positions, query valid[, segment ids, position ids]) -> the
+    state before layer 0."""
 
-    def __init__(self, config: ModelConfig, *, groups: ProcessGroups) -> None:
+    def __init__(self, config: ModelConfig, *, groups: ProcessGroups, segments: bool = False) -> None:
         super().__init__(config, groups, component_generator(config.init_seed, "embeddings"))
-        self.config = config
+        self.config, self.segments = config, segments
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, attention_mask, token_type_ids, positions, valid = inputs
-        state = EncoderState(hidden=super().forward(input_ids, token_type_ids), key_mask=attention_mask.bool(),
-                             query_positions=positions, query_valid=valid.bool(), input_ids=input_ids)
-        return pack(state, state_fields(self.config, 0))
+        input_ids, attention_mask, token_type_ids, positions, valid, *packed = inputs
+        segment_ids, position_ids = packed if self.segments else (None, None)
+        state = EncoderState(hidden=super().forward(input_ids, token_type_ids, position_ids),
+                             key_mask=attention_mask.bool(), query_positions=positions, query_valid=valid.bool(),
+                             input_ids=input_ids, segment_ids=segment_ids)
+        return pack(state, state_fields(self.config, 0, self.segments))
 
 
 class EncoderLayerPipe(nn.Module):
     """Item 1 + index: one encoder layer; token_drop's transition layer also holds the importance vector."""
 
     def __init__(self, config: ModelConfig, index: int, *, groups: ProcessGroups,
-                 tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None) -> None:
+                 tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None,
+                 segments: bool = False) -> None:
         super().__init__()
-        self.config, self.index, self.group = config, index, groups.tensor
+        self.config, self.index, self.group, self.segments = config, index, groups.tensor, segments
         self.layer = BertLayer(config, groups, component_generator(config.init_seed, f"layer.{index}"), tracker)
         drops_tokens = config.variant == "token_drop" and index == transition_layer(config)
         self.token_importance = build_token_importance(config, special_ids) if drops_tokens else None
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        state = unpack(inputs, state_fields(self.config, self.index))
+        state = unpack(inputs, state_fields(self.config, self.index, self.segments))
         state = run_layers(self.config, [(self.index, self.layer)], state, group=self.group,
                            importance=self.token_importance)
-        return pack(state, state_fields(self.config, self.index + 1))
+        return pack(state, state_fields(self.config, self.index + 1, self.segments))
 
 
 class TiedDecoderPipe(nn.Module):
@@ -211,13 +217,15 @@ class BertPipeline(PipelineModule):
 
     def __init__(self, config: ModelConfig, topology, *, seq_len: int, num_queries: int, partition: str = "cost",
                  pair_head: bool = False, tracker: RNGStatesTracker | None = None,
-                 special_ids: dict[str, int] | None = None) -> None:
+                 special_ids: dict[str, int] | None = None, segments: bool = False) -> None:
+        """segments: the batches are packed segments (segment and position ids travel with the state)."""
         config.validate(tensor_parallel=topology.get_dim("model"))
         self.config = config
         self.pair_head = pair_head
         self._partition_args = dict(seq_len=seq_len, num_queries=num_queries)
-        specs = [TiedLayerSpec(TIE_KEY, EmbeddingPipe, config, tied_weight_attr=["word_embeddings.weight"]),
-                 *(LayerSpec(EncoderLayerPipe, config, i, tracker=tracker, special_ids=special_ids)
+        specs = [TiedLayerSpec(TIE_KEY, EmbeddingPipe, config, tied_weight_attr=["word_embeddings.weight"],
+                               segments=segments),
+                 *(LayerSpec(EncoderLayerPipe, config, i, tracker=tracker, special_ids=special_ids, segments=segments)
                    for i in range(config.num_layers)),
                  TiedLayerSpec(TIE_KEY, TiedDecoderPipe, config, forward_fn=hand_over_decoder,
                                tied_weight_attr=["word_embeddings.weight"]),

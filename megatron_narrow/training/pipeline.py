@@ -50,7 +50,8 @@ def build_pipeline(run: RunConfig, special_ids: dict[str, int]) -> PipelineModel
     pair_head = run.data.pair_task != "none"
     module = BertPipeline(run.model, topology, seq_len=run.data.seq_len,
                           num_queries=run.data.max_predictions + int(pair_head), partition=layout.pipeline_partition,
-                          pair_head=pair_head, tracker=tracker, special_ids=special_ids)
+                          pair_head=pair_head, tracker=tracker, special_ids=special_ids,
+                          segments=run.data.packing == "segments")
     return PipelineModel(module=module, groups=module.groups, tracker=tracker)
 
 

@@ -41,6 +41,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
         if k < forced:
             raise ValueError(f"model token_drop keeps {k} tokens but every sample forces up to {forced} in "
                              f"(data.max_predictions={run.data.max_predictions} targets + [CLS]/[SEP]); keep more")
+    check_packed_targets(run.data)
     check_data_paths(run.data)
     identity = None
     if run.train.tokenizer_model:
@@ -51,6 +52,19 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
         check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
     check_resumable(run)
     return complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+
+
+def check_packed_targets(data) -> None:
+    """packing=segments masks each segment as its own sample; the row's target slots must hold the worst case."""
+    if data.packing != "segments":
+        return
+    from megatron_narrow.data.packing import max_packed_targets
+
+    needed = max_packed_targets(data.seq_len, data.mask_prob)
+    if data.max_predictions < needed:
+        raise ValueError(f"data.max_predictions={data.max_predictions} is too small for data.packing=segments: a "
+                         f"packed row of {data.seq_len} can need {needed} targets (each segment rounds its 15% up); "
+                         f"set data.max_predictions={needed}")
 
 
 def check_resumable(run: RunConfig) -> None:
