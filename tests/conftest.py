@@ -76,14 +76,14 @@ def reference_runs(tmp_path_factory, tiny_corpus_data):
     and shared: resume, preemption and conversion tests copy a run's save_dir and compare against it."""
     from .runs import pretrain_argv, run_pretraining
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def get(variant: str) -> Path:
-        if variant not in made:
-            save_dir = tmp_path_factory.mktemp(f"reference_{variant}")
-            run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, variant))
-            made[variant] = save_dir
-        return made[variant]
+    def get(variant: str, packing: str = "none") -> Path:
+        if (variant, packing) not in made:
+            save_dir = tmp_path_factory.mktemp(f"reference_{variant}_{packing}")
+            run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, variant, **{"data.packing": packing}))
+            made[variant, packing] = save_dir
+        return made[variant, packing]
 
     return get
 

@@ -47,15 +47,15 @@ def train(data, save_dir: Path, variant: str, pipeline: int, tensor: int, world:
 
 @pytest.fixture(scope="session")
 def pipeline_runs(tmp_path_factory, tiny_corpus_data):
-    """(variant, layout name) -> save_dir of a finished 10-step run, made once and shared."""
-    made: dict[tuple[str, str], Path] = {}
+    """(variant, layout name[, packing]) -> save_dir of a finished 10-step run, made once and shared."""
+    made: dict[tuple[str, str, str], Path] = {}
 
-    def get(variant: str, name: str) -> Path:
-        if (variant, name) not in made:
-            save_dir = tmp_path_factory.mktemp(f"pipeline_{variant}_{name}")
-            train(tiny_corpus_data, save_dir, variant, *LAYOUTS[name])
-            made[variant, name] = save_dir
-        return made[variant, name]
+    def get(variant: str, name: str, packing: str = "none") -> Path:
+        if (variant, name, packing) not in made:
+            save_dir = tmp_path_factory.mktemp(f"pipeline_{variant}_{name}_{packing}")
+            train(tiny_corpus_data, save_dir, variant, *LAYOUTS[name], **{"data.packing": packing})
+            made[variant, name, packing] = save_dir
+        return made[variant, name, packing]
 
     return get
 
@@ -78,6 +78,22 @@ def test_pipeline_losses_equal_one_process(runs):
                 f"{runs['variant']} {name} step {step}: {got[step]!r}, one process {reference[step]!r}"
         worst = max(abs(got[s] - reference[s]) for s in reference)
         print(f"{runs['variant']} {name}: largest per-step loss difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
+def test_packed_segments_under_tp2_pp2_equal_one_process(variant, pipeline_runs):
+    """data.packing=segments: segment and position ids travel through the pipeline and the TP layers; the
+    per-step losses of TP=2 x PP=2 equal one process's, and packing did pack (rows of several segments)."""
+    reference = losses(pipeline_runs(variant, "single", "segments"))
+    got = losses(pipeline_runs(variant, "tp2_pp2", "segments"))
+    assert sorted(reference) == sorted(got) == list(range(1, STEPS + 1))
+    assert reference[STEPS] < reference[1], "the tiny packed run must learn"
+    for step, value in reference.items():
+        assert abs(got[step] - value) <= TOL, f"{variant} step {step}: TP2xPP2 {got[step]!r}, one process {value!r}"
+    fractions = [r["real_token_fraction"] for r in records(pipeline_runs(variant, "single", "segments"))
+                 if "loss" in r]
+    unpacked = [r["real_token_fraction"] for r in records(pipeline_runs(variant, "single")) if "loss" in r]
+    assert sum(fractions) / len(fractions) > 0.85 > 0.75 > sum(unpacked) / len(unpacked), (fractions, unpacked)
 
 
 def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):

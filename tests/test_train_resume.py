@@ -25,14 +25,16 @@ from .runs import (
 )
 
 
-@pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
-def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, reference_runs, variant):
-    expected = losses(reference_runs(variant))
+@pytest.mark.parametrize(("variant", "packing"), [("bert", "none"), ("narrow", "none"), ("token_drop", "none"),
+                                                  ("narrow", "segments")])
+def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, reference_runs, variant, packing):
+    expected = losses(reference_runs(variant, packing))
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert expected[STEPS] < expected[1], "the tiny run must learn"
 
     killed = tmp_path / "killed"
-    process = start_pretraining(pretrain_argv(tiny_corpus_data, killed, variant))
+    argv = pretrain_argv(tiny_corpus_data, killed, variant, **{"data.packing": packing})
+    process = start_pretraining(argv)
     deadline = time.monotonic() + 300
     while latest(killed) != f"step_{KILL_AFTER:07d}" and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -42,13 +44,13 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
     killed_at = max(losses(killed))
     assert KILL_AFTER <= killed_at < STEPS, (killed_at, latest(killed))
 
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, killed, variant))
+    output = run_pretraining(argv)
     assert f"resumed from step {KILL_AFTER}" in output
     resumed = losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
     for step in range(KILL_AFTER + 1, STEPS + 1):
         assert resumed[step] == expected[step], f"step {step}: {resumed[step]!r} != {expected[step]!r}"
-    assert_same_weights(killed, reference_runs(variant))
+    assert_same_weights(killed, reference_runs(variant, packing))
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tmp_path, tiny_corpus_data,

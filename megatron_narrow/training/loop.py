@@ -187,7 +187,9 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             loss = _all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
             sequences_per_s = global_batch / step_time
             record = {"step": step, "loss": loss, "lr": lr,
-                      "tokens_per_s": total_tokens / step_time, "step_time_s": step_time,
+                      "tokens_per_s": total_tokens / step_time,  # real tokens ([CLS]/[SEP] included), not padding
+                      "real_token_fraction": total_tokens / (global_batch * run.data.seq_len),
+                      "step_time_s": step_time,
                       "samples_per_s": sequences_per_s, "consumed_samples": consumed,
                       "skipped_steps": skipped,
                       "mfu": (flops_per_sequence * sequences_per_s / (peak * dist.get_world_size()))

@@ -64,6 +64,8 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
         speed = f" | {record['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in record else ""
+        if "real_token_fraction" in record:
+            speed += f" ({record['real_token_fraction'] * 100:.0f}% real)"
         mfu = f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
         loss = "nan" if strict["loss"] is None else f"{record['loss']:.4f}"
         print(f"step {step}/{self.total_steps} | loss {loss} | lr {record['lr']:.3e}{speed} | "
