@@ -67,6 +67,15 @@ CASES = {
                                          2, "pipeline.pipe_partitioned=true splits only the first tensor"),
     "more_stages_than_layers": ({"parallel.pipeline_parallel": "8"}, {"zero_optimization": {"stage": 1}}, 8,
                                 "parallel.pipeline_parallel=8: cannot split 4 layers into 8 pipeline stages"),
+    "packing_with_pair_task": ({"data.packing": "segments", "data.pair_task": "sop"}, None, 1,
+                               "data.packing=segments with data.pair_task=sop: a packed row has no single sentence "
+                               "pair; set data.pair_task=none"),
+    "packed_targets_too_few": ({"data.packing": "segments", "data.max_predictions": "9"}, None, 1,
+                               "data.max_predictions=9 is too small for data.packing=segments: a packed row of 64 "
+                               "can need 10 targets"),
+    "max_segments_zero": ({"data.packing": "concat", "data.max_segments": "0"}, None, 1,
+                          "data.max_segments must be >= 1 (or null for no bound), got 0"),
+    "unknown_packing": ({"data.packing": "pack"}, None, 1, "data.packing must be none, concat or segments"),
 }
 
 
