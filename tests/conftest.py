@@ -61,6 +61,7 @@ def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "
         "model.variant": variant, "model.vocab_size": "1000", "model.hidden_size": "64", "model.num_layers": "4",
         "model.num_heads": "4", "model.max_position_embeddings": "64", "model.token_drop_keep_ratio": "0.75",
         "data.data_paths": f"[{data['data']}]", "data.seq_len": "64", "data.max_predictions": "10",
+        "data.packing": "none",
         "train.micro_batch_size": "8", "train.train_steps": str(steps), "train.lr": "2.0e-3",
         "train.warmup_steps": "2", "train.log_interval": "1", "train.eval_interval": "0",
         "train.save_interval": "0", "train.save_dir": str(save_dir), "train.tokenizer_type": "sentencepiece",
