@@ -67,15 +67,6 @@ def dataset(documents: IndexedDocuments, seq_len: int, packing: str) -> BertSamp
     return BertSampleDataset(documents, train, DataConfig(seq_len=seq_len, max_predictions=targets, packing=packing))
 
 
-def real_token_fraction(ds: BertSampleDataset) -> float:
-    """Exact, from the index: every sample's tokens plus its [CLS]/[SEP] slots, over rows x seq_len."""
-    start, end = ds.sample_token_ranges
-    tokens = int((end - start).sum())
-    specials = {"none": 2 * ds.num_unpacked_samples, "segments": 2 * ds.num_unpacked_samples,
-                "concat": ds.num_unpacked_samples + len(ds)}[ds.config.packing]
-    return (tokens + specials) / (len(ds) * ds.config.seq_len)
-
-
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
 
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for packing in MODES:
                 ds = dataset(documents, seq_len, packing)
                 datasets[seq_len, packing] = ds
-                fraction = real_token_fraction(ds)
+                fraction = ds.real_token_fraction()
                 results["real_token_fraction"][f"{packing}_{seq_len}"] = fraction
                 print(f"| {seq_len} | {packing} | {len(ds):,} | {fraction:.3f} |")
 

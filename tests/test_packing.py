@@ -236,3 +236,28 @@ def test_max_packed_targets_is_the_worst_row():
                     best = max(best, sum(targets(x) for x in lengths))
         assert max_packed_targets(seq_len, 0.15) == best, seq_len
     assert max_packed_targets(512, 0.15) == 85 and max_packed_targets(64, 0.15) == 10
+
+
+@pytest.mark.parametrize("packing", ["none", "concat", "segments"])
+def test_real_token_fraction_is_what_the_rows_hold(documents, packing):
+    ds = dataset(documents, packing)
+    held = sum(int(ds[i]["attention_mask"].sum()) for i in range(len(ds))) / (len(ds) * SEQ)
+    assert ds.real_token_fraction() == pytest.approx(held, abs=1e-12)
+
+
+def test_data_stats_tool_prints_each_mode(tiny_corpus_data, documents, capsys):
+    import runpy
+
+    from .conftest import REPO
+
+    tool = runpy.run_path(str(REPO / "tools/data_stats.py"))
+    assert tool["main"]([str(tiny_corpus_data["data"]), "--seq-len", str(SEQ)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(documents):,} documents" in out and "p50" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["none"], ["concat"],
+                                                                                              ["segments"])}
+    for packing in ("none", "concat", "segments"):
+        ds = dataset(documents, packing)
+        assert rows[packing][1] == f"{len(ds):,}" and rows[packing][2] == f"{ds.real_token_fraction():.1%}"
+    assert tool["main"]([str(tiny_corpus_data["root"] / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith("error:")

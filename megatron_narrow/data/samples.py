@@ -202,6 +202,14 @@ class BertSampleDataset:
         """Ordinary samples per epoch (the rows' segments, with packing)."""
         return int(self._sample_local_doc.size)
 
+    def real_token_fraction(self) -> float:
+        """Real slots (tokens and their [CLS]/[SEP]) over all slots of one epoch, exact from the index."""
+        start, end = self.sample_token_ranges
+        samples = self.num_unpacked_samples
+        overhead = {"none": 2 + (self.config.pair_task != "none"), "segments": 2, "concat": 1}[self.config.packing]
+        real = int((end - start).sum()) + overhead * samples + (len(self) if self.config.packing == "concat" else 0)
+        return real / max(len(self) * self.config.seq_len, 1)
+
     def row_members(self, row: int) -> np.ndarray:
         """packing: the index-order samples of packed row `row`."""
         return self._row_members[self._row_starts[row]:self._row_starts[row + 1]]
