@@ -57,6 +57,14 @@ class DataConfig:
     seed: int = 1234
     """Seed of shuffling and masking: sample i of epoch e is a pure function of (seed, e, i)."""
 
+    index_cache_dir: str | None = None
+    """Where sample indices are cached as .npy files, built once and memory-mapped by every rank (None: an
+    index_cache folder inside each data path; set it when the data directories are read-only)."""
+
+    index_cache_shared: bool = True
+    """Whether every node sees index_cache_dir (a shared filesystem): rank 0 builds the index and the others
+    wait. false: the first rank of each node builds its own copy (the same bytes)."""
+
     def __post_init__(self) -> None:
         if self.seq_len < 8:
             raise ValueError(f"data.seq_len must be at least 8, got {self.seq_len}")

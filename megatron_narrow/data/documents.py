@@ -30,6 +30,20 @@ class DocumentSource(Protocol):
         ...
 
 
+def gather_sentence_lengths(source: DocumentSource, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 lengths of every sentence of the documents `indices`, in order; int64 sentences per document).
+
+    Sources that can answer for many documents at once (IndexedDocuments.sentence_lengths_of: slices of the
+    memory-mapped Arrow buffers) do; others are asked one document at a time."""
+    indices = np.asarray(indices, dtype=np.int64)
+    many = getattr(source, "sentence_lengths_of", None)
+    if many is not None:
+        return many(indices)
+    per_document = [np.asarray(source.sentence_lengths(int(d)), dtype=np.int64) for d in indices]
+    counts = np.array([x.size for x in per_document], dtype=np.int64)
+    return (np.concatenate(per_document) if per_document else np.zeros(0, dtype=np.int64)), counts
+
+
 class InMemoryDocuments:
     """A DocumentSource over Python lists: documents as lists of sentences of token ids."""
 

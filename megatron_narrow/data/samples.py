@@ -19,12 +19,16 @@ position_ids that restart at every segment; each segment is masked as the sample
 from __future__ import annotations
 
 import itertools
+import os
+import uuid
 import zlib
+from pathlib import Path
 
 import numpy as np
 
 from megatron_narrow.config import DataConfig, split_fractions
-from megatron_narrow.data.documents import DocumentSource
+from megatron_narrow.data.documents import DocumentSource, gather_sentence_lengths
+from megatron_narrow.data.index_cache import cache_key, load_or_build
 from megatron_narrow.data.masking import mask_tokens
 from megatron_narrow.data.packing import pack_samples
 
@@ -32,6 +36,10 @@ from megatron_narrow.data.packing import pack_samples
 _SHUFFLE_SALT = 0x5EED_0001
 _SAMPLE_SALT = 0x5EED_0002
 _PACK_SALT = 0x5EED_0003
+# The arrays of the sample index (attributes "_" + name); the packed ones exist with data.packing only.
+_INDEX_ARRAYS = ("piece_start", "piece_len", "doc_first_piece", "doc_end_piece", "nonempty_docs",
+                 "sample_local_doc", "sample_first_piece", "sample_end_piece")
+_ROW_ARRAYS = ("row_members", "row_starts")
 
 
 def split_documents(num_documents: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,6 +79,7 @@ class BertSampleDataset:
         *,
         word_start: np.ndarray | None = None,
         name: str = "train",
+        cache_dir: str | Path | None = None,
     ) -> None:
         """
         Args:
@@ -79,6 +88,9 @@ class BertSampleDataset:
             config: sequence length, masking and pair task; config.seed seeds everything.
             word_start: bool[vocab_size], True where a token starts a word; needed for whole-word masking.
             name: salts the shuffle and masking streams, so the train and valid splits draw differently.
+            cache_dir: keep the index (and epoch orders) here as memory-mapped .npy files, built once for
+                every process that asks for the same one (data/index_cache.py); None builds it in memory.
+                Needs a source with a `fingerprint` (IndexedDocuments).
         """
         self.documents = documents
         self.document_indices = np.asarray(document_indices, dtype=np.int64)
@@ -110,20 +122,36 @@ class BertSampleDataset:
         self._key_high = int(np.random.SeedSequence([config.seed, salt, _SAMPLE_SALT]).generate_state(1, np.uint64)[0])
         self._perm_epoch = -1
         self._perm = np.zeros(0, dtype=np.int64)
-        self._build_index()
         self._row_members = self._row_starts = None
-        if config.packing != "none":
+        self.cache_entry: Path | None = None
+        fingerprint = getattr(documents, "fingerprint", None)
+        if cache_dir is not None and fingerprint is not None:
+            key = cache_key({"documents": fingerprint, "document_indices": self.document_indices,
+                             "seq_len": config.seq_len, "pair_task": config.pair_task, "packing": config.packing,
+                             "max_segments": config.max_segments, "seed": config.seed, "name": name})
+            self.cache_entry = Path(cache_dir) / f"{name}-{key}"
+            arrays = load_or_build(self.cache_entry, self._index_arrays)
+        else:
+            arrays = self._index_arrays()
+        for array_name, array in arrays.items():
+            setattr(self, "_" + array_name, array)
+
+    def _index_arrays(self) -> dict[str, np.ndarray]:
+        """Build the sample index (and the packed rows) in memory: the arrays a cache entry holds."""
+        self._build_index()
+        names = _INDEX_ARRAYS
+        if self.config.packing != "none":
             self._build_rows()
+            names += _ROW_ARRAYS
+        return {name: getattr(self, "_" + name) for name in names}
 
     # ----------------------------------------------------------------------------------- index
 
     def _build_index(self) -> None:
         """Cut sentences into pieces <= target_length and pack consecutive pieces of a document greedily."""
         t = self.target_length
-        lengths = [np.asarray(self.documents.sentence_lengths(int(d)), dtype=np.int64) for d in self.document_indices]
-        n_docs = len(lengths)
-        sent_counts = np.array([x.size for x in lengths], dtype=np.int64)
-        sent_len = np.concatenate(lengths) if n_docs else np.zeros(0, dtype=np.int64)
+        sent_len, sent_counts = gather_sentence_lengths(self.documents, self.document_indices)
+        n_docs = len(self.document_indices)
         sent_doc = np.repeat(np.arange(n_docs, dtype=np.int64), sent_counts)
         # Token offset of each sentence inside its document.
         global_start = np.cumsum(sent_len) - sent_len
@@ -217,12 +245,29 @@ class BertSampleDataset:
     # ----------------------------------------------------------------------------------- samples
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
-        """int64[N]: index-order sample behind each position of `epoch`; the current epoch's is cached."""
+        """int64[N]: index-order sample behind each position of `epoch`; the current epoch's is kept (with a
+        cache: memory-mapped from `epoch_E.npy` in the cache entry, written by whoever needs it first)."""
         if epoch != self._perm_epoch:
-            rng = np.random.default_rng([*self._shuffle_seed, epoch])
-            self._perm = rng.permutation(len(self))
+            self._perm = self._cached_permutation(epoch) if self.cache_entry is not None else \
+                self._compute_permutation(epoch)
             self._perm_epoch = epoch
         return self._perm
+
+    def _compute_permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([*self._shuffle_seed, epoch]).permutation(len(self))
+
+    def _cached_permutation(self, epoch: int) -> np.ndarray:
+        path = self.cache_entry / f"epoch_{epoch}.npy"
+        try:
+            perm = np.load(path, mmap_mode="r")
+            if perm.shape == (len(self),):
+                return perm
+        except (OSError, ValueError):
+            pass
+        staging = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy")
+        np.save(staging, self._compute_permutation(epoch))
+        os.replace(staging, path)  # the same bytes whoever writes it
+        return np.load(path, mmap_mode="r")
 
     def sample_rng(self, index: int) -> np.random.Generator:
         """The generator of global sample `index`: a pure function of (seed, name, index)."""

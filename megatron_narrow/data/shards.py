@@ -149,6 +149,17 @@ def check_tokenizer_matches(manifest: dict, *, identity: str | None, vocab_size:
         )
 
 
+def dataset_fingerprint(data_dir: str | Path) -> str:
+    """sha256 of the manifest, which names every shard's size and sha256: what the dataset is, for cache keys."""
+    return hashlib.sha256((Path(data_dir) / "index.json").read_bytes()).hexdigest()
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each c of `counts`, concatenated (vectorised)."""
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 class IndexedDocuments:
     """Memory-mapped shards of a preprocessed dataset; random access by global document index.
 
@@ -159,11 +170,16 @@ class IndexedDocuments:
     """
 
     def __init__(self, data_dir: str | Path, *, expected_identity: str | None = None,
-                 expected_vocab_size: int | None = None, verify_checksums: bool = False) -> None:
+                 expected_vocab_size: int | None = None, verify_checksums: bool = False,
+                 check_token_ids: bool = True) -> None:
+        """check_token_ids=False skips the pass over every token id (O(tokens) at every start); only for a
+        dataset whose fingerprint was checked before (training/data.py records that beside its index cache)."""
         from megatron_narrow.data.tokenizer import SpecialTokens
 
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
+        # what the dataset is, for cache keys: the manifest names every shard's size and sha256
+        self.fingerprint = dataset_fingerprint(self.data_dir)
         check_tokenizer_matches(self.manifest, identity=expected_identity, vocab_size=expected_vocab_size,
                                 where=str(self.data_dir))
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
@@ -196,7 +212,8 @@ class IndexedDocuments:
             ids_array = ids.chunk(0) if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
             sents_array = sents.chunk(0) if sents.num_chunks else pa.array([], pa.list_(pa.int32()))
             self._tokens.append(ids_array.values.to_numpy(zero_copy_only=False))
-            self._check_token_ids(entry["file"], self._tokens[-1])
+            if check_token_ids:
+                self._check_token_ids(entry["file"], self._tokens[-1])
             self._token_offsets.append(ids_array.offsets.to_numpy(zero_copy_only=False))
             self._sent_lengths.append(sents_array.values.to_numpy(zero_copy_only=False))
             self._sent_offsets.append(sents_array.offsets.to_numpy(zero_copy_only=False))
@@ -272,6 +289,33 @@ class IndexedDocuments:
         shard, row = self._locate(index)
         offsets = self._sent_offsets[shard]
         return self._sent_lengths[shard][offsets[row]:offsets[row + 1]]
+
+    def sentence_lengths_of(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths of every sentence of documents `indices`, in order; sentences per document), sliced from
+        the shards' buffers with numpy: no Python call per document (see data.documents)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"document indices must lie in [0, {len(self)})")
+        if indices.size > 1 and (np.diff(indices) < 0).any():  # the fast path wants shard order
+            order = np.argsort(indices, kind="stable")
+            lengths, counts = self.sentence_lengths_of(indices[order])
+            starts = np.cumsum(counts) - counts
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            counts_out = counts[inverse]
+            take = np.repeat(starts[inverse], counts_out) + _ranges(counts_out)
+            return lengths[take], counts_out
+        shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
+        parts, counts = [], []
+        for shard in np.unique(shard_of):
+            rows = indices[shard_of == shard] - self._shard_starts[shard]
+            offsets = self._sent_offsets[shard]
+            first, end = offsets[rows].astype(np.int64), offsets[rows + 1].astype(np.int64)
+            counts.append(end - first)
+            parts.append(self._sent_lengths[shard][np.repeat(first, end - first) + _ranges(end - first)])
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts).astype(np.int64), np.concatenate(counts)
 
     def document_lengths(self) -> np.ndarray:
         """int64[documents]: tokens per document, for building sample indices without touching tokens."""

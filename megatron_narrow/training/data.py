@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from megatron_narrow.config import DataConfig, ModelConfig, TrainConfig
 from megatron_narrow.data.blending import BlendedDataset
 from megatron_narrow.data.samplers import DistributedPretrainingSampler
 from megatron_narrow.data.samples import BertSampleDataset, split_documents
-from megatron_narrow.data.shards import IndexedDocuments
+from megatron_narrow.data.shards import IndexedDocuments, dataset_fingerprint
 from megatron_narrow.data.tokenizer import SpecialTokens, load_tokenizer
 
 
@@ -37,9 +38,33 @@ def check_data_paths(data: DataConfig) -> None:
             raise ValueError(f"data path {path} has no index.json: preprocess it with tools/preprocess_data.py")
 
 
+def index_cache_dir(data: DataConfig, path: str) -> Path:
+    """Where the sample indices of data path `path` are cached."""
+    return Path(data.index_cache_dir) if data.index_cache_dir else Path(path) / "index_cache"
+
+
+def builds_index_first(data: DataConfig, rank: int, local_rank: int) -> bool:
+    """The rank that builds missing index caches while the others wait (one per node without shared storage)."""
+    return local_rank == 0 if not data.index_cache_shared else rank == 0
+
+
+def build_datasets_in_turn(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int,
+                           *, rank: int, local_rank: int, barrier) -> PretrainingData:
+    """build_datasets on every rank, the index builder first: it writes the caches, the others wait at
+    `barrier` and then memory-map them (every rank calls `barrier` once)."""
+    first = builds_index_first(data, rank, local_rank)
+    if not first:
+        barrier()
+    try:
+        return build_datasets(data, model, train, total_samples)
+    finally:
+        if first:
+            barrier()
+
+
 def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int) -> PretrainingData:
     """Open every data path (checking tokenizer identity and vocabulary against the model), split by
-    documents, build masked samples and blend them."""
+    documents, build masked samples (their indices from the cache when it has them) and blend them."""
     identity = None
     word_start = None
     if train.tokenizer_model:
@@ -48,12 +73,18 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
         word_start = tokenizer.word_start_mask() if data.whole_word_masking else None
     trains, valids, special = [], [], None
     for index, path in enumerate(data.data_paths):
-        documents = IndexedDocuments(path, expected_identity=identity, expected_vocab_size=model.vocab_size)
+        cache = index_cache_dir(data, path)
+        checked = cache / f"ids_checked-{dataset_fingerprint(path)[:20]}"  # every token id < vocab_size, once
+        documents = IndexedDocuments(path, expected_identity=identity, expected_vocab_size=model.vocab_size,
+                                     check_token_ids=not checked.is_file())
+        _mark(checked)
         special = special or documents.special
         train_docs, valid_docs, _ = split_documents(len(documents), data.split)
-        trains.append(BertSampleDataset(documents, train_docs, data, word_start=word_start, name=f"train{index}"))
+        trains.append(BertSampleDataset(documents, train_docs, data, word_start=word_start, name=f"train{index}",
+                                        cache_dir=cache))
         if len(valid_docs):
-            valids.append(BertSampleDataset(documents, valid_docs, data, word_start=word_start, name=f"valid{index}"))
+            valids.append(BertSampleDataset(documents, valid_docs, data, word_start=word_start, name=f"valid{index}",
+                                            cache_dir=cache))
     if any(len(d) == 0 for d in trains):
         raise ValueError("a data path gives no training samples: its train split holds no tokens")
     train_set = trains[0] if len(trains) == 1 else BlendedDataset(trains, data.data_weights, total_samples)
@@ -61,6 +92,20 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
     if valids:
         valid_set = valids[0] if len(valids) == 1 else BlendedDataset(valids, data.data_weights, 10 * total_samples)
     return PretrainingData(train=train_set, valid=valid_set, special=special, word_start=word_start)
+
+
+def _mark(path: Path) -> None:
+    """Create an empty marker file (atomically; concurrent writers write the same nothing)."""
+    if path.is_file():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_bytes(b"")
+        os.replace(staging, path)
+    except OSError as error:
+        raise ValueError(f"cannot write the sample index cache in {path.parent} ({error.strerror}): set "
+                         "data.index_cache_dir to a writable directory") from error
 
 
 def make_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -7,6 +7,7 @@ on all data-parallel ranks), so data parallelism and gradient accumulation repro
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -16,7 +17,7 @@ from megatron_narrow.config import RunConfig
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
 from megatron_narrow.training import checkpoint
-from megatron_narrow.training.data import build_datasets, make_loader
+from megatron_narrow.training.data import build_datasets_in_turn, make_loader
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.metrics import MetricsLogger
 from megatron_narrow.training.optim import build_optimizer, set_learning_rate
@@ -109,10 +110,11 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             print(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}", flush=True)
         dist.barrier()
     resuming = bool(checkpoint.all_tags(train.save_dir))
+    in_turn = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "barrier": dist.barrier}
 
     pipe: PipelineModel | None = None
     if run.parallel.pipeline_parallel > 1:
-        data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
+        data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
         pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
         if train.init_from_hf and not resuming:
@@ -122,7 +124,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         groups = ProcessGroups.from_world(run.parallel)
         tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
                                              pipeline_rank=groups.pipeline.rank)
-        data = build_datasets(run.data, run.model, train, train.train_steps * global_batch)
+        data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
         model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
                                    special_ids=data.special.as_dict()).to(device)
         if train.init_from_hf and not resuming:
