@@ -43,6 +43,11 @@ _ROW_ARRAYS = ("row_members", "row_starts")
 
 
 def split_documents(num_documents: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """split_document_ranges as int64 index arrays."""
+    return tuple(np.arange(r.start, r.stop, dtype=np.int64) for r in split_document_ranges(num_documents, split))
+
+
+def split_document_ranges(num_documents: int, split: str) -> tuple[range, range, range]:
     """Contiguous (train, valid, test) document ranges by the normalised fractions of `split`.
 
     Boundaries are the cumulative fractions times num_documents, rounded half up, with the last one
@@ -58,7 +63,16 @@ def split_documents(num_documents: int, split: str) -> tuple[np.ndarray, np.ndar
         cumulative += fraction
         bounds.append(min(num_documents, int(np.floor(cumulative * num_documents + 0.5))))
     bounds.append(num_documents)
-    return tuple(np.arange(lo, hi, dtype=np.int64) for lo, hi in itertools.pairwise(bounds))
+    return tuple(range(lo, hi) for lo, hi in itertools.pairwise(bounds))
+
+
+def _as_key(indices: np.ndarray | range) -> list[int] | np.ndarray:
+    """A split's documents for a cache key: [start, stop) when contiguous (a range, or an array that is one)."""
+    if isinstance(indices, range):
+        return [indices.start, indices.stop]
+    if indices.size == 0 or (indices.size == indices[-1] - indices[0] + 1 and (np.diff(indices) == 1).all()):
+        return [int(indices[0]), int(indices[-1]) + 1] if indices.size else [0, 0]
+    return indices
 
 
 class BertSampleDataset:
@@ -74,7 +88,7 @@ class BertSampleDataset:
     def __init__(
         self,
         documents: DocumentSource,
-        document_indices: np.ndarray,
+        document_indices: np.ndarray | range,
         config: DataConfig,
         *,
         word_start: np.ndarray | None = None,
@@ -84,7 +98,8 @@ class BertSampleDataset:
         """
         Args:
             documents: where tokens and sentence lengths come from.
-            document_indices: the global document indices of this split (e.g. from split_documents).
+            document_indices: the global document indices of this split (e.g. from split_documents), or a
+                range (split_document_ranges), which costs no memory per document.
             config: sequence length, masking and pair task; config.seed seeds everything.
             word_start: bool[vocab_size], True where a token starts a word; needed for whole-word masking.
             name: salts the shuffle and masking streams, so the train and valid splits draw differently.
@@ -93,19 +108,22 @@ class BertSampleDataset:
                 Needs a source with a `fingerprint` (IndexedDocuments).
         """
         self.documents = documents
-        self.document_indices = np.asarray(document_indices, dtype=np.int64)
+        if isinstance(document_indices, range) and document_indices.step == 1:
+            self.document_indices = document_indices
+        else:
+            self.document_indices = np.asarray(document_indices, dtype=np.int64)
         self.config = config
         self.name = name
         self.vocab_size = int(documents.vocab_size)
         self.special = documents.special
-        if self.document_indices.ndim != 1:
+        if isinstance(self.document_indices, np.ndarray) and self.document_indices.ndim != 1:
             raise ValueError(f"document_indices must be 1-D, got shape {self.document_indices.shape}")
-        if self.document_indices.size and (
-            self.document_indices.min() < 0 or self.document_indices.max() >= len(documents)
+        if len(self.document_indices) and (
+            min(self.document_indices) < 0 or max(self.document_indices) >= len(documents)
         ):
             raise ValueError(
                 f"document_indices must lie in [0, {len(documents)}), got range "
-                f"[{self.document_indices.min()}, {self.document_indices.max()}]"
+                f"[{min(self.document_indices)}, {max(self.document_indices)}]"
             )
         if config.whole_word_masking:
             if word_start is None:
@@ -126,7 +144,7 @@ class BertSampleDataset:
         self.cache_entry: Path | None = None
         fingerprint = getattr(documents, "fingerprint", None)
         if cache_dir is not None and fingerprint is not None:
-            key = cache_key({"documents": fingerprint, "document_indices": self.document_indices,
+            key = cache_key({"documents": fingerprint, "document_indices": _as_key(self.document_indices),
                              "seq_len": config.seq_len, "pair_task": config.pair_task, "packing": config.packing,
                              "max_segments": config.max_segments, "seed": config.seed, "name": name})
             self.cache_entry = Path(cache_dir) / f"{name}-{key}"
@@ -150,7 +168,7 @@ class BertSampleDataset:
     def _build_index(self) -> None:
         """Cut sentences into pieces <= target_length and pack consecutive pieces of a document greedily."""
         t = self.target_length
-        sent_len, sent_counts = gather_sentence_lengths(self.documents, self.document_indices)
+        sent_len, sent_counts = gather_sentence_lengths(self.documents, np.asarray(self.document_indices))
         n_docs = len(self.document_indices)
         sent_doc = np.repeat(np.arange(n_docs, dtype=np.int64), sent_counts)
         # Token offset of each sentence inside its document.
@@ -211,7 +229,10 @@ class BertSampleDataset:
     @property
     def sample_documents(self) -> np.ndarray:
         """int64[N]: global document index of each sample (index order, before shuffling)."""
-        return self.document_indices[self._sample_local_doc]
+        indices = self.document_indices
+        if isinstance(indices, range):
+            return indices.start + np.asarray(self._sample_local_doc, dtype=np.int64)
+        return indices[self._sample_local_doc]
 
     @property
     def sample_token_ranges(self) -> tuple[np.ndarray, np.ndarray]:

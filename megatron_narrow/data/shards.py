@@ -154,6 +154,17 @@ def dataset_fingerprint(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / "index.json").read_bytes()).hexdigest()
 
 
+def _list_views(array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list<int32> array as numpy views of its buffers. pyarrow's to_numpy reads every
+    page of a memory-mapped buffer even when it copies nothing (measured: 47 MB of RSS for a 176 MB shard);
+    a view over the buffer touches only what is read later."""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:array.offset + len(array) + 1]
+    values = array.values
+    data = values.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.int32) if data is not None else np.zeros(0, dtype=np.int32)
+    return flat[values.offset:values.offset + len(values)], offsets
+
+
 def _ranges(counts: np.ndarray) -> np.ndarray:
     """0..c-1 for each c of `counts`, concatenated (vectorised)."""
     total = int(counts.sum())
@@ -211,12 +222,14 @@ class IndexedDocuments:
             ids, sents = table.column("input_ids"), table.column("sentence_lengths")
             ids_array = ids.chunk(0) if ids.num_chunks else pa.array([], pa.list_(pa.int32()))
             sents_array = sents.chunk(0) if sents.num_chunks else pa.array([], pa.list_(pa.int32()))
-            self._tokens.append(ids_array.values.to_numpy(zero_copy_only=False))
+            tokens, token_offsets = _list_views(ids_array)
+            self._tokens.append(tokens)
             if check_token_ids:
                 self._check_token_ids(entry["file"], self._tokens[-1])
-            self._token_offsets.append(ids_array.offsets.to_numpy(zero_copy_only=False))
-            self._sent_lengths.append(sents_array.values.to_numpy(zero_copy_only=False))
-            self._sent_offsets.append(sents_array.offsets.to_numpy(zero_copy_only=False))
+            self._token_offsets.append(token_offsets)
+            sentence_lengths, sentence_offsets = _list_views(sents_array)
+            self._sent_lengths.append(sentence_lengths)
+            self._sent_offsets.append(sentence_offsets)
             doc_counts.append(table.num_rows)
         self._shard_starts = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from megatron_narrow.config import DataConfig, ModelConfig, TrainConfig
 from megatron_narrow.data.blending import BlendedDataset
 from megatron_narrow.data.samplers import DistributedPretrainingSampler
-from megatron_narrow.data.samples import BertSampleDataset, split_documents
+from megatron_narrow.data.samples import BertSampleDataset, split_document_ranges
 from megatron_narrow.data.shards import IndexedDocuments, dataset_fingerprint
 from megatron_narrow.data.tokenizer import SpecialTokens, load_tokenizer
 
@@ -79,7 +79,7 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
                                      check_token_ids=not checked.is_file())
         _mark(checked)
         special = special or documents.special
-        train_docs, valid_docs, _ = split_documents(len(documents), data.split)
+        train_docs, valid_docs, _ = split_document_ranges(len(documents), data.split)
         trains.append(BertSampleDataset(documents, train_docs, data, word_start=word_start, name=f"train{index}",
                                         cache_dir=cache))
         if len(valid_docs):
