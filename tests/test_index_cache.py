@@ -161,3 +161,26 @@ def test_build_index_tool_builds_what_a_run_opens(tiny_corpus_data, tmp_path, mo
     assert data.train.cache_entry.parent == tmp_path / "cache" and len(data.train) > 0
     assert tool["main"](["--config", config, *overrides, "data.max_predictions=9"]) == 2
     assert "too small for data.packing=segments" in capsys.readouterr().err
+
+
+def test_sentence_lengths_of_many_documents_across_shards(tmp_path, stdlib_documents, tiny_corpus_data):
+    """The vectorised read of sentence lengths (what the index build uses) equals asking document by document,
+    across shard boundaries and in any order."""
+    from megatron_narrow.data.preprocess import PreprocessConfig, preprocess
+    from megatron_narrow.data.shards import IndexedDocuments
+
+    from .conftest import write_jsonl
+
+    corpus = write_jsonl(tmp_path / "docs.jsonl", stdlib_documents[:400])
+    preprocess(PreprocessConfig(inputs=[str(corpus)], output_dir=str(tmp_path / "data"),
+                                tokenizer_type="sentencepiece", tokenizer_model=str(tiny_corpus_data["tokenizer"]),
+                                workers=1, split_sentences=True, shard_size_bytes=16 << 10, progress=False))
+    documents = IndexedDocuments(tmp_path / "data")
+    assert len(documents.manifest["shards"]) >= 4
+    rng = np.random.default_rng(0)
+    for indices in (np.arange(len(documents)), np.arange(37, 311), rng.permutation(len(documents))[:50],
+                    np.zeros(0, dtype=np.int64)):
+        lengths, counts = documents.sentence_lengths_of(indices)
+        expected = [documents.sentence_lengths(int(i)) for i in indices]
+        assert counts.tolist() == [len(x) for x in expected]
+        assert lengths.tolist() == [int(v) for x in expected for v in x]

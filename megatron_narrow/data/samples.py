@@ -66,6 +66,15 @@ def split_document_ranges(num_documents: int, split: str) -> tuple[range, range,
     return tuple(range(lo, hi) for lo, hi in itertools.pairwise(bounds))
 
 
+def _bounds(indices: np.ndarray | range) -> tuple[int, int]:
+    """(smallest, largest) document index (0, -1 when empty), without iterating a range."""
+    if len(indices) == 0:
+        return 0, -1
+    if isinstance(indices, range):
+        return indices.start, indices.stop - 1
+    return int(indices.min()), int(indices.max())
+
+
 def _as_key(indices: np.ndarray | range) -> list[int] | np.ndarray:
     """A split's documents for a cache key: [start, stop) when contiguous (a range, or an array that is one)."""
     if isinstance(indices, range):
@@ -118,13 +127,9 @@ class BertSampleDataset:
         self.special = documents.special
         if isinstance(self.document_indices, np.ndarray) and self.document_indices.ndim != 1:
             raise ValueError(f"document_indices must be 1-D, got shape {self.document_indices.shape}")
-        if len(self.document_indices) and (
-            min(self.document_indices) < 0 or max(self.document_indices) >= len(documents)
-        ):
-            raise ValueError(
-                f"document_indices must lie in [0, {len(documents)}), got range "
-                f"[{min(self.document_indices)}, {max(self.document_indices)}]"
-            )
+        low, high = _bounds(self.document_indices)
+        if len(self.document_indices) and (low < 0 or high >= len(documents)):
+            raise ValueError(f"document_indices must lie in [0, {len(documents)}), got range [{low}, {high}]")
         if config.whole_word_masking:
             if word_start is None:
                 raise ValueError("data.whole_word_masking=True needs word_start (tokenizer.word_start_mask())")
@@ -168,7 +173,9 @@ class BertSampleDataset:
     def _build_index(self) -> None:
         """Cut sentences into pieces <= target_length and pack consecutive pieces of a document greedily."""
         t = self.target_length
-        sent_len, sent_counts = gather_sentence_lengths(self.documents, np.asarray(self.document_indices))
+        indices = self.document_indices
+        indices = np.arange(indices.start, indices.stop, dtype=np.int64) if isinstance(indices, range) else indices
+        sent_len, sent_counts = gather_sentence_lengths(self.documents, indices)
         n_docs = len(self.document_indices)
         sent_doc = np.repeat(np.arange(n_docs, dtype=np.int64), sent_counts)
         # Token offset of each sentence inside its document.
@@ -179,30 +186,36 @@ class BertSampleDataset:
         doc_base[has_sentences] = global_start[first_sentence[has_sentences]]
         sent_start = global_start - np.repeat(doc_base, sent_counts)
 
-        # Pieces: ceil(len / t) per sentence (none for an empty sentence), each t long but the last.
+        # Pieces: ceil(len / t) per sentence (none for an empty sentence), each t long but the last. When every
+        # sentence is one piece (the usual case at BERT's lengths), the pieces are the sentences.
         n_pieces = -(-sent_len // t)
-        piece_sent = np.repeat(np.arange(sent_len.size, dtype=np.int64), n_pieces)
-        first_piece_of_sent = np.cumsum(n_pieces) - n_pieces
-        k = np.arange(piece_sent.size, dtype=np.int64) - first_piece_of_sent[piece_sent]
-        piece_start = sent_start[piece_sent] + k * t
-        piece_len = np.minimum(t, sent_len[piece_sent] - k * t)
-        piece_doc = sent_doc[piece_sent]
-        doc_ids = np.arange(n_docs, dtype=np.int64)
-        self._doc_first_piece = np.searchsorted(piece_doc, doc_ids, side="left")
-        self._doc_end_piece = np.searchsorted(piece_doc, doc_ids, side="right")
+        if sent_len.size and n_pieces.min() == 1 and n_pieces.max() == 1:
+            piece_start, piece_len = sent_start, sent_len
+        else:
+            piece_sent = np.repeat(np.arange(sent_len.size, dtype=np.int64), n_pieces)
+            first_piece_of_sent = np.cumsum(n_pieces) - n_pieces
+            k = np.arange(piece_sent.size, dtype=np.int64) - first_piece_of_sent[piece_sent]
+            piece_start = sent_start[piece_sent] + k * t
+            piece_len = np.minimum(t, sent_len[piece_sent] - k * t)
+        pieces_per_doc = np.bincount(sent_doc, weights=n_pieces, minlength=n_docs).astype(np.int64)
+        self._doc_end_piece = np.cumsum(pieces_per_doc)
+        self._doc_first_piece = self._doc_end_piece - pieces_per_doc
         self._piece_start = piece_start
         self._piece_len = piece_len
         self._nonempty_docs = np.flatnonzero(self._doc_end_piece > self._doc_first_piece)
 
         # Greedy packing, one sample per document per round, all documents at once: from piece `cur`,
-        # take pieces while the running token total stays <= t (searchsorted on the global cumsum).
+        # take pieces while the running token total stays <= t (searchsorted on the global cumsum; a
+        # document whose rest fits takes it all without a search: most documents of a short-text corpus).
         cum = np.concatenate([[0], np.cumsum(piece_len)])
         doc = self._nonempty_docs
         cur = self._doc_first_piece[doc]
         end = self._doc_end_piece[doc]
         out_doc, out_first, out_end = [], [], []
         while doc.size:
-            stop = np.minimum(np.searchsorted(cum, cum[cur] + t, side="right") - 1, end)
+            stop = end.copy()
+            long = cum[end] - cum[cur] > t
+            stop[long] = np.minimum(np.searchsorted(cum, cum[cur[long]] + t, side="right") - 1, end[long])
             out_doc.append(doc)
             out_first.append(cur)
             out_end.append(stop)
@@ -211,10 +224,16 @@ class BertSampleDataset:
         sample_doc = np.concatenate(out_doc) if out_doc else np.zeros(0, dtype=np.int64)
         sample_first = np.concatenate(out_first) if out_first else np.zeros(0, dtype=np.int64)
         sample_end = np.concatenate(out_end) if out_end else np.zeros(0, dtype=np.int64)
-        order = np.lexsort((sample_first, sample_doc))  # document order, then position
-        self._sample_local_doc = sample_doc[order]
-        self._sample_first_piece = sample_first[order]
-        self._sample_end_piece = sample_end[order]
+        # Document order, then position: a document's round-r sample goes to its first slot + r (no sort).
+        rounds = np.repeat(np.arange(len(out_doc), dtype=np.int64), [d.size for d in out_doc])
+        per_doc = np.bincount(sample_doc, minlength=n_docs)
+        destination = (np.cumsum(per_doc) - per_doc)[sample_doc] + rounds
+        self._sample_local_doc = np.empty_like(sample_doc)
+        self._sample_first_piece = np.empty_like(sample_first)
+        self._sample_end_piece = np.empty_like(sample_end)
+        self._sample_local_doc[destination] = sample_doc
+        self._sample_first_piece[destination] = sample_first
+        self._sample_end_piece[destination] = sample_end
 
     def _build_rows(self) -> None:
         """packing: which samples share a row. A sample of n tokens costs n + 2 slots as a segment

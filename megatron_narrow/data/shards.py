@@ -318,10 +318,12 @@ class IndexedDocuments:
             counts_out = counts[inverse]
             take = np.repeat(starts[inverse], counts_out) + _ranges(counts_out)
             return lengths[take], counts_out
-        shard_of = np.searchsorted(self._shard_starts, indices, side="right") - 1
+        bounds = np.searchsorted(indices, self._shard_starts)  # indices are ascending here
         parts, counts = [], []
-        for shard in np.unique(shard_of):
-            rows = indices[shard_of == shard] - self._shard_starts[shard]
+        for shard in range(len(self._shard_starts) - 1):
+            if bounds[shard] == bounds[shard + 1]:
+                continue
+            rows = indices[bounds[shard]:bounds[shard + 1]] - self._shard_starts[shard]
             offsets = self._sent_offsets[shard]
             first, end = offsets[rows].astype(np.int64), offsets[rows + 1].astype(np.int64)
             counts.append(end - first)
