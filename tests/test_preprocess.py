@@ -42,13 +42,17 @@ def corpus(tmp_path_factory, stdlib_documents) -> Path:
 def test_output_identical_for_any_worker_count(tmp_path, corpus, minilm_dir):
     vocab = minilm_dir / "vocab.txt"
     outputs = {}
-    for workers in (1, 2, 3):
+    for workers in (1, 2, 3):  # 8 KB work chunks, 8 to a 64 KB shard: the workers share every shard
         out = tmp_path / f"w{workers}"
-        manifest = run_preprocess([corpus], out, vocab, workers=workers, split_sentences=True)
+        manifest = run_preprocess([corpus], out, vocab, workers=workers, split_sentences=True,
+                                  work_chunk_bytes=8 << 10)
         outputs[workers] = tree_bytes(out)
     assert manifest["totals"]["shards"] >= 8, "the corpus must span many shards for this test to mean anything"
     assert manifest["totals"]["documents"] == 2500
     assert outputs[1] == outputs[2] == outputs[3]
+    # the shards are whole groups of work chunks: 8 chunks of ~8 KB make each ~64 KB shard
+    sizes = [shard["bytes"] for shard in manifest["shards"][:-1]]
+    assert min(sizes) > 16 << 10, sizes
 
 
 def test_documents_equal_tokenizer_output(tmp_path, corpus, minilm_dir, stdlib_documents):
@@ -70,13 +74,15 @@ def test_documents_equal_tokenizer_output(tmp_path, corpus, minilm_dir, stdlib_d
 def test_sigkill_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path, corpus, minilm_dir):
     vocab = minilm_dir / "vocab.txt"
     reference = tmp_path / "reference"
-    run_preprocess([corpus], reference, vocab, workers=2, split_sentences=True, shard_size_bytes=16 << 10)
+    run_preprocess([corpus], reference, vocab, workers=2, split_sentences=True, shard_size_bytes=16 << 10,
+                   work_chunk_bytes=4 << 10)
     expected = tree_bytes(reference)
 
     out = tmp_path / "killed"
     command = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(corpus),
                "--output-dir", str(out), "--tokenizer-type", "wordpiece", "--tokenizer-model", str(vocab),
-               "--workers", "2", "--split-sentences", "--shard-size-mb", str(16 / 1024), "--quiet"]
+               "--workers", "2", "--split-sentences", "--shard-size-mb", str(16 / 1024),
+               "--work-chunk-mb", str(4 / 1024), "--quiet"]
     survivors = {}
     for kill_after in (3, 30):  # kill twice, at different depths, before letting it finish
         process = subprocess.Popen(command, start_new_session=True)

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
                         help="reject documents larger than this many UTF-8 bytes (default 10 MB)")
     parser.add_argument("--shard-size-mb", type=float, default=256.0,
                         help="raw input MiB per output shard (default 256)")
+    parser.add_argument("--work-chunk-mb", type=float, default=4.0,
+                        help="raw input MiB per worker task (default 4); shards group whole tasks. It decides the "
+                             "shard boundaries, so keep it fixed for a dataset (a rerun with another value redoes it)")
     parser.add_argument("--reject-file", default=None, help="write rejected records here as JSONL")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output directory that holds a different dataset")
@@ -59,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
         tokenizer_model=args.tokenizer_model, workers=args.workers, json_keys=args.json_keys,
         input_format=args.input_format, text_mode=args.text_mode, split_sentences=args.split_sentences,
         max_document_bytes=args.max_document_bytes, shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)),
+        work_chunk_bytes=max(1, int(args.work_chunk_mb * 2**20)),
         reject_file=args.reject_file, overwrite=args.overwrite, progress=not args.quiet,
     )
 

@@ -1,8 +1,10 @@
 """Parallel, deterministic, resumable tokenization of raw corpora into Arrow shards.
 
 How the guarantees are met:
-- Determinism for any worker count: the input is cut into chunks by raw-byte size at record
-  boundaries, independently of the workers; chunk i becomes shard i, whoever tokenizes it.
+- Determinism for any worker count: the input is cut into work chunks by raw-byte size at record
+  boundaries (`work_chunk_bytes`, small enough to keep every worker busy on a modest corpus), independently
+  of the workers; shard k holds work chunks k*m .. k*m + m - 1 (m = shard size / work chunk size),
+  whoever tokenized them. Workers tokenize; the main process writes each shard in order.
 - Resume after SIGKILL: a finished shard is renamed into place, then a small progress record naming
   its input checksum is renamed into `.progress/`. A rerun skips chunks whose record matches and redoes
   the rest; the manifest is written last, from the records alone, so it has no timing in it.
@@ -65,6 +67,7 @@ from megatron_narrow.data.worker_processes import die_with_parent
 PROGRESS_DIR = ".progress"
 LOCK_NAME = ".lock"
 TOKENIZE_BATCH_BYTES = 1 << 21  # tokenize ~2 MB of text at a time: bounded memory, long enough batches
+WORK_CHUNK_BYTES = 4 << 20  # the unit of work: a 40 MB corpus is 10 of them, for up to 10 workers
 
 
 @dataclass(kw_only=True, slots=True)
@@ -102,7 +105,11 @@ class PreprocessConfig:
     """Documents whose UTF-8 text is larger are rejected as too_large."""
 
     shard_size_bytes: int = 256 << 20
-    """Raw input bytes per shard; bounds each shard's size and each worker's memory."""
+    """Raw input bytes per shard; bounds each shard's size and the main process's memory."""
+
+    work_chunk_bytes: int = WORK_CHUNK_BYTES
+    """Raw input bytes per unit of work (a worker's task); a shard is shard_size_bytes // work_chunk_bytes
+    consecutive units (at least one). Part of what decides the output, so fixed by default."""
 
     reject_file: str | None = None
     """Where rejected records go (JSONL: kind, source, line, record); None keeps counts only."""
@@ -128,6 +135,17 @@ class PreprocessConfig:
             raise ValueError(f"preprocess: --max-document-bytes must be positive, got {self.max_document_bytes}")
         if self.shard_size_bytes < 1:
             raise ValueError(f"preprocess: the shard size must be positive, got {self.shard_size_bytes}")
+        if self.work_chunk_bytes < 1:
+            raise ValueError(f"preprocess: the work chunk size must be positive, got {self.work_chunk_bytes}")
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return max(1, self.shard_size_bytes // self.work_chunk_bytes)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The size the inputs are cut at: the work chunk, or the shard if it is smaller."""
+        return min(self.work_chunk_bytes, self.shard_size_bytes)
 
     def output_settings(self) -> dict:
         """The settings that determine the output bytes (workers, reject file and progress do not)."""
@@ -160,7 +178,7 @@ def split_paragraphs(text: str, split_sentences: bool) -> list[str]:
 
 @dataclass(slots=True)
 class ShardResult:
-    """What a worker reports for one chunk; also the progress record that lets a rerun skip it."""
+    """What the main process wrote for one shard; also the progress record that lets a rerun skip it."""
 
     index: int
     file: str
@@ -174,10 +192,20 @@ class ShardResult:
     fingerprint: str
 
 
-def process_chunk(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> ShardResult:
-    """Validate, split and tokenize one chunk; write its shard, rejects and progress record atomically."""
+@dataclass(slots=True)
+class TokenizedChunk:
+    """A worker's result for one work chunk: its documents as flat arrays, its rejects."""
+
+    tokens: np.ndarray
+    sentence_lengths: np.ndarray
+    sentences_per_doc: np.ndarray
+    rejected: dict[str, int]
+    reject_lines: list[bytes]
+
+
+def tokenize_chunk(chunk: Chunk, config: PreprocessConfig) -> TokenizedChunk:
+    """Validate, split and tokenize one work chunk (a worker's task; it writes nothing)."""
     tokenizer = _cached_tokenizer(config.tokenizer_type, config.tokenizer_model)
-    out = Path(config.output_dir)
     rejected = dict.fromkeys(REJECT_KINDS, 0)
     reject_lines: list[bytes] = []
     token_parts: list[np.ndarray] = []
@@ -216,24 +244,43 @@ def process_chunk(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> S
         if pending_bytes >= TOKENIZE_BATCH_BYTES:
             flush()
     flush()
+    return TokenizedChunk(tokens=np.concatenate(token_parts),
+                          sentence_lengths=np.concatenate([np.zeros(0, np.int32), *sentence_parts]).astype(np.int32),
+                          sentences_per_doc=np.asarray(sentences_per_doc, dtype=np.int64), rejected=rejected,
+                          reject_lines=reject_lines)
 
-    tokens = np.concatenate(token_parts)
-    # a chunk whose every record was rejected still becomes a (valid, empty) shard
-    sentence_lengths = np.concatenate([np.zeros(0, np.int32), *sentence_parts]).astype(np.int32)
-    sentence_offsets = np.concatenate([[0], np.cumsum(sentences_per_doc)]).astype(np.int32)
+
+def group_input_digest(group: list[Chunk]) -> tuple[str, int]:
+    """(sha256 over the group's chunk digests, raw bytes): what a shard was made from."""
+    digest = hashlib.sha256()
+    for chunk in group:
+        digest.update(chunk.input_sha256.encode())
+    return digest.hexdigest(), sum(len(chunk.data) for chunk in group)
+
+
+def write_shard(index: int, group: list[Chunk], parts: list[TokenizedChunk], config: PreprocessConfig,
+                fingerprint: str) -> ShardResult:
+    """Join a shard's tokenized chunks; write the shard, its rejects and its progress record atomically."""
+    out = Path(config.output_dir)
+    tokens = np.concatenate([np.zeros(0, np.int32), *(part.tokens for part in parts)])
+    # a shard whose every record was rejected is still a (valid, empty) shard
+    sentence_lengths = np.concatenate([np.zeros(0, np.int32), *(part.sentence_lengths for part in parts)])
+    per_doc = np.concatenate([np.zeros(0, np.int64), *(part.sentences_per_doc for part in parts)])
+    sentence_offsets = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64)
     token_offsets = np.concatenate([[0], np.cumsum(sentence_lengths, dtype=np.int64)])[sentence_offsets]
     if token_offsets[-1] >= 2**31:
-        raise ValueError(f"chunk {chunk.index} has over 2^31 tokens; lower the shard size")
-    data = encode_shard(tokens, token_offsets.astype(np.int32), sentence_lengths, sentence_offsets)
-
-    name = shard_name(chunk.index)
+        raise ValueError(f"shard {index} has over 2^31 tokens; lower the shard size")
+    data = encode_shard(tokens, token_offsets.astype(np.int32), sentence_lengths, sentence_offsets.astype(np.int32))
+    name = shard_name(index)
     atomic_write_bytes(out / name, data)
     progress = out / PROGRESS_DIR
     if config.reject_file:
-        atomic_write_bytes(progress / f"{name}.rejects.jsonl", b"".join(reject_lines))
+        atomic_write_bytes(progress / f"{name}.rejects.jsonl", b"".join(line for p in parts for line in p.reject_lines))
+    rejected = {kind: sum(part.rejected[kind] for part in parts) for kind in REJECT_KINDS}
+    input_sha256, input_bytes = group_input_digest(group)
     result = ShardResult(
-        index=chunk.index, file=name, input_sha256=chunk.input_sha256, input_bytes=len(chunk.data),
-        documents=len(sentences_per_doc), tokens=int(len(tokens)), bytes=len(data),
+        index=index, file=name, input_sha256=input_sha256, input_bytes=input_bytes,
+        documents=int(per_doc.size), tokens=int(len(tokens)), bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(), rejected=rejected, fingerprint=fingerprint,
     )
     atomic_write_json(progress / f"{name}.json", asdict(result))
@@ -246,10 +293,10 @@ def _reject_line(kind: str, source: str, record: Record) -> bytes:
     return (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _finished(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> ShardResult | None:
-    """The progress record of a chunk an earlier run finished, if its inputs and shard still match."""
+def _finished(index: int, group: list[Chunk], config: PreprocessConfig, fingerprint: str) -> ShardResult | None:
+    """The progress record of shard `index` an earlier run finished, if its inputs and file still match."""
     out = Path(config.output_dir)
-    name = shard_name(chunk.index)
+    name = shard_name(index)
     record_path = out / PROGRESS_DIR / f"{name}.json"
     if not record_path.is_file():
         return None
@@ -258,9 +305,10 @@ def _finished(chunk: Chunk, config: PreprocessConfig, fingerprint: str) -> Shard
     except (json.JSONDecodeError, TypeError):
         return None
     shard = out / name
-    if (result.fingerprint != fingerprint or result.input_bytes != len(chunk.data)
+    input_sha256, input_bytes = group_input_digest(group)
+    if (result.fingerprint != fingerprint or result.input_bytes != input_bytes
             or not shard.is_file() or shard.stat().st_size != result.bytes
-            or result.input_sha256 != chunk.input_sha256):
+            or result.input_sha256 != input_sha256):
         return None
     if config.reject_file and not (out / PROGRESS_DIR / f"{name}.rejects.jsonl").is_file():
         return None
@@ -376,10 +424,10 @@ def preprocess(config: PreprocessConfig) -> dict:
 
 
 def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
-    """Tokenize every chunk (or reuse an earlier run's shard), then write the manifest."""
+    """Tokenize every shard's work chunks (or reuse an earlier run's shard), then write the manifest."""
     total_bytes = sum(Path(p).stat().st_size for p in config.inputs)
     position = [0]
-    chunks = iter_chunks(config.inputs, chunk_bytes=config.shard_size_bytes, input_format=config.input_format,
+    chunks = iter_chunks(config.inputs, chunk_bytes=config.chunk_bytes, input_format=config.input_format,
                          text_mode=config.text_mode, position=position)
     meter = _Progress(total_bytes, enabled=config.progress)
     results: list[ShardResult] = []
@@ -390,9 +438,11 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
 
     try:
         if config.workers == 1:
-            for chunk in chunks:
-                done = _finished(chunk, config, fingerprint)
-                consume(done or process_chunk(chunk, config, fingerprint), position[0], done is not None)
+            for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
+                done = _finished(index, group, config, fingerprint)
+                result = done or write_shard(index, group, [tokenize_chunk(c, config) for c in group], config,
+                                             fingerprint)
+                consume(result, position[0], done is not None)
         else:
             _run_pool(config, fingerprint, chunks, position, consume)
         _refuse_empty(config, results)
@@ -403,21 +453,38 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
     return manifest
 
 
+def _groups(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
+    """Consecutive work chunks, `size` at a time: one shard's worth."""
+    group: list[Chunk] = []
+    for chunk in chunks:
+        group.append(chunk)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def _run_pool(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], position: list[int],
               consume: Callable[[ShardResult, int, bool], None]) -> None:
-    """Tokenize in worker processes; results are consumed in chunk order, a few chunks in flight."""
+    """Work chunks go to the workers as they are read; shards are written here, in order, once all of their
+    chunks are back. At most about two shards' input plus a few chunks per worker are held at once."""
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with cf.ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
                                 initargs=(os.getpid(),)) as pool:
-        in_flight: deque[tuple[cf.Future | ShardResult, int]] = deque()
-        for chunk in chunks:
-            done = _finished(chunk, config, fingerprint)
-            job = done or pool.submit(process_chunk, chunk, config, fingerprint)
-            in_flight.append((job, position[0]))
-            while len(in_flight) > 2 * config.workers:  # bounded memory: a few chunks in flight
-                _drain_one(in_flight, consume)
+        in_flight: deque[tuple[int, list[Chunk], ShardResult | list[cf.Future], int]] = deque()
+
+        def busy() -> int:
+            return sum(len(jobs) for _, _, jobs, _ in in_flight if isinstance(jobs, list))
+
+        for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
+            done = _finished(index, group, config, fingerprint)
+            jobs = done or [pool.submit(tokenize_chunk, chunk, config) for chunk in group]
+            in_flight.append((index, group, jobs, position[0]))
+            while len(in_flight) > 1 and busy() > 2 * config.workers + config.chunks_per_shard:
+                _drain_one(in_flight, config, fingerprint, consume)
         while in_flight:
-            _drain_one(in_flight, consume)
+            _drain_one(in_flight, config, fingerprint, consume)
 
 
 def _refuse_empty(config: PreprocessConfig, results: list[ShardResult]) -> None:
@@ -440,12 +507,13 @@ def _init_worker(parent_pid: int) -> None:
     die_with_parent(parent_pid)
 
 
-def _drain_one(in_flight: deque, consume) -> None:
-    job, input_position = in_flight.popleft()
-    if isinstance(job, ShardResult):
-        consume(job, input_position, True)
+def _drain_one(in_flight: deque, config: PreprocessConfig, fingerprint: str, consume) -> None:
+    """Write the oldest shard in flight once its chunks are tokenized (or report the one a rerun kept)."""
+    index, group, jobs, input_position = in_flight.popleft()
+    if isinstance(jobs, ShardResult):
+        consume(jobs, input_position, True)
     else:
-        consume(job.result(), input_position, False)
+        consume(write_shard(index, group, [job.result() for job in jobs], config, fingerprint), input_position, False)
 
 
 def _write_outputs(config: PreprocessConfig, tokenizer: dict, fingerprint: str, results: list[ShardResult]) -> dict:

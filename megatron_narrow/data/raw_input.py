@@ -38,7 +38,8 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A run of whole records from one input file; chunk `index` becomes shard `index`."""
+    """A run of whole records from one input file: the unit of work (preprocess.py groups consecutive
+    chunks into shards)."""
 
     index: int
     source: int
