@@ -438,11 +438,8 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
 
     try:
         if config.workers == 1:
-            for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
-                done = _finished(index, group, config, fingerprint)
-                result = done or write_shard(index, group, [tokenize_chunk(c, config) for c in group], config,
-                                             fingerprint)
-                consume(result, position[0], done is not None)
+            with _one_core():
+                _run_inline(config, fingerprint, chunks, position, consume)
         else:
             _run_pool(config, fingerprint, chunks, position, consume)
         _refuse_empty(config, results)
@@ -451,6 +448,29 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
         meter.close()  # before an error's message, so that it starts on a line of its own
     meter.summary(manifest)
     return manifest
+
+
+@contextmanager
+def _one_core() -> Iterator[None]:
+    """--workers 1 tokenizes on one core, as each pool worker does (_init_worker): `tokenizers` would
+    otherwise spread a batch over every core, and --workers would not say how many cores a run uses."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _run_inline(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], position: list[int],
+                consume: Callable[[ShardResult, int, bool], None]) -> None:
+    for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
+        done = _finished(index, group, config, fingerprint)
+        result = done or write_shard(index, group, [tokenize_chunk(c, config) for c in group], config, fingerprint)
+        consume(result, position[0], done is not None)
 
 
 def _groups(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
