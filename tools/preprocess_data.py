@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     parser.add_argument("--work-chunk-mb", type=float, default=4.0,
                         help="raw input MiB per worker task (default 4); shards group whole tasks. It decides the "
                              "shard boundaries, so keep it fixed for a dataset (a rerun with another value redoes it)")
+    parser.add_argument("--partition", default=None, metavar="I/N",
+                        help="process only part I of N (0-based; whole input files, split by size): one node of a "
+                             "multi-node run; join the N outputs with tools/merge_datasets.py")
     parser.add_argument("--reject-file", default=None, help="write rejected records here as JSONL")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output directory that holds a different dataset")
@@ -62,9 +65,20 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
         tokenizer_model=args.tokenizer_model, workers=args.workers, json_keys=args.json_keys,
         input_format=args.input_format, text_mode=args.text_mode, split_sentences=args.split_sentences,
         max_document_bytes=args.max_document_bytes, shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)),
-        work_chunk_bytes=max(1, int(args.work_chunk_mb * 2**20)),
+        work_chunk_bytes=max(1, int(args.work_chunk_mb * 2**20)), partition=parse_partition(args.partition),
         reject_file=args.reject_file, overwrite=args.overwrite, progress=not args.quiet,
     )
+
+
+def parse_partition(text: str | None) -> tuple[int, int] | None:
+    """"I/N" -> (I, N); a malformed value is a one-line error."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--partition {text}: give I/N, e.g. 0/8 (part I of N, counted from 0)") from None
+    return index, count
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,10 @@ class PreprocessConfig:
     reject_file: str | None = None
     """Where rejected records go (JSONL: kind, source, line, record); None keeps counts only."""
 
+    partition: tuple[int, int] | None = None
+    """(I, N): process only the I-th of N parts of the inputs (whole files, split by size in input order), for
+    one node of a multi-node run; tools/merge_datasets.py joins the N outputs into the single-node dataset."""
+
     overwrite: bool = False
     """Replace an output directory that holds a different dataset instead of refusing."""
 
@@ -137,6 +141,17 @@ class PreprocessConfig:
             raise ValueError(f"preprocess: the shard size must be positive, got {self.shard_size_bytes}")
         if self.work_chunk_bytes < 1:
             raise ValueError(f"preprocess: the work chunk size must be positive, got {self.work_chunk_bytes}")
+        if self.partition is not None:
+            index, count = self.partition
+            if not 0 <= index < count:
+                raise ValueError(f"preprocess: --partition {index}/{count}: the part must be in 0..{count - 1}")
+
+    @property
+    def my_inputs(self) -> list[str]:
+        """The inputs this run tokenizes: all of them, or its partition's (partition_inputs)."""
+        if self.partition is None:
+            return list(self.inputs)
+        return partition_inputs(self.inputs, *self.partition)
 
     @property
     def chunks_per_shard(self) -> int:
@@ -150,7 +165,8 @@ class PreprocessConfig:
     def output_settings(self) -> dict:
         """The settings that determine the output bytes (workers, reject file and progress do not)."""
         settings = asdict(self)
-        for key in ("inputs", "output_dir", "tokenizer_model", "workers", "reject_file", "overwrite", "progress"):
+        for key in ("inputs", "output_dir", "tokenizer_model", "workers", "reject_file", "overwrite", "progress",
+                    "partition"):
             settings.pop(key)
         return settings
 
@@ -206,6 +222,7 @@ class TokenizedChunk:
 def tokenize_chunk(chunk: Chunk, config: PreprocessConfig) -> TokenizedChunk:
     """Validate, split and tokenize one work chunk (a worker's task; it writes nothing)."""
     tokenizer = _cached_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    sources = config.my_inputs  # what record.source indexes
     rejected = dict.fromkeys(REJECT_KINDS, 0)
     reject_lines: list[bytes] = []
     token_parts: list[np.ndarray] = []
@@ -237,7 +254,7 @@ def tokenize_chunk(chunk: Chunk, config: PreprocessConfig) -> TokenizedChunk:
         except Rejected as reject:
             rejected[reject.kind] += 1
             if config.reject_file:
-                reject_lines.append(_reject_line(reject.kind, config.inputs[record.source], record))
+                reject_lines.append(_reject_line(reject.kind, sources[record.source], record))
             continue
         pending.append(split_paragraphs(text, config.split_sentences))
         pending_bytes += len(record.data)
@@ -398,11 +415,57 @@ def _is_same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def run_fingerprint(config: PreprocessConfig, tokenizer_identity: str) -> str:
-    inputs = [(Path(p).name, Path(p).stat().st_size) for p in config.inputs]
-    blob = json.dumps({"settings": config.output_settings(), "tokenizer": tokenizer_identity, "inputs": inputs},
-                      sort_keys=True)
+def partition_inputs(inputs: list[str], index: int, count: int) -> list[str]:
+    """Part `index` of `count` of the inputs: whole files, in order, cut where the running total of their sizes
+    crosses index/count of all bytes. A pure function of the file list and sizes, so every node agrees."""
+    sizes = np.array([Path(p).stat().st_size for p in inputs], dtype=np.float64)
+    starts = np.concatenate([[0.0], np.cumsum(sizes)[:-1]]) / max(sizes.sum(), 1.0)
+    part = np.minimum((starts * count).astype(np.int64), count - 1)
+    return [path for path, owner in zip(inputs, part, strict=True) if owner == index]
+
+
+def input_list(paths: list[str]) -> list[dict]:
+    """The manifest's record of the inputs: names and sizes (paths differ between machines)."""
+    return [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in paths]
+
+
+def fingerprint_of(settings: dict, tokenizer_identity: str, inputs: list[dict]) -> str:
+    """What a dataset was made from: settings, tokenizer and inputs (never worker counts or paths)."""
+    pairs = [(entry["name"], entry["bytes"]) for entry in inputs]
+    blob = json.dumps({"settings": settings, "tokenizer": tokenizer_identity, "inputs": pairs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_fingerprint(config: PreprocessConfig, tokenizer_identity: str) -> str:
+    """The whole dataset's fingerprint; a partition's adds its part (its output is not the dataset)."""
+    fingerprint = fingerprint_of(config.output_settings(), tokenizer_identity, input_list(config.inputs))
+    if config.partition is None:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}/partition/{config.partition[0]}/{config.partition[1]}".encode()).hexdigest()
+
+
+def build_manifest(*, fingerprint: str, tokenizer: dict, settings: dict, inputs: list[dict], shards: list[dict],
+                   rejected: dict[str, int]) -> dict:
+    """index.json, from what the shards hold: one builder for a run and for a merge of partitions, so that a
+    merged dataset's manifest is byte for byte the single-node run's."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "tokenizer": tokenizer,
+        "schema": {"input_ids": "list<int32>", "sentence_lengths": "list<int32>"},
+        "settings": settings,
+        "inputs": inputs,
+        "shards": shards,
+        "totals": {
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": len(shards),
+        },
+        "rejected": rejected,
+        "rejected_total": sum(rejected.values()),
+    }
 
 
 def preprocess(config: PreprocessConfig) -> dict:
@@ -425,9 +488,10 @@ def preprocess(config: PreprocessConfig) -> dict:
 
 def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
     """Tokenize every shard's work chunks (or reuse an earlier run's shard), then write the manifest."""
-    total_bytes = sum(Path(p).stat().st_size for p in config.inputs)
+    mine = config.my_inputs
+    total_bytes = sum(Path(p).stat().st_size for p in mine)
     position = [0]
-    chunks = iter_chunks(config.inputs, chunk_bytes=config.chunk_bytes, input_format=config.input_format,
+    chunks = iter_chunks(mine, chunk_bytes=config.chunk_bytes, input_format=config.input_format,
                          text_mode=config.text_mode, position=position)
     meter = _Progress(total_bytes, enabled=config.progress)
     results: list[ShardResult] = []
@@ -442,7 +506,8 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
                 _run_inline(config, fingerprint, chunks, position, consume)
         else:
             _run_pool(config, fingerprint, chunks, position, consume)
-        _refuse_empty(config, results)
+        if config.partition is None:  # a part may hold no document; the merge refuses an empty whole
+            _refuse_empty(config, results)
         manifest = _write_outputs(config, description, fingerprint, results)
     finally:
         meter.close()  # before an error's message, so that it starts on a line of its own
@@ -474,13 +539,14 @@ def _run_inline(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chu
 
 
 def _groups(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
-    """Consecutive work chunks, `size` at a time: one shard's worth."""
+    """Consecutive work chunks of one input file, `size` at a time: one shard's worth. A shard never spans
+    two files, so a partition of whole files makes exactly the single-node run's shards."""
     group: list[Chunk] = []
     for chunk in chunks:
-        group.append(chunk)
-        if len(group) == size:
+        if group and (len(group) == size or chunk.source != group[-1].source):
             yield group
             group = []
+        group.append(chunk)
     if group:
         yield group
 
@@ -556,24 +622,11 @@ def _write_outputs(config: PreprocessConfig, tokenizer: dict, fingerprint: str, 
                 with open(out / PROGRESS_DIR / f"{result.file}.rejects.jsonl", "rb") as part:
                     shutil.copyfileobj(part, f)
         tmp.replace(reject_path)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "tokenizer": tokenizer,
-        "schema": {"input_ids": "list<int32>", "sentence_lengths": "list<int32>"},
-        "settings": config.output_settings(),
-        "inputs": [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in config.inputs],
-        "shards": shards,
-        "totals": {
-            "documents": sum(s["documents"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "shards": len(shards),
-        },
-        "rejected": rejected,
-        "rejected_total": sum(rejected.values()),
-    }
+    manifest = build_manifest(fingerprint=fingerprint, tokenizer=tokenizer, settings=config.output_settings(),
+                              inputs=input_list(config.my_inputs), shards=shards, rejected=rejected)
+    if config.partition is not None:  # what tools/merge_datasets.py needs to rebuild the whole dataset's manifest
+        manifest["partition"] = {"index": config.partition[0], "count": config.partition[1],
+                                 "all_inputs": input_list(config.inputs)}
     listed = {s["file"] for s in shards}
     for stale in out.glob("shard_*.arrow"):  # left by an earlier, different run in this directory
         if stale.name not in listed:
