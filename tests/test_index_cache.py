@@ -184,3 +184,18 @@ def test_sentence_lengths_of_many_documents_across_shards(tmp_path, stdlib_docum
         expected = [documents.sentence_lengths(int(i)) for i in indices]
         assert counts.tolist() == [len(x) for x in expected]
         assert lengths.tolist() == [int(v) for x in expected for v in x]
+
+
+def test_blending_index_is_cached_and_equal(documents, tmp_path):
+    from megatron_narrow.data.blending import BlendedDataset
+
+    parts = [make(documents, tmp_path, name="a"), make(documents, tmp_path, name="b", packing="concat")]
+    fresh = BlendedDataset(parts, [0.3, 0.7], 5000)
+    cached = BlendedDataset(parts, [0.3, 0.7], 5000, cache_dir=tmp_path)
+    again = BlendedDataset(parts, [0.3, 0.7], 5000, cache_dir=tmp_path)
+    assert fresh.cache_entry is None and cached.cache_entry == again.cache_entry is not None
+    assert isinstance(again.dataset_index, np.memmap)
+    for blend in (cached, again):
+        assert np.array_equal(blend.dataset_index, fresh.dataset_index)
+        assert np.array_equal(blend.sample_index, fresh.sample_index)
+    assert BlendedDataset(parts, [0.5, 0.5], 5000, cache_dir=tmp_path).cache_entry != cached.cache_entry

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from megatron_narrow.data.index_cache import cache_key, load_or_build
 
 
 def _name(dataset: Any, position: int) -> str:
@@ -61,12 +64,15 @@ class BlendedDataset:
     Item i is `datasets[dataset_index[i]][sample_index[i]]`, the sample dict of that dataset unchanged.
     """
 
-    def __init__(self, datasets: Sequence[Any], weights: Sequence[float] | None, size: int) -> None:
+    def __init__(self, datasets: Sequence[Any], weights: Sequence[float] | None, size: int,
+                 cache_dir: str | Path | None = None) -> None:
         """
         Args:
             datasets: sample datasets that accept any non-negative index (they wrap across epochs).
             weights: one non-negative weight per dataset; None weighs each dataset by its len().
             size: number of samples of the blend (e.g. train_iters * global_batch_size).
+            cache_dir: keep the two O(size) index arrays here, memory-mapped (data/index_cache.py), when every
+                dataset has a cache entry itself; None builds them in memory.
         """
         if not datasets:
             raise ValueError("BlendedDataset needs at least one dataset")
@@ -93,7 +99,19 @@ class BlendedDataset:
         self.datasets = list(datasets)
         self.weights = [w / sum(weights) for w in weights]
         self.size = int(size)
-        self.dataset_index, self.sample_index = blending_indices(self.weights, self.size)
+        self.cache_entry: Path | None = None
+        entries = [getattr(ds, "cache_entry", None) for ds in self.datasets]
+        if cache_dir is not None and all(entry is not None for entry in entries):
+            key = cache_key({"datasets": [entry.name for entry in entries], "weights": self.weights, "size": self.size})
+            self.cache_entry = Path(cache_dir) / f"blend-{key}"
+            arrays = load_or_build(self.cache_entry, self._index_arrays)
+        else:
+            arrays = self._index_arrays()
+        self.dataset_index, self.sample_index = arrays["dataset_index"], arrays["sample_index"]
+
+    def _index_arrays(self) -> dict[str, np.ndarray]:
+        dataset_index, sample_index = blending_indices(self.weights, self.size)
+        return {"dataset_index": dataset_index, "sample_index": sample_index}
 
     def __len__(self) -> int:
         return self.size

@@ -87,10 +87,13 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
                                             cache_dir=cache))
     if any(len(d) == 0 for d in trains):
         raise ValueError("a data path gives no training samples: its train split holds no tokens")
-    train_set = trains[0] if len(trains) == 1 else BlendedDataset(trains, data.data_weights, total_samples)
+    blend_cache = index_cache_dir(data, data.data_paths[0])
+    train_set = trains[0] if len(trains) == 1 else BlendedDataset(trains, data.data_weights, total_samples,
+                                                                  cache_dir=blend_cache)
     valid_set = None
     if valids:
-        valid_set = valids[0] if len(valids) == 1 else BlendedDataset(valids, data.data_weights, 10 * total_samples)
+        valid_set = valids[0] if len(valids) == 1 else BlendedDataset(valids, data.data_weights, 10 * total_samples,
+                                                                      cache_dir=blend_cache)
     return PretrainingData(train=train_set, valid=valid_set, special=special, word_start=word_start)
 
 
