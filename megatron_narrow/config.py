@@ -177,6 +177,10 @@ class ModelConfig:
     init_seed: int = 1234
     """Seed of the master-weight initialisation (identical weights for any TP size)."""
 
+    attention_backend: str = "sdpa"
+    """Attention kernel (model/attention_backends.py): sdpa (torch picks the fastest it can) or math (the
+    readable reference). Not part of the weights: a run may resume or export with another."""
+
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

@@ -76,6 +76,8 @@ CASES = {
     "max_segments_zero": ({"data.packing": "concat", "data.max_segments": "0"}, None, 1,
                           "data.max_segments must be >= 1 (or null for no bound), got 0"),
     "unknown_packing": ({"data.packing": "pack"}, None, 1, "data.packing must be none, concat or segments"),
+    "unavailable_attention_backend": ({"model.attention_backend": "flash9"}, None, 1,
+                                      "model.attention_backend='flash9' is not available here; choose one of"),
 }
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.attention_backends import attention_backend
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
@@ -48,6 +49,7 @@ class BertSelfAttention(nn.Module):
         self.key = ColumnParallelLinear(h, h, group=tp, init_std=std, generator=generator)
         self.value = ColumnParallelLinear(h, h, group=tp, init_std=std, generator=generator)
         self.head_dim = config.head_dim
+        self.kernel = attention_backend(config.attention_backend)
         self.dropout_p = config.attention_dropout
         self.group = tp
         self.tracker = tracker
@@ -113,7 +115,7 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
         with fork:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, h, Q, d)
+            out = self.kernel(q, k, v, mask, dropout_p)  # (B, h, Q, d)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, Q, h*d)
 

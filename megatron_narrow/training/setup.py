@@ -26,6 +26,7 @@ def world_size_from_env() -> int:
 
 def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     """Every check that needs no process group; returns the completed DeepSpeed config."""
+    from megatron_narrow.model.attention_backends import attention_backend
     from megatron_narrow.training.data import check_data_paths
 
     ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
@@ -42,6 +43,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
             raise ValueError(f"model token_drop keeps {k} tokens but every sample forces up to {forced} in "
                              f"(data.max_predictions={run.data.max_predictions} targets + [CLS]/[SEP]); keep more")
     check_packed_targets(run.data)
+    attention_backend(run.model.attention_backend)  # one line for a kernel this machine cannot run
     check_data_paths(run.data)
     identity = None
     if run.train.tokenizer_model:
