@@ -1,4 +1,5 @@
-"""Configuration dataclasses, grouped by concern. A leaf module: it imports nothing of ours.
+"""Configuration dataclasses, grouped by concern. Nearly a leaf: it imports only megatron_narrow.variants
+(itself a leaf), so that a variant name is checked against the one list of variants.
 
 Every field has a docstring; `__post_init__` derives defaults and raises ValueError naming the field
 and its value, before any compute or process-group work happens.
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from megatron_narrow.variants import drops_tokens, variant_spec
 
 
 @dataclass(kw_only=True, slots=True)
@@ -116,7 +119,6 @@ def split_fractions(split: str) -> tuple[float, float, float]:
     return parts[0] / total, parts[1] / total, parts[2] / total
 
 
-Variant = Literal["bert", "narrow", "token_drop"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,7 +158,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights and embeddings."""
 
-    variant: Variant = "bert"
+    variant: str = "bert"
     """bert: every layer on every position. narrow: NarrowBERT sparse queries. token_drop: Hou et al."""
 
     full_length_layers: int = 2
@@ -184,8 +186,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        if self.variant not in ("bert", "narrow", "token_drop"):
-            raise ValueError(f"model.variant must be bert, narrow or token_drop, got {self.variant!r}")
+        spec = variant_spec(self.variant)  # one line naming the variants for an unknown one
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) < 1:
@@ -198,8 +199,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.full_length_layers={self.full_length_layers} is out of range [0, num_layers={self.num_layers}]"
             )
-        if self.variant == "token_drop" and self.num_layers < 3:
-            raise ValueError(f"model.variant=token_drop needs num_layers >= 3, got {self.num_layers}")
+        if self.num_layers < spec.min_layers:
+            raise ValueError(f"model.variant={self.variant} needs num_layers >= {spec.min_layers}, "
+                             f"got {self.num_layers}")
         if not 0 < self.token_drop_keep_ratio <= 1:
             raise ValueError(f"model.token_drop_keep_ratio must be in (0, 1], got {self.token_drop_keep_ratio}")
         if self.token_drop_keep_tokens is not None and self.token_drop_keep_tokens < 1:
@@ -236,7 +238,7 @@ class ModelConfig:
         if seq_len is not None and max_predictions is not None and max_predictions > seq_len:
             raise ValueError(f"data.max_predictions={max_predictions} is more targets than seq_len={seq_len} positions")
         keep = self.token_drop_keep_tokens
-        if self.variant == "token_drop" and seq_len is not None and keep is not None and keep > seq_len:
+        if drops_tokens(self) and seq_len is not None and keep is not None and keep > seq_len:
             raise ValueError(f"model.token_drop_keep_tokens={keep} exceeds seq_len={seq_len}")
 
 

@@ -15,7 +15,7 @@ from megatron_narrow.config import DataConfig, ModelConfig, ParallelConfig
         (lambda: ModelConfig(full_length_layers=-1), "full_length_layers=-1 is out of range"),
         (lambda: ModelConfig(token_drop_keep_ratio=0.0), "token_drop_keep_ratio must be in \\(0, 1\\], got 0.0"),
         (lambda: ModelConfig(token_drop_keep_ratio=1.5), "token_drop_keep_ratio must be in \\(0, 1\\], got 1.5"),
-        (lambda: ModelConfig(variant="wide"), "variant must be bert, narrow or token_drop, got 'wide'"),
+        (lambda: ModelConfig(variant="wide"), "model.variant must be one of bert, narrow, token_drop, got 'wide'"),
         (lambda: ModelConfig(num_heads=12).validate(tensor_parallel=5), "num_heads=12 is not divisible by "
                                                                       "parallel.tensor_parallel=5"),
         (lambda: ModelConfig().validate(seq_len=128, max_predictions=200), "max_predictions=200 is more targets "

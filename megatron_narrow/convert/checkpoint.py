@@ -46,6 +46,7 @@ from megatron_narrow.training.checkpoint import (
     incomplete_reason,
     latest_tag,
 )
+from megatron_narrow.variants import variant_spec
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # resolves in transformers 4.x and 5.x alike
 _MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
@@ -328,8 +329,9 @@ def model_card(info: CheckpointInfo, files: list[str]) -> str:
     variant = config.variant
     seq_len = data.get("seq_len")
     paths, corpus_tokens = _data_tokens(info)
-    narrow = variant == "narrow"
-    kind = {"bert": "BERT", "narrow": "NarrowBERT", "token_drop": "BERT (pretrained with token dropping)"}[variant]
+    spec = variant_spec(variant)
+    narrow = spec.hf_remote_code
+    kind = spec.title
     hf_class = "NarrowBertForMaskedLM (remote code)" if narrow else "BertForMaskedLM"
     lines = [
         "---", "library_name: transformers", "pipeline_tag: fill-mask", f"tags: [megatron_narrow, {variant}]",
@@ -379,7 +381,7 @@ def model_card(info: CheckpointInfo, files: list[str]) -> str:
             "`trust_remote_code=True`. Pass `query_positions` (batch, queries) to compute only those rows; "
             "without it every position is a query (what fill-mask uses).", "",
         ]
-    if variant == "token_drop":
+    if spec.trained_model != variant:
         lines += ["Token dropping changes the pretraining schedule only: the exported model is plain BERT and "
                   "the token-importance vector is not exported.", ""]
     lines += ["The pooler and the next-sentence/sentence-order head, when trained, are not part of a masked-LM "

@@ -29,6 +29,7 @@ from megatron_narrow.convert.hf_narrow import (
 )
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model import BertForSequenceClassification as OurSequenceClassifier
+from megatron_narrow.variants import variant_spec
 
 _NOT_IN_MASKED_LM = ("bert.pooler.", "cls.seq_relationship.")
 
@@ -51,7 +52,7 @@ def hf_config_from_model_config(config: ModelConfig, **overrides) -> BertConfig:
         tie_word_embeddings=True,
     )
     fields.update(overrides)
-    if config.variant == "narrow":
+    if variant_spec(config.variant).hf_remote_code:
         return NarrowBertConfig(full_length_layers=config.full_length_layers, **fields)
     return BertConfig(**fields)
 
@@ -67,7 +68,7 @@ def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
     hf_config = hf_config_from_model_config(config)
     state = {k: v for k, v in to_hf_state_dict(model.state_dict(), config.vocab_size).items()
              if not k.startswith(_NOT_IN_MASKED_LM)}
-    if config.variant == "narrow":
+    if variant_spec(config.variant).hf_remote_code:
         NarrowBertConfig.register_for_auto_class()
         NarrowBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
         hf_model = NarrowBertForMaskedLM(hf_config)
@@ -104,7 +105,7 @@ def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: li
     encoder = {k: v for k, v in own.items() if k.startswith("bert.") and k not in NO_HF_COUNTERPART}
     state = to_hf_state_dict(encoder, config.vocab_size)
     state["classifier.weight"], state["classifier.bias"] = own["head.classifier.weight"], own["head.classifier.bias"]
-    if config.variant == "narrow":
+    if variant_spec(config.variant).hf_remote_code:
         kind = NarrowBertForSequenceClassification if sequence else NarrowBertForTokenClassification
         NarrowBertConfig.register_for_auto_class()
         kind.register_for_auto_class("AutoModelForSequenceClassification" if sequence

@@ -22,13 +22,14 @@ from megatron_narrow.parallel import (
     component_generator,
     vocab_parallel_cross_entropy,
 )
+from megatron_narrow.variants import drops_tokens
 
 DEFAULT_SPECIAL_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}  # BERT's WordPiece ids
 
 
 def build_token_importance(config: ModelConfig, special_ids: dict[str, int] | None) -> TokenImportance | None:
-    """token_drop's importance vector (None for the other variants)."""
-    if config.variant != "token_drop":
+    """The importance vector of a variant that drops tokens (None for the others)."""
+    if not drops_tokens(config):
         return None
     special = special_ids or DEFAULT_SPECIAL_IDS
     return TokenImportance(config.vocab_size, special_ids=tuple(special.values()), pad_id=special["pad"],

@@ -4,6 +4,7 @@ partitioning weigh layers by (a narrow layer costs a fraction of a full one)."""
 from __future__ import annotations
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.variants import layer_roles
 
 
 def layer_flops(queries: int, keys: int, hidden: int, ffn: int) -> int:
@@ -15,25 +16,12 @@ def layer_flops(queries: int, keys: int, hidden: int, ffn: int) -> int:
 
 
 def layer_costs(config: ModelConfig, seq_len: int, num_queries: int) -> list[int]:
-    """Forward FLOPs per sequence of each of the config's layers, in order, for its variant."""
-    h, f, n = config.hidden_size, config.intermediate_size, config.num_layers
-    full = layer_flops(seq_len, seq_len, h, f)
-    if config.variant == "narrow":
-        narrow = layer_flops(num_queries, seq_len, h, f)
-        return [full if i < config.full_length_layers else narrow for i in range(n)]
-    if config.variant == "token_drop":
-        k = config.kept_tokens(seq_len)
-        transition = n // 2 - 1
-        costs = []
-        for i in range(n):
-            if i < transition or i == n - 1:
-                costs.append(full)
-            elif i == transition:
-                costs.append(layer_flops(k, seq_len, h, f))
-            else:
-                costs.append(layer_flops(k, k, h, f))
-        return costs
-    return [full] * n
+    """Forward FLOPs per sequence of each of the config's layers, in order, by its role (variants.py)."""
+    h, f = config.hidden_size, config.intermediate_size
+    k = config.kept_tokens(seq_len)
+    rows = {"full": (seq_len, seq_len), "rejoin": (seq_len, seq_len), "narrow": (num_queries, seq_len),
+            "transition": (k, seq_len), "kept": (k, k)}  # (query rows, key rows)
+    return [layer_flops(*rows[role], h, f) for role in layer_roles(config)]
 
 
 def head_flops(config: ModelConfig, num_targets: int) -> int:

@@ -30,6 +30,7 @@ from megatron_narrow.model.layer import BertLayer
 from megatron_narrow.model.token_drop import TokenImportance
 from megatron_narrow.parallel import GroupInfo, ProcessGroups, RNGStatesTracker, component_generator
 from megatron_narrow.parallel.mappings import copy_to_tensor_region
+from megatron_narrow.variants import drops_tokens, layer_roles
 
 
 def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -73,26 +74,27 @@ def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> to
     return (keys != 0) & ((queries == keys) | (queries == 0))
 
 
-def transition_layer(config: ModelConfig) -> int:
-    """token_drop: the layer whose queries are the kept tokens (L/2 - 1)."""
-    return config.num_layers // 2 - 1
+def transition_layer(config: ModelConfig) -> int | None:
+    """The layer whose queries are the kept tokens (token dropping), or None."""
+    roles = layer_roles(config)
+    return roles.index("transition") if "transition" in roles else None
 
 
 def state_fields(config: ModelConfig, index: int, segments: bool = False) -> tuple[str, ...]:
     """The EncoderState fields present before layer `index` (index == num_layers: the encoder's output,
-    hidden states at the query positions), for a walk that has query positions; `segments`: packed rows."""
+    hidden states at the query positions), for a walk that has query positions; `segments`: packed rows.
+    Read from the layer roles (variants.py): what the layers before `index` have done decides it."""
     if index >= config.num_layers:
         return ("hidden",)
-    if config.variant == "narrow" and index > config.full_length_layers:
+    done = set(layer_roles(config)[:index])
+    if "narrow" in done:  # the context C is fixed and the rows are the queries
         fields = ("hidden", "key_mask", "context")
         return (*fields, "segment_ids", "query_segments") if segments else fields
-    if config.variant == "token_drop":
-        if index <= transition_layer(config):
-            fields = ("hidden", "key_mask", "query_positions", "query_valid", "input_ids")
-        else:
-            fields = ("hidden", "key_mask", "query_positions", "context", "kept", "kept_mask")
-    else:
-        fields = ("hidden", "key_mask", "query_positions")
+    fields = ("hidden", "key_mask", "query_positions")
+    if "transition" in done:  # the dropped tokens wait in `context`
+        fields += ("context", "kept", "kept_mask")
+    elif drops_tokens(config):  # the kept set is still to be chosen
+        fields += ("query_valid", "input_ids")
     return (*fields, "segment_ids") if segments else fields
 
 
@@ -127,14 +129,14 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
                group: GroupInfo, importance: TokenImportance | None = None) -> EncoderState:
     """Run (index, layer) pairs, consecutive, on `state` (updated in place and returned)."""
     layers = list(layers)
-    num_layers, variant = config.num_layers, config.variant
-    full, transition = config.full_length_layers, transition_layer(config)
+    num_layers, roles = config.num_layers, layer_roles(config)
     segments = state.segment_ids
     full_mask = state.key_mask if segments is None else segment_mask(segments, segments)
     narrow_mask = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in layers:
-        if variant == "narrow" and index >= full:
+        role = roles[index]
+        if role == "narrow":
             if state.context is None:  # the first narrow layer: C is fixed from here on
                 state.context = state.hidden
                 if state.query_positions is not None:
@@ -153,15 +155,15 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
                     projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
                     kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
                 state.hidden = layer(state.hidden, narrow_mask, kv=kv[index])
-        elif variant == "token_drop" and index == transition:
+        elif role == "transition":
             _drop_tokens(config, layer, state, importance)
-        elif variant == "token_drop" and transition < index < num_layers - 1:
+        elif role == "kept":
             if segments is None:
                 state.hidden = layer(state.hidden, state.kept_mask)
             else:
                 kept_segments = segments.gather(1, state.kept)
                 state.hidden = layer(state.hidden, segment_mask(kept_segments, kept_segments))
-        elif variant == "token_drop" and index == num_layers - 1:
+        elif role == "rejoin":
             index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
             restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin
             state.context = state.kept = state.kept_mask = None
@@ -179,7 +181,7 @@ def _drop_tokens(config: ModelConfig, layer: BertLayer, state: EncoderState,
     """The transition layer: pick the kept tokens, let them attend to all (of their own segment, when
     packed), and park the full states."""
     if importance is None or state.input_ids is None:
-        raise ValueError("variant=token_drop needs the importance vector and the input ids")
+        raise ValueError(f"variant={config.variant} drops tokens: it needs the importance vector and the input ids")
     k = config.kept_tokens(state.hidden.shape[1])
     kept, kept_mask = importance.select(state.input_ids, state.key_mask, state.query_positions, state.query_valid, k)
     mask = state.key_mask

@@ -106,8 +106,8 @@ class EncoderLayerPipe(nn.Module):
         super().__init__()
         self.config, self.index, self.group, self.segments = config, index, groups.tensor, segments
         self.layer = BertLayer(config, groups, component_generator(config.init_seed, f"layer.{index}"), tracker)
-        drops_tokens = config.variant == "token_drop" and index == transition_layer(config)
-        self.token_importance = build_token_importance(config, special_ids) if drops_tokens else None
+        picks_kept = index == transition_layer(config)
+        self.token_importance = build_token_importance(config, special_ids) if picks_kept else None
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         state = unpack(inputs, state_fields(self.config, self.index, self.segments))

@@ -12,6 +12,7 @@ import torch
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_narrow.variants import variant_spec
 
 
 @dataclass
@@ -97,8 +98,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
         raise ValueError(f"{info.path}: the pretraining run named no train.tokenizer_model, so its tokenizer is "
                          "unknown")
     config = info.model_config
-    if config.variant == "token_drop":  # dropping is a pretraining schedule: the trained model is plain BERT
-        config = replace(config, variant="bert")
+    config = replace(config, variant=variant_spec(config.variant).trained_model)  # token_drop trains BERT
     state = load_merged_model(info).state_dict()
     state.pop("bert.token_importance.importance", None)
     return Pretrained(config, state, load_tokenizer(*source), info.path, is_hf_dir=False)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_narrow.config import RunConfig
 from megatron_narrow.model.token_drop import tally_target_losses
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
+from megatron_narrow.variants import drops_tokens
 
 
 @dataclass
@@ -87,6 +88,7 @@ def pipeline_train_step(engine, pipe: PipelineModel, micro_batches: list[dict[st
     data-parallel reductions, the update; ZeRO-1 skips an update whose gradients are not finite)."""
     engine.train_batch(iter(_micro_batches(micro_batches, pair_head, num_targets)))
     config = pipe.module.config
+    dropping = drops_tokens(config)
     device = num_targets.device
     summary = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite
     tally = None
@@ -95,12 +97,12 @@ def pipeline_train_step(engine, pipe: PipelineModel, micro_batches: list[dict[st
         for target_ids, losses, valid in records:
             finite &= bool(torch.isfinite(losses).all())
             summary[0] += losses.double().sum()
-            if config.variant == "token_drop":
+            if dropping:
                 counted = valid & torch.isfinite(losses)  # no NaN enters the importance
                 tally = tally_target_losses(tally, target_ids, losses.float(), counted, config.vocab_size)
         summary[1] = float(finite)
     summary = _from_last_stage(pipe, summary)
-    if config.variant == "token_drop":
+    if dropping:
         if tally is None:
             tally = torch.zeros(2, config.vocab_size, dtype=torch.float64, device=device)
         tally = _from_last_stage(pipe, tally)

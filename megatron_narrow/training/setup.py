@@ -28,6 +28,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     """Every check that needs no process group; returns the completed DeepSpeed config."""
     from megatron_narrow.model.attention_backends import attention_backend
     from megatron_narrow.training.data import check_data_paths
+    from megatron_narrow.variants import drops_tokens
 
     ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
@@ -36,7 +37,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
                        max_predictions=run.data.max_predictions)
     if layout.pipeline_parallel > 1:
         _validate_pipeline(run, layout.pipeline_parallel, layout.pipeline_partition)
-    if run.model.variant == "token_drop":
+    if drops_tokens(run.model):
         forced = run.data.max_predictions + (3 if run.data.pair_task != "none" else 2)
         k = run.model.kept_tokens(run.data.seq_len)
         if k < forced:
