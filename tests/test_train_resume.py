@@ -114,6 +114,8 @@ def test_resume_refuses_a_changed_model_shape_and_unusable_checkpoints(tmp_path,
     with pytest.raises(ValueError, match=refusal):
         check_resumable(run_config)
     check_resumable(load_run_config(config_path, [*overrides, "train.lr=1e-3"]))  # a schedule change is fine
+    with pytest.raises(ValueError, match=r"a changed data.packing none -> concat"):  # rows of another kind
+        check_resumable(load_run_config(config_path, [*overrides, "data.packing=concat"]))
 
     for tag in checkpoint.all_tags(save_dir):
         (checkpoint.checkpoint_root(save_dir) / tag / checkpoint.COMPLETE_NAME).unlink()

@@ -14,9 +14,10 @@ from pathlib import Path
 FIXED = {
     "model": ("variant", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
               "max_position_embeddings", "type_vocab_size", "full_length_layers"),
-    "data": ("seq_len", "pair_task"),
+    "data": ("seq_len", "pair_task", "packing", "max_segments"),
 }
-"""Keys that a checkpoint's tensors or data position depend on; a change is refused."""
+"""Keys that a checkpoint's tensors or data position depend on; a change is refused (packing: consumed
+samples count rows of another kind)."""
 
 SCHEDULE = ("lr", "min_lr", "warmup_steps", "train_steps", "lr_decay")
 """train.* keys of the learning-rate schedule; a change applies from the next step."""
