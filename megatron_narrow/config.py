@@ -94,6 +94,21 @@ class DataConfig:
         split_fractions(self.split)
 
 
+    @property
+    def pair_head(self) -> bool:
+        """Whether the model has a pair classifier on the pooled [CLS] (NSP or SOP)."""
+        return self.pair_task != "none"
+
+    @property
+    def special_slots(self) -> int:
+        """[CLS]/[SEP] slots of one unpacked sample: [CLS] A [SEP], plus B's [SEP] with a pair task."""
+        return 3 if self.pair_head else 2
+
+    @property
+    def num_queries(self) -> int:
+        """Rows the encoder computes outputs for per sample: the MLM targets, plus [CLS] for the pair head."""
+        return self.max_predictions + int(self.pair_head)
+
     def _check_packing(self) -> None:
         if self.packing not in ("none", "concat", "segments"):
             raise ValueError(f"data.packing must be none, concat or segments, got {self.packing!r}")

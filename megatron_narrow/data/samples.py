@@ -137,7 +137,7 @@ class BertSampleDataset:
             if word_start.shape != (self.vocab_size,):
                 raise ValueError(f"word_start must be bool[{self.vocab_size}], got shape {word_start.shape}")
         self.word_start = word_start
-        self.target_length = config.seq_len - (2 if config.pair_task == "none" else 3)
+        self.target_length = config.seq_len - config.special_slots
 
         salt = zlib.crc32(name.encode("utf-8"))
         self._shuffle_seed = [config.seed, salt, _SHUFFLE_SALT]
@@ -274,7 +274,7 @@ class BertSampleDataset:
         """Real slots (tokens and their [CLS]/[SEP]) over all slots of one epoch, exact from the index."""
         start, end = self.sample_token_ranges
         samples = self.num_unpacked_samples
-        overhead = {"none": 2 + (self.config.pair_task != "none"), "segments": 2, "concat": 1}[self.config.packing]
+        overhead = {"none": self.config.special_slots, "segments": 2, "concat": 1}[self.config.packing]
         real = int((end - start).sum()) + overhead * samples + (len(self) if self.config.packing == "concat" else 0)
         return real / max(len(self) * self.config.seq_len, 1)
 

@@ -104,7 +104,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gas = ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
-    pair_head = run.data.pair_task != "none"
+    pair_head = run.data.pair_head
     if train.restart:
         if is_rank0 and (moved := checkpoint.move_aside(train.save_dir)) is not None:
             print(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}", flush=True)
@@ -241,7 +241,7 @@ def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: tor
                               dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=0))
     batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(run.train.eval_steps)]
     if pipe is not None:
-        totals = pipeline_evaluate(engine, pipe, batches, run.data.pair_task != "none")
+        totals = pipeline_evaluate(engine, pipe, batches, run.data.pair_head)
     else:
         totals = torch.zeros(2, dtype=torch.float64, device=device)
         for batch in batches:

@@ -48,9 +48,9 @@ def build_pipeline(run: RunConfig, special_ids: dict[str, int]) -> PipelineModel
                                              num_dp=layout.data_parallel)
     coord = topology.get_coord(dist.get_rank())
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=coord.model, pipeline_rank=coord.pipe)
-    pair_head = run.data.pair_task != "none"
+    pair_head = run.data.pair_head
     module = BertPipeline(run.model, topology, seq_len=run.data.seq_len,
-                          num_queries=run.data.max_predictions + int(pair_head), partition=layout.pipeline_partition,
+                          num_queries=run.data.num_queries, partition=layout.pipeline_partition,
                           pair_head=pair_head, tracker=tracker, special_ids=special_ids,
                           segments=run.data.packing == "segments")
     return PipelineModel(module=module, groups=module.groups, tracker=tracker)

@@ -38,7 +38,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     if layout.pipeline_parallel > 1:
         _validate_pipeline(run, layout.pipeline_parallel, layout.pipeline_partition)
     if drops_tokens(run.model):
-        forced = run.data.max_predictions + (3 if run.data.pair_task != "none" else 2)
+        forced = run.data.max_predictions + run.data.special_slots
         k = run.model.kept_tokens(run.data.seq_len)
         if k < forced:
             raise ValueError(f"model token_drop keeps {k} tokens but every sample forces up to {forced} in "
@@ -90,7 +90,7 @@ def _validate_pipeline(run: RunConfig, stages: int, partition: str) -> None:
 
     try:
         stage_boundaries(run.model, stages, partition, seq_len=run.data.seq_len,
-                         num_queries=run.data.max_predictions + int(run.data.pair_task != "none"))
+                         num_queries=run.data.num_queries)
     except ValueError as error:
         raise ValueError(f"parallel.pipeline_parallel={stages}: {error} (model.num_layers={run.model.num_layers})"
                          ) from None
