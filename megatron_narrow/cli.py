@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 DEBUG_ENV = "MEGATRON_NARROW_DEBUG"
 EXIT_DATA_ERROR = 1
@@ -26,14 +27,35 @@ def debug_requested(argv: list[str] | None = None) -> bool:
     return "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+class RunRefused(ValueError):
+    """A run that cannot start with its config or inputs: one `error:` line and exit code 2. Training entry
+    points turn errors into it only around their set-up (`refusing()`), so that a ValueError raised while
+    training, which is a bug, keeps its traceback."""
+
+
+@contextmanager
+def refusing() -> Iterator[None]:
+    """Inside: a ValueError or OSError (a bad config, file or dataset) becomes a RunRefused with its message."""
+    try:
+        yield
+    except RunRefused:
+        raise
+    except (ValueError, OSError) as error:
+        raise RunRefused(error_message(error)) from error
+
+
+def error_message(error: BaseException) -> str:
+    message = str(error) or type(error).__name__
+    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
+        message = f"{error.filename}: {message}"
+    return message
+
+
 def report_error(error: BaseException, *, debug: bool) -> None:
     """Print one `error:` line (the traceback before it when debugging)."""
     if debug:
         traceback.print_exception(error, file=sys.stderr)
-    message = str(error) or type(error).__name__
-    if isinstance(error, FileNotFoundError) and error.filename and str(error.filename) not in message:
-        message = f"{error.filename}: {message}"
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {error_message(error)}", file=sys.stderr)
 
 
 def exit_code(error: BaseException) -> int:

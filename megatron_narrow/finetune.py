@@ -23,10 +23,13 @@ from megatron_narrow.pretrain import exit_now, run_entry  # noqa: E402  (the sam
 
 
 def _finetune(args) -> None:
+    from megatron_narrow.cli import refusing
     from megatron_narrow.tasks.config import load_finetune_config
     from megatron_narrow.tasks.loop import finetune
 
-    finetune(load_finetune_config(args.config, args.overrides), args.deepspeed_config)
+    with refusing():
+        run = load_finetune_config(args.config, args.overrides)
+    finetune(run, args.deepspeed_config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,10 @@ def parse_args(argv: list[str] | None = None, *, description: str = __doc__,
 
 def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -> int:
     """The entry points' shell: parse the command line, pick DeepSpeed's CPU accelerator without a GPU, run
-    `job(args)`; a refused run (bad config or data) is one `error:` line and exit code 2, a run stopped by
-    train.nonfinite_loss=stop exit code 1, one stopped by SIGTERM or Ctrl-C after its checkpoint 75, and
-    the process group is torn down whatever happened."""
+    `job(args)`; a refused run (`RunRefused`: bad config or data, raised around set-up only) is one `error:`
+    line and exit code 2, a run stopped by train.nonfinite_loss=stop exit code 1, one stopped by SIGTERM or
+    Ctrl-C after its checkpoint 75; any other error keeps its traceback. The process group is torn down
+    whatever happened."""
     args = parse_args(argv, description=description, sections=sections)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -51,12 +52,12 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    from megatron_narrow.cli import EXIT_USAGE_ERROR, debug_requested, report_error
+    from megatron_narrow.cli import EXIT_USAGE_ERROR, RunRefused, debug_requested, report_error
     from megatron_narrow.training.stop import EXIT_STOPPED, RunStopped
 
     try:
         job(args)
-    except (ValueError, OSError) as error:  # DataError, CheckpointError and TaskDataError are ValueErrors
+    except RunRefused as error:
         report_error(error, debug=args.debug or debug_requested([]))
         return EXIT_USAGE_ERROR
     except RunStopped:  # the loop checkpointed and said so
@@ -73,10 +74,13 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
 
 
 def _pretrain(args: argparse.Namespace, stop) -> None:
+    from megatron_narrow.cli import refusing
     from megatron_narrow.config import load_run_config
     from megatron_narrow.training.loop import pretrain
 
-    pretrain(load_run_config(args.config, args.overrides), args.deepspeed_config, stop)
+    with refusing():
+        run = load_run_config(args.config, args.overrides)
+    pretrain(run, args.deepspeed_config, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

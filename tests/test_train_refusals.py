@@ -214,3 +214,26 @@ def test_bad_config_files_are_one_line_naming_the_file(name, expected, tmp_path,
     assert pretrain.main(["--config", str(config), "--deepspeed_config", str(ds)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.strip().splitlines()[-1] == lines[0]
+
+
+def test_only_set_up_errors_are_refusals_a_training_bug_keeps_its_traceback(capsys):
+    """A ValueError raised around set-up (`refusing()`) is one `error:` line and exit 2; one raised later, while
+    training, is a bug: it propagates with its traceback instead of being printed as a refusal."""
+    from megatron_narrow.cli import refusing
+    from megatron_narrow.pretrain import run_entry
+
+    argv = ["--deepspeed_config", "unused.json"]
+
+    def refused(args) -> None:
+        with refusing():
+            raise ValueError("data.seq_len=7: give at least 8")
+
+    assert run_entry(argv, refused, description="", sections="") == 2
+    assert capsys.readouterr().err.strip() == "error: data.seq_len=7: give at least 8"
+
+    def bug(args) -> None:
+        raise ValueError("operands could not be broadcast together")
+
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        run_entry(argv, bug, description="", sections="")
+    assert "error:" not in capsys.readouterr().err

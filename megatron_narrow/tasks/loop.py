@@ -134,32 +134,36 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     """Fine-tune, evaluate, export; returns the final metrics (rank 0's; every rank computes the same)."""
     import deepspeed
 
+    from megatron_narrow.cli import RunRefused, refusing
     from megatron_narrow.convert.export import export_classifier_to_hf
     from megatron_narrow.training.loop import agree_finite
     from megatron_narrow.training.metrics import MetricsLogger
     from megatron_narrow.training.optim import build_optimizer, set_learning_rate
     from megatron_narrow.training.setup import DeepSpeedMPU, deepspeed_config, init_distributed, world_size_from_env
 
-    run.validate()
-    layout = ParallelConfig().resolve(world_size_from_env())
-    ds_config = deepspeed_config(ds_config_path, run, layout.data_parallel)
-    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) >= 3:
-        raise ValueError(f"{ds_config_path}: ZeRO stage 3 partitions the parameters, and the export at the end of "
-                         "fine-tuning needs them whole on rank 0; use ZeRO stage 0-2")
-    pretrained = load_pretrained(run.model.init_from)
-    train_examples = read_examples(run.task.train_file, run.task)
-    labels = label_set(run.task, train_examples)
-    _, train_tensors, _ = encode(run, pretrained, train_examples, run.task.train_file, labels)
-    valid = None
-    if run.task.valid_file:
-        valid = encode(run, pretrained, read_examples(run.task.valid_file, run.task), run.task.valid_file, labels)
+    with refusing():  # the config, the pretrained model and the task files; errors later are bugs
+        run.validate()
+        layout = ParallelConfig().resolve(world_size_from_env())
+        ds_config = deepspeed_config(ds_config_path, run, layout.data_parallel)
+        if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) >= 3:
+            raise ValueError(f"{ds_config_path}: ZeRO stage 3 partitions the parameters, and the export at the end "
+                             "of fine-tuning needs them whole on rank 0; use ZeRO stage 0-2")
+        pretrained = load_pretrained(run.model.init_from)
+        train_examples = read_examples(run.task.train_file, run.task)
+        labels = label_set(run.task, train_examples)
+        _, train_tensors, _ = encode(run, pretrained, train_examples, run.task.train_file, labels)
+        valid = None
+        if run.task.valid_file:
+            valid = encode(run, pretrained, read_examples(run.task.valid_file, run.task), run.task.valid_file,
+                           labels)
 
     init_distributed()
     groups = ProcessGroups.from_world(ParallelConfig())
     is_rank0 = dist.get_rank() == 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
-    model = build_task_model(run, pretrained, len(labels), groups, tracker).to(device)
+    with refusing():  # pretrained weights that lack part of the encoder
+        model = build_task_model(run, pretrained, len(labels), groups, tracker).to(device)
     optimizer = build_optimizer(model, run.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            mpu=DeepSpeedMPU(groups))
@@ -169,7 +173,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
                                  seed=train.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=train.micro_batch_size, sampler=sampler, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"{run.task.train_file}: {len(dataset)} examples make no micro-batch of "
+        raise RunRefused(f"{run.task.train_file}: {len(dataset)} examples make no micro-batch of "
                          f"{train.micro_batch_size} per rank over {groups.data.size} data-parallel ranks")
     logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=0, total_steps=train.train_steps)
     gas = ds_config["gradient_accumulation_steps"]

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_narrow.cli import refusing
 from megatron_narrow.config import RunConfig
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
@@ -97,7 +98,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    ds_config = validate_run(run, ds_config_path)  # every refusal happens before process-group work
+    with refusing():
+        ds_config = validate_run(run, ds_config_path)  # every check that needs no process group
     init_distributed()
     train = run.train
     is_rank0 = dist.get_rank() == 0
@@ -114,21 +116,25 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
 
     pipe: PipelineModel | None = None
     if run.parallel.pipeline_parallel > 1:
-        data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
+        with refusing():  # a damaged shard or an unwritable index cache
+            data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
         pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
         if train.init_from_hf and not resuming:
-            _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
+            with refusing():
+                _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
         mpu = None  # the pipeline module hands DeepSpeed its grid
     else:
         groups = ProcessGroups.from_world(run.parallel)
         tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
                                              pipeline_rank=groups.pipeline.rank)
-        data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
+        with refusing():
+            data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
         model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
                                    special_ids=data.special.as_dict()).to(device)
         if train.init_from_hf and not resuming:
-            _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
+            with refusing():
+                _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
         mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
     optimizer = build_optimizer(model, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
@@ -137,7 +143,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         # would start Adam's bias correction at step 2 (first update ~0.74 lr); drop that state (ZeRO 1-3 do not)
         optimizer.state.clear()
     step, consumed, skipped = 0, 0, 0
-    loaded = checkpoint.load(engine, train.save_dir, report=_rank0_print(is_rank0)) if resuming else None
+    with refusing():  # no usable checkpoint after all (all ranks agree)
+        loaded = checkpoint.load(engine, train.save_dir, report=_rank0_print(is_rank0)) if resuming else None
     client = loaded[1] if loaded else None
     if loaded is not None:
         ours = client["megatron_narrow"]
