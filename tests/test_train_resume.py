@@ -20,6 +20,7 @@ from .runs import (
     losses,
     pretrain_argv,
     records,
+    resume_from,
     run_pretraining,
     start_pretraining,
 )
@@ -156,3 +157,29 @@ def test_resume_drops_a_metrics_line_torn_by_the_kill(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True, resume_step=2, total_steps=10)
     logger.close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_checkpoint_from_before_packing_and_backends_resumes_and_converts(tmp_path, tiny_corpus_data,
+                                                                             reference_runs):
+    """Checkpoints written before this round have no model.attention_backend, data.packing, data.max_segments or
+    index-cache keys in their run_config.json: they resume (their defaults are what those runs did, so the
+    losses equal an uninterrupted run's) and convert to Hugging Face."""
+    from megatron_narrow.convert.checkpoint import convert_checkpoint
+    from megatron_narrow.training import checkpoint
+
+    save_dir = resume_from(reference_runs("narrow"), tmp_path / "old", 9)
+    new_keys = {"model": ("attention_backend",), "data": ("packing", "max_segments", "index_cache_dir",
+                                                          "index_cache_shared")}
+    for tag in checkpoint.all_tags(save_dir):
+        path = checkpoint.checkpoint_root(save_dir) / tag / "run_config.json"
+        config = json.loads(path.read_text())
+        for section, keys in new_keys.items():
+            for key in keys:
+                config[section].pop(key)
+        path.write_text(json.dumps(config))
+        checkpoint.write_completion_marker(checkpoint.checkpoint_root(save_dir) / tag)  # the file sizes changed
+    hf_dir = convert_checkpoint(save_dir, tmp_path / "hf")
+    assert (hf_dir / "config.json").is_file()
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
+    assert "resumed from step 9" in output
+    assert losses(save_dir) == losses(reference_runs("narrow"))
