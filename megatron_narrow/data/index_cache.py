@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_narrow.data.shards import temp_path
+
 FORMAT_VERSION = 1
 _COMPLETE = "complete.json"
 
@@ -56,7 +58,7 @@ def open_entry(entry: Path) -> dict[str, np.ndarray] | None:
 def write_entry(entry: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write `arrays` as the entry, atomically; if another process got there first, keep theirs."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    staging = temp_path(entry)
     staging.mkdir()
     try:
         files = {}
@@ -90,3 +92,19 @@ def load_or_build(entry: Path, build: Callable[[], dict[str, np.ndarray]],
     if arrays is None:
         raise OSError(f"the sample index cache {entry} could not be read back after writing it")
     return arrays
+
+
+def load_or_save_array(path: Path, build: Callable[[], np.ndarray], length: int) -> np.ndarray:
+    """A single cached int array (an epoch's order), memory-mapped; built and saved atomically if `path` is
+    missing or not `length` long. Concurrent writers write the same bytes, so the last rename is as good."""
+    try:
+        array = np.load(path, mmap_mode="r")
+        if array.shape == (length,):
+            return array
+    except (OSError, ValueError):
+        pass
+    staging = temp_path(path)
+    with open(staging, "wb") as f:
+        np.save(f, build())
+    os.replace(staging, path)
+    return np.load(path, mmap_mode="r")

@@ -19,8 +19,6 @@ position_ids that restart at every segment; each segment is masked as the sample
 from __future__ import annotations
 
 import itertools
-import os
-import uuid
 import zlib
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 
 from megatron_narrow.config import DataConfig, split_fractions
 from megatron_narrow.data.documents import DocumentSource, gather_sentence_lengths
-from megatron_narrow.data.index_cache import cache_key, load_or_build
+from megatron_narrow.data.index_cache import cache_key, load_or_build, load_or_save_array
 from megatron_narrow.data.masking import mask_tokens
 from megatron_narrow.data.packing import pack_samples
 
@@ -288,26 +286,16 @@ class BertSampleDataset:
         """int64[N]: index-order sample behind each position of `epoch`; the current epoch's is kept (with a
         cache: memory-mapped from `epoch_E.npy` in the cache entry, written by whoever needs it first)."""
         if epoch != self._perm_epoch:
-            self._perm = self._cached_permutation(epoch) if self.cache_entry is not None else \
-                self._compute_permutation(epoch)
+            if self.cache_entry is None:
+                self._perm = self._compute_permutation(epoch)
+            else:
+                self._perm = load_or_save_array(self.cache_entry / f"epoch_{epoch}.npy",
+                                                lambda: self._compute_permutation(epoch), len(self))
             self._perm_epoch = epoch
         return self._perm
 
     def _compute_permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([*self._shuffle_seed, epoch]).permutation(len(self))
-
-    def _cached_permutation(self, epoch: int) -> np.ndarray:
-        path = self.cache_entry / f"epoch_{epoch}.npy"
-        try:
-            perm = np.load(path, mmap_mode="r")
-            if perm.shape == (len(self),):
-                return perm
-        except (OSError, ValueError):
-            pass
-        staging = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy")
-        np.save(staging, self._compute_permutation(epoch))
-        os.replace(staging, path)  # the same bytes whoever writes it
-        return np.load(path, mmap_mode="r")
 
     def sample_rng(self, index: int) -> np.random.Generator:
         """The generator of global sample `index`: a pure function of (seed, name, index)."""

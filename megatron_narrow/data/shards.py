@@ -183,8 +183,8 @@ class IndexedDocuments:
     def __init__(self, data_dir: str | Path, *, expected_identity: str | None = None,
                  expected_vocab_size: int | None = None, verify_checksums: bool = False,
                  check_token_ids: bool = True) -> None:
-        """check_token_ids=False skips the pass over every token id (O(tokens) at every start); only for a
-        dataset whose fingerprint was checked before (training/data.py records that beside its index cache)."""
+        """check_token_ids=False skips the pass over every token id (O(tokens) at every start) for a caller that
+        runs `check_token_ids()` itself once per dataset (training/data.py records it beside its index cache)."""
         from megatron_narrow.data.tokenizer import SpecialTokens
 
         self.data_dir = Path(data_dir)
@@ -224,14 +224,19 @@ class IndexedDocuments:
             sents_array = sents.chunk(0) if sents.num_chunks else pa.array([], pa.list_(pa.int32()))
             tokens, token_offsets = _list_views(ids_array)
             self._tokens.append(tokens)
-            if check_token_ids:
-                self._check_token_ids(entry["file"], self._tokens[-1])
             self._token_offsets.append(token_offsets)
             sentence_lengths, sentence_offsets = _list_views(sents_array)
             self._sent_lengths.append(sentence_lengths)
             self._sent_offsets.append(sentence_offsets)
             doc_counts.append(table.num_rows)
         self._shard_starts = np.concatenate([[0], np.cumsum(doc_counts, dtype=np.int64)])
+        if check_token_ids:
+            self.check_token_ids()
+
+    def check_token_ids(self) -> None:
+        """Every token id of every shard must index the vocabulary (one vectorised pass per shard)."""
+        for entry, tokens in zip(self.manifest["shards"], self._tokens, strict=True):
+            self._check_token_ids(entry["file"], tokens)
 
     def check_not_empty(self) -> None:
         """A dataset without documents (every record rejected, e.g. a wrong --json-keys) cannot train."""

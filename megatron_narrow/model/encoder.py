@@ -131,7 +131,7 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
     layers = list(layers)
     num_layers, roles = config.num_layers, layer_roles(config)
     segments = state.segment_ids
-    full_mask = state.key_mask if segments is None else segment_mask(segments, segments)
+    full_mask = state.key_mask if segments is None else None  # packed: built when a full layer needs it
     narrow_mask = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in layers:
@@ -167,8 +167,10 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
             index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
             restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin
             state.context = state.kept = state.kept_mask = None
+            full_mask = full_mask if full_mask is not None else segment_mask(segments, segments)
             state.hidden = layer(restored, full_mask)
         else:
+            full_mask = full_mask if full_mask is not None else segment_mask(segments, segments)
             state.hidden = layer(state.hidden, full_mask)
         if index == num_layers - 1 and state.query_positions is not None:
             state.hidden = gather_positions(state.hidden, state.query_positions)

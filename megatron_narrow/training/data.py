@@ -15,7 +15,7 @@ from megatron_narrow.config import DataConfig, ModelConfig, TrainConfig
 from megatron_narrow.data.blending import BlendedDataset
 from megatron_narrow.data.samplers import DistributedPretrainingSampler
 from megatron_narrow.data.samples import BertSampleDataset, split_document_ranges
-from megatron_narrow.data.shards import IndexedDocuments, dataset_fingerprint
+from megatron_narrow.data.shards import IndexedDocuments, atomic_write_bytes
 from megatron_narrow.data.tokenizer import SpecialTokens, load_tokenizer
 
 
@@ -74,10 +74,12 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
     trains, valids, special = [], [], None
     for index, path in enumerate(data.data_paths):
         cache = index_cache_dir(data, path)
-        checked = cache / f"ids_checked-{dataset_fingerprint(path)[:20]}"  # every token id < vocab_size, once
         documents = IndexedDocuments(path, expected_identity=identity, expected_vocab_size=model.vocab_size,
-                                     check_token_ids=not checked.is_file())
-        _mark(checked)
+                                     check_token_ids=False)
+        checked = cache / f"ids_checked-{documents.fingerprint[:20]}"  # every token id < vocab_size, once
+        if not checked.is_file():
+            documents.check_token_ids()
+            _mark(checked)
         special = special or documents.special
         train_docs, valid_docs, _ = split_document_ranges(len(documents), data.split)
         trains.append(BertSampleDataset(documents, train_docs, data, word_start=word_start, name=f"train{index}",
@@ -99,13 +101,9 @@ def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, tot
 
 def _mark(path: Path) -> None:
     """Create an empty marker file (atomically; concurrent writers write the same nothing)."""
-    if path.is_file():
-        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        staging.write_bytes(b"")
-        os.replace(staging, path)
+        atomic_write_bytes(path, b"")
     except OSError as error:
         raise ValueError(f"cannot write the sample index cache in {path.parent} ({error.strerror}): set "
                          "data.index_cache_dir to a writable directory") from error
