@@ -219,10 +219,10 @@ class TokenizedChunk:
     reject_lines: list[bytes]
 
 
-def tokenize_chunk(chunk: Chunk, config: PreprocessConfig) -> TokenizedChunk:
-    """Validate, split and tokenize one work chunk (a worker's task; it writes nothing)."""
+def tokenize_chunk(chunk: Chunk, config: PreprocessConfig, sources: list[str]) -> TokenizedChunk:
+    """Validate, split and tokenize one work chunk (a worker's task; it writes nothing). `sources`: the input
+    paths that `record.source` indexes (this run's, config.my_inputs), for the reject file."""
     tokenizer = _cached_tokenizer(config.tokenizer_type, config.tokenizer_model)
-    sources = config.my_inputs  # what record.source indexes
     rejected = dict.fromkeys(REJECT_KINDS, 0)
     reject_lines: list[bytes] = []
     token_parts: list[np.ndarray] = []
@@ -503,9 +503,9 @@ def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
     try:
         if config.workers == 1:
             with _one_core():
-                _run_inline(config, fingerprint, chunks, position, consume)
+                _run_inline(config, fingerprint, chunks, mine, position, consume)
         else:
-            _run_pool(config, fingerprint, chunks, position, consume)
+            _run_pool(config, fingerprint, chunks, mine, position, consume)
         if config.partition is None:  # a part may hold no document; the merge refuses an empty whole
             _refuse_empty(config, results)
         manifest = _write_outputs(config, description, fingerprint, results)
@@ -530,11 +530,13 @@ def _one_core() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def _run_inline(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], position: list[int],
+def _run_inline(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], sources: list[str],
+                position: list[int],
                 consume: Callable[[ShardResult, int, bool], None]) -> None:
     for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
         done = _finished(index, group, config, fingerprint)
-        result = done or write_shard(index, group, [tokenize_chunk(c, config) for c in group], config, fingerprint)
+        parts = [] if done else [tokenize_chunk(chunk, config, sources) for chunk in group]
+        result = done or write_shard(index, group, parts, config, fingerprint)
         consume(result, position[0], done is not None)
 
 
@@ -551,7 +553,8 @@ def _groups(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
         yield group
 
 
-def _run_pool(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], position: list[int],
+def _run_pool(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk], sources: list[str],
+              position: list[int],
               consume: Callable[[ShardResult, int, bool], None]) -> None:
     """Work chunks go to the workers as they are read; shards are written here, in order, once all of their
     chunks are back. At most about two shards' input plus a few chunks per worker are held at once."""
@@ -565,7 +568,7 @@ def _run_pool(config: PreprocessConfig, fingerprint: str, chunks: Iterator[Chunk
 
         for index, group in enumerate(_groups(chunks, config.chunks_per_shard)):
             done = _finished(index, group, config, fingerprint)
-            jobs = done or [pool.submit(tokenize_chunk, chunk, config) for chunk in group]
+            jobs = done or [pool.submit(tokenize_chunk, chunk, config, sources) for chunk in group]
             in_flight.append((index, group, jobs, position[0]))
             while len(in_flight) > 1 and busy() > 2 * config.workers + config.chunks_per_shard:
                 _drain_one(in_flight, config, fingerprint, consume)
