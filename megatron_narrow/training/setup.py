@@ -66,8 +66,8 @@ def check_packed_targets(data) -> None:
     needed = max_packed_targets(data.seq_len, data.mask_prob)
     if data.max_predictions < needed:
         raise ValueError(f"data.max_predictions={data.max_predictions} is too small for data.packing=segments: a "
-                         f"packed row of {data.seq_len} can need {needed} targets (each segment rounds its 15% up); "
-                         f"set data.max_predictions={needed}")
+                         f"packed row of {data.seq_len} can need {needed} targets (each segment rounds its "
+                         f"data.mask_prob share up); set data.max_predictions={needed}")
 
 
 def check_resumable(run: RunConfig) -> None:
