@@ -20,6 +20,7 @@ from megatron_narrow.parallel import (
     RNGStatesTracker,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_projections,
     copy_to_tensor_region,
     gather_from_tensor_region,
     padded_vocab_size,
@@ -300,6 +301,33 @@ def test_tp1_layers_are_plain_linears():
         with torch.no_grad():
             layer.bias.copy_(bias)
         close(layer(x), x @ layer.weight.T + bias)
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_column_parallel_projections_equal_separate_linears(monkeypatch, limit):
+    """Stacked-weight GEMMs (one group, or one GEMM per projection when the CPU output limit is tiny) give
+    each layer's F.linear output and the same gradients, bit for bit apart from GEMM summation order."""
+    import megatron_narrow.parallel.layers as layers_module
+
+    if limit is not None:
+        monkeypatch.setattr(layers_module, "CPU_GEMM_OUTPUT_BYTES", limit)
+    g = torch.Generator().manual_seed(SEED)
+    group = GroupInfo.trivial()
+    layers = [ColumnParallelLinear(8, out, group=group, generator=g) for out in (8, 4, 12)]
+    for layer in layers:
+        layer.bias.data.normal_(generator=g)
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    outputs = column_parallel_projections(x, layers)
+    grads = torch.autograd.grad(sum((o * i).sum() for i, o in enumerate(outputs, 1)), [x, *layers[1].parameters()])
+    x_ref = x.detach().requires_grad_()
+    reference = [F.linear(x_ref, layer.weight, layer.bias) for layer in layers]
+    ref_grads = torch.autograd.grad(sum((o * i).sum() for i, o in enumerate(reference, 1)),
+                                    [x_ref, *layers[1].parameters()])
+    assert [o.shape for o in outputs] == [(3, 5, 8), (3, 5, 4), (3, 5, 12)]
+    for actual, expected in zip([*outputs, *grads], [*reference, *ref_grads], strict=True):
+        close(actual, expected)
+    with pytest.raises(ValueError, match="one group"):
+        column_parallel_projections(x, [layers[0], ColumnParallelLinear(8, 4, group=group, bias=False)])
 
 
 def test_tp_layers_reject_indivisible_sizes_and_draw_the_same_master():

@@ -18,8 +18,13 @@ from torch import nn
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention_backends import attention_backend
 from megatron_narrow.model.layer_norm import layer_norm
-from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
-from megatron_narrow.parallel.mappings import copy_to_tensor_region
+from megatron_narrow.parallel import (
+    ColumnParallelLinear,
+    ProcessGroups,
+    RNGStatesTracker,
+    RowParallelLinear,
+    column_parallel_projections,
+)
 
 
 def few_queries(num_queries: int, head_dim: int) -> bool:
@@ -54,14 +59,9 @@ class BertSelfAttention(nn.Module):
         self.group = tp
         self.tracker = tracker
 
-    def kv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's [2*H/tp, H] key-then-value weight and bias, for fused K/V GEMMs."""
-        return (torch.cat([self.key.weight, self.value.weight]), torch.cat([self.key.bias, self.value.bias]))
-
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, h/tp, S, d) of every context position."""
-        weight, bias = self.kv_weight()
-        k, v = F.linear(copy_to_tensor_region(context, self.group), weight, bias).chunk(2, dim=-1)
+        k, v = column_parallel_projections(context, (self.key, self.value))
         return split_heads(k, self.head_dim), split_heads(v, self.head_dim)
 
     def attend_through_weights(self, queries: torch.Tensor, context: torch.Tensor,
@@ -77,7 +77,7 @@ class BertSelfAttention(nn.Module):
         b, q_len, hidden = queries.shape
         heads, d = self.key.weight.shape[0] // self.head_dim, self.head_dim
         q = split_heads(self.query(queries), d)  # (B, h, Q, d)
-        context = copy_to_tensor_region(context, self.group)
+        context = self.key.region_input(context)  # key and value weights are both applied to it
         pulled = torch.einsum("bhqd,hdk->bhqk", q, self.key.weight.view(heads, d, hidden))  # (B, h, Q, H)
         scores = torch.einsum("bhqk,bsk->bhqs", pulled, context) * d ** -0.5  # (B, h, Q, S)
         probs = scores.masked_fill(~head_mask(key_mask), float("-inf")).softmax(dim=-1)
@@ -97,17 +97,15 @@ class BertSelfAttention(nn.Module):
         """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real,
         or (B, Q, S) True where that query may attend that key (packed segments: encoder.segment_mask).
 
-        With neither context nor kv this is ordinary self-attention (one fused QKV GEMM). A few queries
+        With neither context nor kv this is ordinary self-attention (Q, K, V from one region entry). A few queries
         against a context attend through the weights (attend_through_weights).
         Returns this rank's heads, (B, Q, H/tp), ready for the row-parallel output projection.
         """
         if kv is None and context is not None and few_queries(queries.shape[1], self.head_dim):
             return self.attend_through_weights(queries, context, key_mask)
         if kv is None and context is None:
-            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
             q, k, v = (split_heads(t, self.head_dim) for t in
-                       F.linear(copy_to_tensor_region(queries, self.group), weight, bias).chunk(3, dim=-1))
+                       column_parallel_projections(queries, (self.query, self.key, self.value)))
         else:
             q = split_heads(self.query(queries), self.head_dim)
             k, v = kv if kv is not None else self.project_kv(context)

@@ -4,8 +4,8 @@ its own (model/pipeline.py), with the state packed into fixed-shape tensors betw
 
 - bert:       every layer on every position; outputs are gathered at the query positions at the end.
 - narrow:     `full_length_layers` ordinary layers give the context C; every narrow layer computes
-              queries for the query positions only, keys/values from C (fused GEMMs for the narrow
-              layers of one walk).
+              queries for the query positions only, keys/values from C (projected together for the
+              narrow layers of one walk).
 - token_drop: layers 0..L/2-2 on all tokens; layer L/2-1 (transition) queries the kept tokens against
               all; layers L/2..L-2 on kept tokens only; the dropped tokens' states wait and are scattered
               back before layer L-1, which runs on all positions.
@@ -21,15 +21,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import few_queries, split_heads
 from megatron_narrow.model.layer import BertLayer
 from megatron_narrow.model.token_drop import TokenImportance
-from megatron_narrow.parallel import GroupInfo, ProcessGroups, RNGStatesTracker, component_generator
-from megatron_narrow.parallel.mappings import copy_to_tensor_region
+from megatron_narrow.parallel import (
+    ProcessGroups,
+    RNGStatesTracker,
+    column_parallel_projections,
+    component_generator,
+)
 from megatron_narrow.variants import drops_tokens, layer_roles
 
 
@@ -98,35 +101,16 @@ def state_fields(config: ModelConfig, index: int, segments: bool = False) -> tup
     return (*fields, "segment_ids") if segments else fields
 
 
-CPU_GEMM_OUTPUT_BYTES = 30 << 20
-
-
-def _kv_groups(narrow: list[BertLayer], context: torch.Tensor) -> list[list[BertLayer]]:
-    """Narrow layers whose K/V share one GEMM: all of them on CUDA (the caching allocator reuses the
-    output block); on the CPU as many as keep the output under ~30 MiB, because glibc hands larger
-    blocks back to the OS on free and every forward would fault in fresh pages (measured: 13% of a
-    NarrowBERT classification forward at batch 4 x 512, hidden 256)."""
-    if context.is_cuda:
-        return [narrow]
-    b, s, _ = context.shape
-    per_layer = b * s * 2 * narrow[0].attention.self.key.weight.shape[0] * context.element_size()
-    size = max(1, CPU_GEMM_OUTPUT_BYTES // per_layer)
-    return [narrow[i:i + size] for i in range(0, len(narrow), size)]
-
-
-def narrow_kv(layers: list[BertLayer], context: torch.Tensor, head_dim: int,
-              group: GroupInfo) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values of each narrow layer from C: (B, S, H) x (H, n * 2H/tp) GEMMs over layer groups."""
-    per_layer = []
-    for layer_group in _kv_groups(layers, context):
-        weights, biases = zip(*(layer.attention.self.kv_weight() for layer in layer_group), strict=True)
-        kv = F.linear(copy_to_tensor_region(context, group), torch.cat(weights), torch.cat(biases))
-        per_layer.extend(kv.chunk(len(layer_group), dim=-1))
-    return [tuple(split_heads(t, head_dim) for t in kv.chunk(2, dim=-1)) for kv in per_layer]
+def narrow_kv(layers: list[BertLayer], context: torch.Tensor, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values (B, h/tp, S, d) of each narrow layer from C, projected together: C enters the
+    tensor-parallel region once for all of them (one gradient all-reduce in backward)."""
+    projections = [p for layer in layers for p in (layer.attention.self.key, layer.attention.self.value)]
+    outputs = [split_heads(t, head_dim) for t in column_parallel_projections(context, projections)]
+    return list(zip(outputs[0::2], outputs[1::2], strict=True))
 
 
 def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], state: EncoderState, *,
-               group: GroupInfo, importance: TokenImportance | None = None) -> EncoderState:
+               importance: TokenImportance | None = None) -> EncoderState:
     """Run (index, layer) pairs, consecutive, on `state` (updated in place and returned)."""
     layers = list(layers)
     num_layers, roles = config.num_layers, layer_roles(config)
@@ -152,7 +136,7 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
             else:
                 if index not in kv:
                     rest = [(i, lay) for i, lay in layers if i >= index]
-                    projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim, group)
+                    projected = narrow_kv([lay for _, lay in rest], state.context, config.head_dim)
                     kv = {i: pair for (i, _), pair in zip(rest, projected, strict=True)}
                 state.hidden = layer(state.hidden, narrow_mask, kv=kv[index])
         elif role == "transition":
@@ -199,7 +183,6 @@ class BertEncoder(nn.Module):
     def __init__(self, config: ModelConfig, groups: ProcessGroups, tracker: RNGStatesTracker | None = None) -> None:
         super().__init__()
         self.config = config
-        self.group = groups.tensor
         self.layer = nn.ModuleList(BertLayer(config, groups, component_generator(config.init_seed, f"layer.{i}"),
                                              tracker) for i in range(config.num_layers))
 
@@ -209,4 +192,4 @@ class BertEncoder(nn.Module):
         """hidden (B, S, H) embeddings -> (B, Q, H) at query_positions (B, Q), or (B, S, H) if None."""
         state = EncoderState(hidden=hidden, key_mask=attention_mask.bool(), query_positions=query_positions,
                              query_valid=forced_valid, input_ids=input_ids, segment_ids=segment_ids)
-        return run_layers(self.config, enumerate(self.layer), state, group=self.group, importance=importance).hidden
+        return run_layers(self.config, enumerate(self.layer), state, importance=importance).hidden

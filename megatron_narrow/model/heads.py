@@ -9,9 +9,8 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.layer_norm import layer_norm
-from megatron_narrow.parallel import GroupInfo, vocab_shard
+from megatron_narrow.parallel import GroupInfo, vocab_parallel_logits, vocab_shard
 from megatron_narrow.parallel.layers import mark_tensor_parallel
-from megatron_narrow.parallel.mappings import copy_to_tensor_region
 
 
 def _linear(in_features: int, out_features: int, std: float, generator: torch.Generator) -> nn.Linear:
@@ -53,7 +52,7 @@ class BertLMPredictionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
-        logits = F.linear(copy_to_tensor_region(self.transform(x), self.group), decoder_weight, self.bias)
+        logits = vocab_parallel_logits(self.transform(x), decoder_weight, self.bias, self.group)
         # in place on the fresh GEMM output (linear does not save it): no second [N, V] copy
         return logits.masked_fill_(self.vocab_padding, float("-inf")) if self.has_padding else logits
 

@@ -104,15 +104,14 @@ class EncoderLayerPipe(nn.Module):
                  tracker: RNGStatesTracker | None = None, special_ids: dict[str, int] | None = None,
                  segments: bool = False) -> None:
         super().__init__()
-        self.config, self.index, self.group, self.segments = config, index, groups.tensor, segments
+        self.config, self.index, self.segments = config, index, segments
         self.layer = BertLayer(config, groups, component_generator(config.init_seed, f"layer.{index}"), tracker)
         picks_kept = index == transition_layer(config)
         self.token_importance = build_token_importance(config, special_ids) if picks_kept else None
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         state = unpack(inputs, state_fields(self.config, self.index, self.segments))
-        state = run_layers(self.config, [(self.index, self.layer)], state, group=self.group,
-                           importance=self.token_importance)
+        state = run_layers(self.config, [(self.index, self.layer)], state, importance=self.token_importance)
         return pack(state, state_fields(self.config, self.index + 1, self.segments))
 
 

@@ -10,7 +10,9 @@ from megatron_narrow.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_projections,
     padded_vocab_size,
+    vocab_parallel_logits,
     vocab_shard,
 )
 from megatron_narrow.parallel.mappings import (
@@ -28,6 +30,7 @@ __all__ = [
     "RNGStatesTracker",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "column_parallel_projections",
     "component_generator",
     "copy_to_tensor_region",
     "gather_from_tensor_region",
@@ -35,5 +38,6 @@ __all__ = [
     "reduce_from_tensor_region",
     "scatter_to_tensor_region",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_logits",
     "vocab_shard",
 ]
