@@ -132,13 +132,11 @@ def encode(run: FinetuneConfig, pretrained: Pretrained, examples: list, path: st
 
 def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     """Fine-tune, evaluate, export; returns the final metrics (rank 0's; every rank computes the same)."""
-    import deepspeed
-
     from megatron_narrow.cli import RunRefused, refusing
     from megatron_narrow.convert.export import export_classifier_to_hf
-    from megatron_narrow.training.loop import agree_finite
+    from megatron_narrow.training.engine import agree_finite, build_engine, training_device
     from megatron_narrow.training.metrics import MetricsLogger
-    from megatron_narrow.training.optim import build_optimizer, set_learning_rate
+    from megatron_narrow.training.optim import set_learning_rate
     from megatron_narrow.training.setup import DeepSpeedMPU, deepspeed_config, init_distributed, world_size_from_env
 
     with refusing():  # the config, the pretrained model and the task files; errors later are bugs
@@ -160,13 +158,11 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     init_distributed()
     groups = ProcessGroups.from_world(ParallelConfig())
     is_rank0 = dist.get_rank() == 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
     with refusing():  # pretrained weights that lack part of the encoder
         model = build_task_model(run, pretrained, len(labels), groups, tracker).to(device)
-    optimizer = build_optimizer(model, run.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           mpu=DeepSpeedMPU(groups))
+    engine, optimizer = build_engine(model, run.train, ds_config, DeepSpeedMPU(groups))
     kind, train = run.task.kind, run.train
     dataset = TensorDataset(*(train_tensors[k] for k in TENSOR_ORDER[kind]))
     sampler = DistributedSampler(dataset, num_replicas=groups.data.size, rank=groups.data.rank, shuffle=True,

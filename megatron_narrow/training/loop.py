@@ -19,9 +19,10 @@ from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
 from megatron_narrow.training import checkpoint
 from megatron_narrow.training.data import build_datasets_in_turn, make_loader
+from megatron_narrow.training.engine import agree_finite, all_reduce, build_engine, rank0_print, training_device
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.metrics import MetricsLogger
-from megatron_narrow.training.optim import build_optimizer, set_learning_rate
+from megatron_narrow.training.optim import set_learning_rate
 from megatron_narrow.training.pipeline import (
     PipelineModel,
     build_pipeline,
@@ -30,12 +31,6 @@ from megatron_narrow.training.pipeline import (
 )
 from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
 from megatron_narrow.training.stop import RunStopped, StopSignal
-
-
-def _all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(value, op=op, group=group)
-    return value
 
 
 @contextlib.contextmanager
@@ -54,15 +49,6 @@ def _skip_update(optimizer: torch.optim.Optimizer):
             del optimizer.step
         else:
             optimizer.step = saved
-
-
-def agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> bool:
-    """Whether every rank's losses were finite; raises under train.nonfinite_loss=stop if not."""
-    finite = _all_reduce(torch.tensor(float(finite), device=device), op=dist.ReduceOp.MIN).item() >= 1
-    if not finite and policy == "stop":
-        raise FloatingPointError(f"non-finite loss at step {step}; stopping (train.nonfinite_loss=stop; set it to "
-                                 "skip to skip such steps and count them)")
-    return finite
 
 
 def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.optim.Optimizer,
@@ -94,16 +80,12 @@ def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.opti
 def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None) -> list[dict]:
     """Train (or resume) to run.train.train_steps; returns the records logged by rank 0. Raises RunStopped
     after checkpointing when `stop` (installed here if not given) sees SIGTERM or Ctrl-C."""
-    import deepspeed
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
     with refusing():
         ds_config = validate_run(run, ds_config_path)  # every check that needs no process group
     init_distributed()
     train = run.train
     is_rank0 = dist.get_rank() == 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     gas = ds_config["gradient_accumulation_steps"]
     global_batch = ds_config["train_batch_size"]
     pair_head = run.data.pair_head
@@ -122,7 +104,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
         if train.init_from_hf and not resuming:
             with refusing():
-                _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
+                _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
         mpu = None  # the pipeline module hands DeepSpeed its grid
     else:
         groups = ProcessGroups.from_world(run.parallel)
@@ -134,17 +116,12 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                                    special_ids=data.special.as_dict()).to(device)
         if train.init_from_hf and not resuming:
             with refusing():
-                _load_hf(model, train.init_from_hf, _rank0_print(is_rank0))
+                _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
         mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
-    optimizer = build_optimizer(model, train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
-    if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
-        # ZeRO-0 fp16/bf16: these wrappers take one zero-gradient step of our AdamW to create its state, which
-        # would start Adam's bias correction at step 2 (first update ~0.74 lr); drop that state (ZeRO 1-3 do not)
-        optimizer.state.clear()
+    engine, optimizer = build_engine(model, train, ds_config, mpu)
     step, consumed, skipped = 0, 0, 0
     with refusing():  # no usable checkpoint after all (all ranks agree)
-        loaded = checkpoint.load(engine, train.save_dir, report=_rank0_print(is_rank0)) if resuming else None
+        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0)) if resuming else None
     client = loaded[1] if loaded else None
     if loaded is not None:
         ours = client["megatron_narrow"]
@@ -177,7 +154,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
         counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
-        total_targets, total_tokens = _all_reduce(counts, groups.data.group).tolist()
+        total_targets, total_tokens = all_reduce(counts, groups.data.group).tolist()
         normaliser = torch.tensor(max(total_targets, 1.0) / (groups.data.size * gas), device=device)
         if pipe is not None:
             outcome = pipeline_train_step(engine, pipe, micro_batches, normaliser, pair_head)
@@ -193,7 +170,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         step_time = time.perf_counter() - started
 
         if step % train.log_interval == 0 or step == train.train_steps:
-            loss = _all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
+            loss = all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
             sequences_per_s = global_batch / step_time
             record = {"step": step, "loss": loss, "lr": lr,
                       "tokens_per_s": total_tokens / step_time,  # real tokens ([CLS]/[SEP] included), not padding
@@ -212,7 +189,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             logger.log(record)
             engine.train()
         signalled = torch.tensor(float(stop.received is not None), device=device)
-        preempted = _all_reduce(signalled, op=dist.ReduceOp.MAX).item() > 0
+        preempted = all_reduce(signalled, op=dist.ReduceOp.MAX).item() > 0
         if (train.save_interval and step % train.save_interval == 0) or step == train.train_steps or preempted:
             save()
         if preempted:
@@ -223,10 +200,6 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             raise stopped
     logger.close()
     return records
-
-
-def _rank0_print(is_rank0: bool):
-    return (lambda line: print(line, flush=True)) if is_rank0 else (lambda line: None)
 
 
 def _report_config_changes(tag_dir, run: RunConfig, step: int) -> None:
@@ -255,7 +228,7 @@ def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: tor
             out = engine(**batch)
             totals[0] += out.target_losses.double().sum()
             totals[1] += batch["target_valid"].sum()
-    totals = _all_reduce(totals, groups.data.group)
+    totals = all_reduce(totals, groups.data.group)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
