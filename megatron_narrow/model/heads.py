@@ -46,15 +46,15 @@ class BertLMPredictionHead(nn.Module):
         start, end, _ = vocab_shard(config.vocab_size, group)
         self.bias = nn.Parameter(torch.zeros(end - start))
         mark_tensor_parallel(self.bias, 0)
-        padding = torch.arange(start, end) >= config.vocab_size
-        self.register_buffer("vocab_padding", padding, persistent=False)
-        self.has_padding = bool(padding.any())
+        self.first_padding_column = min(max(config.vocab_size - start, 0), end - start)  # local, = end - start: none
 
     def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
         logits = vocab_parallel_logits(self.transform(x), decoder_weight, self.bias, self.group)
-        # in place on the fresh GEMM output (linear does not save it): no second [N, V] copy
-        return logits.masked_fill_(self.vocab_padding, float("-inf")) if self.has_padding else logits
+        # the padding rows (zero) would take a share of the softmax: -inf, in place on the fresh GEMM output
+        # (linear does not save it), written to the padding columns only (they trail the shard)
+        logits[..., self.first_padding_column:] = float("-inf")
+        return logits
 
 
 class BertPooler(nn.Module):
