@@ -191,6 +191,12 @@ class ModelConfig:
     importance_init: float = 10.0
     """token_drop: initial importance of every token id."""
 
+    token_drop_force_keep: str = "special"
+    """token_drop: which tokens the middle layers always keep. special: tokens whose input id is special
+    ([MASK], [CLS], [SEP], [UNK]), the official implementation's rule, so the 10% random / 10% unchanged
+    MLM targets compete on importance; targets: every MLM target as well (this project's rule before
+    2026-11-30). Ties in importance keep the earliest positions under either rule."""
+
     init_seed: int = 1234
     """Seed of the master-weight initialisation (identical weights for any TP size)."""
 
@@ -221,6 +227,9 @@ class ModelConfig:
             raise ValueError(f"model.token_drop_keep_ratio must be in (0, 1], got {self.token_drop_keep_ratio}")
         if self.token_drop_keep_tokens is not None and self.token_drop_keep_tokens < 1:
             raise ValueError(f"model.token_drop_keep_tokens must be >= 1, got {self.token_drop_keep_tokens}")
+        if self.token_drop_force_keep not in ("special", "targets"):
+            raise ValueError(f"model.token_drop_force_keep must be special or targets, got "
+                             f"{self.token_drop_force_keep!r}")
         if not 0 < self.importance_beta < 1:
             raise ValueError(f"model.importance_beta must be in (0, 1), got {self.importance_beta}")
 

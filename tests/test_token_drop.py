@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_narrow.config import ModelConfig
@@ -103,21 +104,27 @@ def test_token_drop_forward_equals_its_definition_in_transformers_layers():
     assert gap > 1e-4, gap  # 10x the tolerance of the equality above
 
 
-def test_kept_sets_hold_targets_and_specials_never_padding():
+@pytest.mark.parametrize("force_targets", [False, True])
+def test_kept_sets_hold_specials_never_padding(force_targets):
+    """special (default, the official rule): only tokens whose input id is special are forced, so targets
+    shown unmasked (the 10% random / 10% unchanged) compete on importance; targets: every target is kept."""
     ids, mask, _, positions, _, valid = toy_batch()
-    importance = TokenImportance(VOCAB, special_ids=tuple(SPECIAL.values()), pad_id=SPECIAL["pad"])
+    importance = TokenImportance(VOCAB, special_ids=tuple(SPECIAL.values()), pad_id=SPECIAL["pad"],
+                                 force_targets=force_targets)
     importance.importance[5:] = torch.linspace(0, 20, VOCAB - 5)  # make the choice depend on ids
     k = 10
     kept, kept_real = importance.select(ids, mask, positions, valid, k)
     assert kept.shape == (3, k)
     assert torch.equal(kept, kept.sort(dim=1).values), "kept positions must stay in original order"
-    ranked_rows = 0
+    ranked_rows, unmasked_targets_dropped = 0, 0
     for row in range(3):
         chosen = set(kept[row].tolist())
         real = int(mask[row].sum())
         specials = {i for i in range(real) if int(ids[row, i]) in (1, 2, 3, 4)}
-        forced = specials | set(positions[row][valid[row]].tolist())
+        targets = set(positions[row][valid[row]].tolist())
+        forced = specials | targets if force_targets else specials
         assert forced <= chosen, (row, forced - chosen)
+        unmasked_targets_dropped += len(targets - specials - chosen)
         if real >= k:
             assert all(p < real for p in chosen), "padding kept while real tokens remained"
             assert kept_real[row].all()
@@ -131,6 +138,47 @@ def test_kept_sets_hold_targets_and_specials_never_padding():
             assert min(scores[free_kept]) >= max(scores[free_dropped])
             ranked_rows += 1
     assert ranked_rows >= 1, "no row chose between free tokens: the ranking went untested"
+    assert (unmasked_targets_dropped == 0) == force_targets, unmasked_targets_dropped
+
+
+def test_ties_keep_the_earliest_positions():
+    """Hand-made rows where every free token ties (a fresh vector; repeated ids): the earliest positions win,
+    as tf.math.top_k's order does in the official code."""
+    cls, sep, mask_id, pad = SPECIAL["cls"], SPECIAL["sep"], SPECIAL["mask"], SPECIAL["pad"]
+    ids = torch.tensor([[cls, 50, 51, 52, 53, 54, 55, sep],
+                        [cls, 9, 9, 9, mask_id, 9, 9, sep],
+                        [cls, 70, 70, sep, pad, pad, pad, pad]])
+    mask = (ids != pad).long()
+    importance = TokenImportance(VOCAB, special_ids=tuple(SPECIAL.values()), pad_id=pad)
+    kept, kept_real = importance.select(ids, mask, None, None, 5)
+    assert kept.tolist() == [[0, 1, 2, 3, 7], [0, 1, 2, 4, 7], [0, 1, 2, 3, 4]]
+    assert kept_real.tolist() == [[True] * 5, [True] * 5, [True, True, True, True, False]]
+    importance.importance[52] = 11.0  # one id above the tie: it displaces the latest of the tied
+    kept, _ = importance.select(ids, mask, None, None, 5)
+    assert kept[0].tolist() == [0, 1, 2, 3, 7]
+    importance.importance[55] = 12.0
+    kept, _ = importance.select(ids, mask, None, None, 5)
+    assert kept[0].tolist() == [0, 1, 3, 6, 7]
+
+
+def test_importance_stays_float32_and_updates_as_in_fp32_under_bf16():
+    """A bf16 model keeps a float32 vector, so its running average moves exactly as the fp32 model's; in bf16
+    arithmetic the same average would stall (10.0 -> 4.0 by 0.5% a step stops at 8.0)."""
+    model = BertForPreTraining(tiny("token_drop"), special_ids=SPECIAL).bfloat16()
+    assert model.bert.token_importance.importance.dtype == torch.float32
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    fp32 = TokenImportance(VOCAB, special_ids=tuple(SPECIAL.values()), pad_id=0, beta=0.995)
+    bf16 = TokenImportance(VOCAB, special_ids=tuple(SPECIAL.values()), pad_id=0, beta=0.995).bfloat16()
+    ids, losses, valid = torch.tensor([[7, 8]]), torch.tensor([[4.0, 4.0]]), torch.ones(1, 2, dtype=torch.bool)
+    for _ in range(400):
+        fp32.update(ids, losses, valid, GroupInfo.trivial())
+        bf16.update(ids, losses.bfloat16(), valid, GroupInfo.trivial())
+    assert torch.equal(bf16.importance, fp32.importance)
+    assert fp32.importance[7].item() < 4.0 + 6.0 * 0.995 ** 400 + 1e-4  # it reached ~4.8, past 8.0
+    stalled = torch.tensor(10.0, dtype=torch.bfloat16)
+    for _ in range(400):
+        stalled = 0.995 * stalled + 0.005 * 4.0
+    assert stalled.item() == 8.0  # what the guard prevents
 
 
 def test_importance_update_equals_hand_computed_ema():

@@ -33,7 +33,8 @@ def build_token_importance(config: ModelConfig, special_ids: dict[str, int] | No
         return None
     special = special_ids or DEFAULT_SPECIAL_IDS
     return TokenImportance(config.vocab_size, special_ids=tuple(special.values()), pad_id=special["pad"],
-                           init=config.importance_init, beta=config.importance_beta)
+                           init=config.importance_init, beta=config.importance_beta,
+                           force_targets=config.token_drop_force_keep == "targets")
 
 
 class BertModel(nn.Module):

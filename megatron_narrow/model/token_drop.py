@@ -4,7 +4,9 @@ layers may skip.
 The importance vector is a non-trainable buffer (so it lives in every checkpoint): initialised to
 `importance_init`, special tokens pinned high and [PAD] pinned low, and updated after each step with
 an EMA of the per-target losses, averaged over duplicates of an id in the batch. Sums and counts are
-all-reduced over data parallel first, so every replica holds the same vector.
+all-reduced over data parallel first, so every replica holds the same vector. It stays float32 when the
+model is cast to fp16/bf16: in bf16 an average moving from 10.0 towards 4.0 by 0.5% a step would stall
+at 8.0 (the next value rounds back to it).
 """
 
 from __future__ import annotations
@@ -32,15 +34,29 @@ def tally_target_losses(tally: torch.Tensor | None, target_ids: torch.Tensor, lo
 
 
 class TokenImportance(nn.Module):
+    """The importance vector, its update and the choice of kept tokens.
+
+    force_targets: keep every MLM target position as well as the special tokens (model.token_drop_force_keep
+    = targets); otherwise only tokens whose input id is special are forced, as in the official code."""
+
     def __init__(self, vocab_size: int, *, special_ids: tuple[int, ...], pad_id: int, init: float = 10.0,
-                 beta: float = 0.995) -> None:
+                 beta: float = 0.995, force_targets: bool = False) -> None:
         super().__init__()
         self.beta = beta
+        self.force_targets = force_targets
         self.special_ids = tuple(i for i in special_ids if i != pad_id)
         self.pad_id = pad_id
         self.register_buffer("importance", torch.full((vocab_size,), float(init)))
         self._pending: torch.Tensor | None = None  # (2, vocab) sums and counts of the step so far
         self._pin()
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module casts (.half(), .bfloat16(), DeepSpeed's precision setup) move the vector but keep it float32."""
+        importance = self.importance
+        super()._apply(fn, recurse)
+        if self.importance.dtype != torch.float32:
+            self.importance = importance.to(device=self.importance.device, dtype=torch.float32)
+        return self
 
     def _pin(self) -> None:
         self.importance[list(self.special_ids)] = PINNED_HIGH
@@ -64,7 +80,7 @@ class TokenImportance(nn.Module):
             dist.all_reduce(pending, group=data_group.group)
         sums, counts = pending
         seen = counts > 0
-        mean = (sums[seen] / counts[seen]).to(self.importance.dtype)
+        mean = (sums[seen] / counts[seen]).float()
         self.importance[seen] = self.beta * self.importance[seen] + (1 - self.beta) * mean
         self._pin()
 
@@ -78,15 +94,18 @@ class TokenImportance(nn.Module):
                forced_valid: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence, the k positions to keep, in original order, and which of them are real tokens.
 
-        Every forced position (MLM targets) and special token is kept, padding never (while real tokens
-        remain); the rest by importance of their id. Returns kept (B, k) int64 and kept_real (B, k) bool.
+        Special tokens are always kept (and the MLM targets too under force_targets), padding never (while
+        real tokens remain); the rest by importance of their id, ties going to the earliest positions (a
+        stable sort: torch.topk's order among equal scores is unspecified, and at the start every score is
+        equal). Returns kept (B, k) int64 and kept_real (B, k) bool.
         """
-        score = self.importance[input_ids].clone()  # (B, S)
+        score = self.importance[input_ids].float()  # (B, S), a copy
         score[torch.isin(input_ids, torch.tensor(self.special_ids, device=input_ids.device))] = float("inf")
-        if forced_positions is not None:
+        if self.force_targets and forced_positions is not None:
             forced = torch.zeros_like(attention_mask, dtype=torch.bool)
             forced.scatter_(1, forced_positions, forced_valid if forced_valid is not None else True)
             score[forced] = float("inf")
         score[attention_mask == 0] = float("-inf")
-        kept = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # original order
+        ranked = score.argsort(dim=1, descending=True, stable=True)
+        kept = ranked[:, :k].sort(dim=1).values  # original order
         return kept, attention_mask.gather(1, kept).bool()

@@ -19,6 +19,10 @@ FIXED = {
 """Keys that a checkpoint's tensors or data position depend on; a change is refused (packing: consumed
 samples count rows of another kind)."""
 
+BEFORE_THE_KEY = {"model.token_drop_force_keep": "targets"}
+"""A key absent from a checkpoint's config compares as the behaviour the code had before the key existed,
+so that resuming an old run under a new default is reported."""
+
 SCHEDULE = ("lr", "min_lr", "warmup_steps", "train_steps", "lr_decay")
 """train.* keys of the learning-rate schedule; a change applies from the next step."""
 
@@ -30,7 +34,7 @@ def _flatten(config: dict) -> dict[str, object]:
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(refused, changed): `section.key old -> new` for fixed keys that differ, and for every other key."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = {**BEFORE_THE_KEY, **_flatten(saved)}, _flatten(current)
     fixed = {f"{section}.{key}" for section, keys in FIXED.items() for key in keys}
     refused, changed = [], []
     for key in sorted(set(old) | set(new)):
