@@ -173,3 +173,80 @@ def test_masked_lm_state_dict_round_trip(hf_model):
     assert load_hf_state_dict(again, hf_state) == []
     for key, value in ours.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+# The key list of the official NarrowBERT code (lihaoxin2020/narrowbert, NarrowBertForMaskedLM under
+# transformers 4.28): BertEmbeddings with its position_ids buffer, the full-length layers in
+# bert.encoder.layer.0..F-1, the narrow ones in bert.encoder_narrow.layer.0..L-F-1, BERT's MLM head.
+OFFICIAL_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                        "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+OFFICIAL_LAYER_KEYS = [f"{part}.{kind}" for part in OFFICIAL_LAYER_PARTS for kind in ("weight", "bias")]
+
+
+def official_narrowbert_keys(num_layers: int, full: int) -> set[str]:
+    embeddings = {f"bert.embeddings.{name}" for name in (
+        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+        "LayerNorm.weight", "LayerNorm.bias", "position_ids")}
+    layers = {f"bert.encoder.layer.{i}.{k}" for i in range(full) for k in OFFICIAL_LAYER_KEYS}
+    narrow = {f"bert.encoder_narrow.layer.{j}.{k}" for j in range(num_layers - full) for k in OFFICIAL_LAYER_KEYS}
+    head = {f"cls.predictions.{name}" for name in (
+        "bias", "transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
+        "transform.LayerNorm.bias", "decoder.weight", "decoder.bias")}
+    return embeddings | layers | narrow | head
+
+
+def write_official_narrowbert(model: BertForPreTraining, hf_config: dict, full: int, tokenizer_dir, out_dir):
+    """A checkpoint directory as the official code saves one: our weights renamed to its key list."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    state = {}
+    for key, value in to_hf_state_dict(model.state_dict(), hf_config["vocab_size"]).items():
+        parts = key.split(".")
+        if key.startswith("bert.encoder.layer.") and int(parts[3]) >= full:
+            key = ".".join(["bert", "encoder_narrow", "layer", str(int(parts[3]) - full), *parts[4:]])
+        state[key] = value.clone()  # no shared storage (the tied decoder) in safetensors
+    state["bert.embeddings.position_ids"] = torch.arange(hf_config["max_position_embeddings"]).unsqueeze(0)
+    assert set(state) == official_narrowbert_keys(hf_config["num_hidden_layers"], full)
+    out_dir.mkdir()
+    save_file(state, str(out_dir / "model.safetensors"))
+    config = {**hf_config, "model_type": "bert", "architectures": ["NarrowBertForMaskedLM"],
+              "full_length_layers": full}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out_dir / name)
+
+
+def test_official_narrowbert_checkpoint_loads_with_equal_logits(hf_model, batch, minilm_dir, tmp_path):
+    """Fine-tuning's init_from and pretraining's train.init_from_hf read the official layout: the model built
+    from it is narrow with its F, holds the same tensors, and gives the same logits bit for bit; a run whose
+    full_length_layers disagrees with the weights is refused."""
+    from megatron_narrow.tasks.source import load_pretrained
+    from megatron_narrow.training.loop import _load_hf
+
+    full = 2
+    ours = ours_from_hf(hf_model, variant="narrow", full_length_layers=full)
+    with torch.no_grad():
+        ours.cls.predictions.bias.normal_(generator=torch.Generator().manual_seed(0))
+    official = tmp_path / "official"
+    write_official_narrowbert(ours, hf_model.config.to_dict(), full, minilm_dir, official)
+
+    pretrained = load_pretrained(official)
+    assert (pretrained.config.variant, pretrained.config.full_length_layers) == ("narrow", full)
+    loaded = BertForPreTraining(pretrained.config).eval()
+    loaded.load_state_dict(pretrained.state, strict=False)
+    initialised = BertForPreTraining(config_of(hf_model, variant="narrow", full_length_layers=full)).eval()
+    _load_hf(initialised, str(official), lambda line: None)
+    positions = torch.tensor([[1, 4, 6, 0], [2, 3, 5, 7], [1, 2, 3, 0], [3, 9, 12, 15]])
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], positions,
+              torch.zeros_like(positions), positions > 0)
+    with torch.no_grad():
+        expected = ours(*inputs).logits
+        for model in (loaded, initialised):
+            assert torch.equal(model(*inputs).logits, expected)
+    wrong = BertForPreTraining(config_of(hf_model, variant="narrow", full_length_layers=3))
+    with pytest.raises(ValueError, match="model.full_length_layers=2"):
+        _load_hf(wrong, str(official), lambda line: None)

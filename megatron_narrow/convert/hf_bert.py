@@ -1,6 +1,7 @@
 """Hugging Face BERT state dicts <-> ours: a declarative key map, then padding and TP slicing.
 
-Our modules use Hugging Face's names, so the map is short: HF BertModel keys have no "bert." prefix,
+Our modules use Hugging Face's names, so the map is short (the official NarrowBERT layout, with its narrow
+layers in a second stack, is renumbered into ours on the way in): HF BertModel keys have no "bert." prefix,
 the MLM decoder is tied to the word embeddings (its weight is never stored on our side, and HF's
 `cls.predictions.decoder.bias` is the same tensor as `cls.predictions.bias`), the importance vector of
 token dropping has no HF counterpart, and our vocabulary rows are padded to a multiple of 128 x TP.
@@ -14,6 +15,8 @@ import re
 
 import torch
 from torch import nn
+
+from megatron_narrow.config import ModelConfig
 
 # Keys inside bert.encoder.layer.N, and outside the layers; HF uses the same names (with "bert." for heads).
 _LAYER_KEYS = [
@@ -47,6 +50,45 @@ NO_HF_COUNTERPART = ("bert.token_importance.importance",)
 _HF_ALIASES = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
 _HF_IGNORED = re.compile(r"(position_ids|cls\.predictions\.decoder\.weight)$")  # buffers; the tied decoder
 _LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
+_OFFICIAL_NARROW_LAYER = re.compile(r"^(bert\.)?encoder_narrow\.layer\.(\d+)\.(.+)$")
+_OFFICIAL_FULL_LAYER = re.compile(r"^(bert\.)?encoder\.layer\.(\d+)\.")
+
+
+def official_full_length_layers(hf_state: dict[str, torch.Tensor]) -> int | None:
+    """F of a state dict in the official NarrowBERT layout (lihaoxin2020/narrowbert), which keeps its
+    full-length layers in `bert.encoder.layer.0..F-1` and its narrow layers in a second stack,
+    `bert.encoder_narrow.layer.0..L-F-1`; None for any other layout."""
+    if not any(_OFFICIAL_NARROW_LAYER.match(key) for key in hf_state):
+        return None
+    full = {int(m.group(2)) for key in hf_state if (m := _OFFICIAL_FULL_LAYER.match(key))}
+    if full != set(range(len(full))):
+        raise ValueError(f"official NarrowBERT weights with full-length layers {sorted(full)}: expected 0..F-1")
+    return len(full)
+
+
+def check_official_narrow_layers(hf_state: dict[str, torch.Tensor], config: ModelConfig, where: object) -> None:
+    """Official NarrowBERT weights hold F full-length layers by their keys; a config that says otherwise would
+    run a narrow layer as a full one (or the reverse) with no error anywhere else."""
+    full = official_full_length_layers(hf_state)
+    if full is not None and (config.variant != "narrow" or config.full_length_layers != full):
+        raise ValueError(f"{where}: official NarrowBERT weights with {full} full-length layers, but the model is "
+                         f"variant={config.variant} with full_length_layers={config.full_length_layers}; set "
+                         f"model.variant=narrow model.full_length_layers={full}")
+
+
+def from_official_narrow_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our single stack from the official layout: narrow layer j becomes layer F + j, F read from the keys
+    themselves. Any other state dict is returned unchanged."""
+    full = official_full_length_layers(hf_state)
+    if full is None:
+        return hf_state
+    out = {}
+    for key, value in hf_state.items():
+        match = _OFFICIAL_NARROW_LAYER.match(key)
+        if match:
+            key = f"{match.group(1) or ''}encoder.layer.{full + int(match.group(2))}.{match.group(3)}"
+        out[key] = value
+    return out
 
 
 def _known(key: str) -> bool:
@@ -62,7 +104,7 @@ def _normalise_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ValueError("this checkpoint's MLM decoder is not tied to its word embeddings; BERT ties them "
                          "and so do we, so its decoder weights would be lost")
     out = {}
-    for key, value in hf_state.items():
+    for key, value in from_official_narrow_layout(hf_state).items():
         if _HF_IGNORED.search(key):
             continue
         key = _HF_ALIASES.get(key, key)

@@ -47,8 +47,10 @@ def model_config_from_hf(config: dict, where: str = "config.json") -> ModelConfi
         raise ValueError(f"model_type {kind!r} is not BERT (expected bert or narrow_bert)")
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"hidden_act {config['hidden_act']!r}: this model uses erf GELU only")
+    # the official NarrowBERT code writes model_type "bert" with its full_length_layers; plain BERT has no such key
+    narrow = kind == "narrow_bert" or "full_length_layers" in config
     return ModelConfig(
-        variant="narrow" if kind == "narrow_bert" else "bert", full_length_layers=config.get("full_length_layers", 2),
+        variant="narrow" if narrow else "bert", full_length_layers=config.get("full_length_layers", 2),
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
         max_position_embeddings=config["max_position_embeddings"], type_vocab_size=config.get("type_vocab_size", 2),
@@ -66,7 +68,7 @@ def hf_tokenizer(directory: Path) -> Tokenizer:
 
 def load_pretrained(init_from: str | Path) -> Pretrained:
     """Read a pretraining checkpoint (save_dir or step_ directory) or a Hugging Face BERT/NarrowBERT directory."""
-    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+    from megatron_narrow.convert.hf_bert import check_official_narrow_layers, load_hf_state_dict
     from megatron_narrow.model import BertForPreTraining
 
     path = Path(init_from)
@@ -82,6 +84,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
             hf_state.update(load_file(str(file)))
         if any(key.startswith("classifier.") for key in hf_state):
             raise ValueError(f"{path} is a fine-tuned classifier; start from a pretrained (masked-LM or base) model")
+        check_official_narrow_layers(hf_state, config, path)
         model = BertForPreTraining(config, pair_head=True)  # with a pooler, to keep a pretrained one
         try:
             missing = load_hf_state_dict(model, hf_state)

@@ -241,7 +241,7 @@ def _load_hf(model, hf_dir: str, report) -> None:
 
     from safetensors.torch import load_file
 
-    from megatron_narrow.convert.hf_bert import load_hf_into_pipeline, load_hf_state_dict
+    from megatron_narrow.convert.hf_bert import check_official_narrow_layers, load_hf_into_pipeline, load_hf_state_dict
 
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
@@ -249,6 +249,8 @@ def _load_hf(model, hf_dir: str, report) -> None:
     state = {}
     for file in files:
         state.update(load_file(str(file)))
+    check_official_narrow_layers(state, model.bert.config if isinstance(model, BertForPreTraining) else model.config,
+                                 hf_dir)
     load = load_hf_state_dict if isinstance(model, BertForPreTraining) else load_hf_into_pipeline
     missing = load(model, state)
     encoder = [name for name in missing if name.startswith(("bert.embeddings.", "bert.encoder."))]
