@@ -22,6 +22,7 @@ setup(
         "deepspeed>=0.15",
         "mpi4py>=3.1",
         "tensorboard>=2.10",
+        "matplotlib>=3.7",  # loss curves and the quality study's plots
         "safetensors>=0.4",
     ],
     extras_require={

@@ -21,17 +21,17 @@ def _paragraphs(docstring: str) -> list[str]:
     return [b for b in blocks if len(b.split()) >= 4]
 
 
-def iter_stdlib_docstrings(min_words: int = 12) -> Iterator[str]:
-    """Docstrings of modules, classes and functions in the standard library, in a stable order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def iter_docstrings(root: Path, *, min_words: int = 12, skip: tuple[str, ...] = ("test", "tests")) -> Iterator[str]:
+    """Docstrings of modules, classes and functions in the .py files under `root`, in a stable order;
+    directories named in `skip` are left out."""
     for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+        if any(part in skip for part in path.relative_to(root).parts):
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tree = ast.parse(path.read_bytes())
-        except (SyntaxError, ValueError, UnicodeDecodeError):
+        except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
             continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -40,6 +40,19 @@ def iter_stdlib_docstrings(min_words: int = 12) -> Iterator[str]:
                     paragraphs = _paragraphs(doc)
                     if paragraphs:
                         yield "\n".join(paragraphs)
+
+
+def iter_stdlib_docstrings(min_words: int = 12) -> Iterator[str]:
+    """Docstrings of the standard library (its tests and site-packages left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    yield from iter_docstrings(root, min_words=min_words, skip=("test", "tests", "site-packages"))
+
+
+def iter_installed_package_docstrings(min_words: int = 12) -> Iterator[str]:
+    """Docstrings of the installed third-party packages (site-packages): several times the standard
+    library's text, for a corpus that a small model does not exhaust in a few epochs."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    yield from iter_docstrings(root, min_words=min_words)
 
 
 def write_offline_corpus(path: str | Path, *, max_documents: int | None = None, repeat: int = 1) -> int:
