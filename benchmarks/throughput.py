@@ -27,13 +27,19 @@ meaningful from a quiet machine or a GPU.
     saved is freed before backward starts, so the sum at the end of the forward is the peak of
     saved-activation bytes. (Transient, unsaved temporaries of one op and the weights, gradients and
     AdamW states, identical for both variants, are not in it; they are listed separately in the JSON.)
+(d) Activation checkpointing (train.activation_checkpointing), bert: `bert_full` (each layer keeps its
+    inputs and is recomputed in backward) and `bert_selective` (only the attention core is recomputed)
+    are timed in the same rounds; the saving is 1 - their saved activations / bert's (the inputs a
+    checkpoint keeps are saved through the same hooks, so they are counted).
 
 FLOPs of one training step and one classification forward are counted with
 torch.utils.flop_counter.FlopCounterMode (matmuls and attention only), so each measured ratio can be
 read against the ideal ratio its arithmetic allows (`*_flops_ratio`).
 
 Keys (targets): narrow_vs_bert (>= 2.3), token_drop_vs_bert (>= 1.3), bert_vs_hf (>= 1.6), narrow_vs_hf
-(>= 5.0), token_drop_vs_hf (>= 2.3), narrow_infer_vs_bert (>= 4.5), narrow_peak_mem_vs_bert (<= 0.4).
+(>= 5.0), token_drop_vs_hf (>= 2.3), narrow_infer_vs_bert (>= 4.5), narrow_peak_mem_vs_bert (<= 0.4),
+bert_full_checkpointing_activation_saving (>= 0.7); reported: bert_selective_checkpointing_activation_saving,
+bert_{full,selective}_checkpointing_step_time_vs_none.
 
   python benchmarks/throughput.py --json OUT.json [--rounds 7] [--repeats 2] [--batch 4] [--layers 12 --hidden 256
       --heads 4 --seq 512 --vocab 30522] [--profile]
@@ -56,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_narrow.config import ModelConfig  # noqa: E402
 from megatron_narrow.model import BertForPreTraining, BertForSequenceClassification  # noqa: E402
+from megatron_narrow.model.recompute import set_activation_checkpointing  # noqa: E402
 
 CLS, SEP, MASK = 101, 102, 103  # BERT WordPiece ids (the model's DEFAULT_SPECIAL_IDS)
 FIRST_WORD_ID = 999  # ids below are [unused*] / specials in BERT's vocabulary
@@ -67,8 +74,10 @@ TARGETS = {  # issue [model-v2] raised them: beat the papers' own code (HF BERT)
     "token_drop_vs_hf": (">=", 2.3),
     "narrow_infer_vs_bert": (">=", 4.5),
     "narrow_peak_mem_vs_bert": ("<=", 0.4),
+    "bert_full_checkpointing_activation_saving": (">=", 0.7),
 }
-TRAIN_VARIANTS = ("bert", "narrow", "token_drop", "hf")
+CHECKPOINTED = {"bert_full": "full", "bert_selective": "selective"}  # bert with train.activation_checkpointing
+TRAIN_VARIANTS = ("bert", "narrow", "token_drop", "hf", *CHECKPOINTED)
 INFER_VARIANTS = ("bert", "narrow")
 
 
@@ -259,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
     train_models: dict[str, torch.nn.Module] = {}
     for name in TRAIN_VARIANTS:
-        train_models[name] = build_hf(args) if name == "hf" else BertForPreTraining(model_config(args, name))
+        if name == "hf":
+            train_models[name] = build_hf(args)
+        else:
+            train_models[name] = BertForPreTraining(model_config(args, "bert" if name in CHECKPOINTED else name))
+            set_activation_checkpointing(train_models[name], CHECKPOINTED.get(name, "none"))
         train_models[name].train()
     optimizers = {name: adamw(model) for name, model in train_models.items()}
     steps = {name: make_train_step(name, train_models[name], optimizers[name], batch) for name in TRAIN_VARIANTS}
@@ -302,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         "token_drop_vs_hf": train_s["hf"] / train_s["token_drop"],
         "narrow_infer_vs_bert": infer_s["bert"] / infer_s["narrow"],
         "narrow_peak_mem_vs_bert": activations["narrow"] / activations["bert"],
+        "bert_full_checkpointing_activation_saving": 1 - activations["bert_full"] / activations["bert"],
+        "bert_selective_checkpointing_activation_saving": 1 - activations["bert_selective"] / activations["bert"],
+        "bert_full_checkpointing_step_time_vs_none": train_s["bert_full"] / train_s["bert"],
+        "bert_selective_checkpointing_step_time_vs_none": train_s["bert_selective"] / train_s["bert"],
     }
     best = {name: min(ts) for name, ts in train_times.items()} | {
         f"{name}_infer": min(ts) for name, ts in infer_times.items()}
@@ -348,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         ideal_text = f"{ideal:.2f}" if ideal is not None else "-"
         print(f"{key:<28}{results[key]:>12.3f}{ideal_text:>16}{op + ' ' + str(value):>10}  "
               f"{'yes' if results['met'][key] else 'NO'}")
+    for mode in CHECKPOINTED.values():
+        print(f"bert, activation checkpointing {mode}: saves "
+              f"{results[f'bert_{mode}_checkpointing_activation_saving']:.1%} of saved activations, step time x "
+              f"{results[f'bert_{mode}_checkpointing_step_time_vs_none']:.3f}")
     print("best-of-rounds ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in results["best_of_rounds"].items()))
     for name in TRAIN_VARIANTS:
         gflop = results.get(f"{name}_train_gflop")

@@ -336,12 +336,26 @@ class TrainConfig:
     lr_decay: Literal["linear", "cosine", "constant"] = "linear"
     """Decay from lr to min_lr over the steps after warmup."""
 
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """adamw (torch's, fused where the device has a kernel) or lamb (large-batch BERT: DeepSpeed's FusedLamb
+    on CUDA, training/lamb.py elsewhere; per-tensor trust ratios, so ZeRO stage 0 only). Both read
+    adam_beta1/adam_beta2/adam_eps and weight_decay."""
+
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay; never applied to biases and LayerNorm weights."""
+    """Decoupled weight decay; never applied to biases and LayerNorm weights."""
 
     adam_beta1: float = 0.9
+    """First-moment decay of AdamW and LAMB."""
+
     adam_beta2: float = 0.999
+    """Second-moment decay of AdamW and LAMB."""
+
     adam_eps: float = 1e-6
+    """Added to the root of the second moment (BERT's 1e-6)."""
+
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them (model/recompute.py): full (each layer
+    keeps its inputs only), selective (only the attention core: scores, softmax, dropout) or none."""
 
     clip_grad: float = 1.0
     """Gradient-norm clipping (0 disables)."""
@@ -402,6 +416,11 @@ class TrainConfig:
             raise ValueError(f"train.lr_decay must be linear, cosine or constant, got {self.lr_decay!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ValueError(f"train.activation_checkpointing must be none, full or selective, got "
+                             f"{self.activation_checkpointing!r}")
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ValueError(f"train.optimizer must be adamw or lamb, got {self.optimizer!r}")
         if self.nonfinite_loss not in ("skip", "stop"):
             raise ValueError(f"train.nonfinite_loss must be skip or stop, got {self.nonfinite_loss!r}")
 

@@ -76,3 +76,12 @@ def test_finetune_example_configs_load(name, kind):
     assert run.train.gradient_accumulation(data_parallel=1) >= 1
     with pytest.raises(ValueError, match="unknown key"):
         load_finetune_config(str(REPO / "examples/configs" / f"{name}.yaml"), ["task.lables=[a]"])
+
+
+def test_config_reference_is_current():
+    """docs/config.md is rendered from the dataclasses' field docstrings; regenerate it with
+    `python -m megatron_narrow.config_reference` after changing a config field."""
+    from megatron_narrow.config_reference import OUTPUT, render
+
+    assert OUTPUT.read_text() == render(), "docs/config.md is stale: run python -m megatron_narrow.config_reference"
+    assert "| `train.optimizer` | `'adamw'` |" in OUTPUT.read_text()

@@ -140,3 +140,24 @@ def test_config_trains_on_the_cpu(path, precision, ranks, tmp_path_factory, tiny
         reference = losses_of(tmp_path_factory, tiny_corpus_data, REFERENCE[precision], precision, ranks)
         assert losses == pytest.approx(reference, abs=TOLERANCE[precision]), (
             f"{path.name} {precision} differs from {REFERENCE[precision]}.json: {losses} vs {reference}")
+
+
+def test_lamb_trains_at_zero_stage_0(tmp_path, tiny_corpus_data):
+    """train.optimizer=lamb (training/lamb.py on the CPU) learns like AdamW: finite losses that fall, every step
+    applied (its update rule is checked against the paper's in tests/test_lamb.py). LAMB moves each tensor by
+    ~lr of its own norm per step, AdamW each weight by ~lr: at the tiny config's lr of 2e-3 four LAMB steps
+    barely move a 0.02-scale weight, so this run takes lr 0.05 (LAMB's large-batch BERT recipes use 6e-3 to
+    1e-2 with thousands of steps)."""
+    save_dir = tmp_path / "lamb"
+    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, ds_config=str(REPO / "ds_configs/zero0.json"), **{
+        "train.train_steps": str(STEPS), "train.optimizer": "lamb", "train.lr": "0.05", "train.save_interval": "0"}),
+        world=1)
+    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert records[-1]["skipped_steps"] == 0
+    import torch
+
+    (states,) = save_dir.rglob("mp_rank_00_model_states.pt")  # ZeRO-0 keeps the optimizer state here
+    groups = torch.load(states, map_location="cpu", weights_only=False)["optimizer"]["param_groups"]
+    assert {"min_trust", "max_trust"} <= set(groups[0]), "the run did not use LAMB"

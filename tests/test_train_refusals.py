@@ -76,6 +76,9 @@ CASES = {
     "max_segments_zero": ({"data.packing": "concat", "data.max_segments": "0"}, None, 1,
                           "data.max_segments must be >= 1 (or null for no bound), got 0"),
     "unknown_packing": ({"data.packing": "pack"}, None, 1, "data.packing must be none, concat or segments"),
+    "lamb_with_zero": ({"train.optimizer": "lamb"}, {"zero_optimization": {"stage": 1}}, 1,
+                       "train.optimizer=lamb runs with ZeRO stage 0, fp32 and no pipeline"),
+    "unknown_optimizer": ({"train.optimizer": "sgd"}, None, 1, "train.optimizer must be adamw or lamb, got 'sgd'"),
     "unavailable_attention_backend": ({"model.attention_backend": "flash9"}, None, 1,
                                       "model.attention_backend='flash9' is not available here; choose one of"),
 }

@@ -18,6 +18,7 @@ from torch import nn
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention_backends import attention_backend
 from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.model.recompute import recomputed
 from megatron_narrow.parallel import (
     ColumnParallelLinear,
     ProcessGroups,
@@ -58,6 +59,8 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_dropout
         self.group = tp
         self.tracker = tracker
+        self.recompute_core = False
+        """train.activation_checkpointing=selective: recompute scores, softmax and dropout in backward."""
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, h/tp, S, d) of every context position."""
@@ -92,6 +95,13 @@ class BertSelfAttention(nn.Module):
         weight = 1.0 if dropout_p == 0 else probs.sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, Q, h, 1)
         return (out + weight * self.value.bias.view(heads, d)).reshape(b, q_len, heads * d)
 
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              dropout_p: float) -> torch.Tensor:
+        """The kernel, its dropout drawn from this rank's heads' stream."""
+        fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
+        with fork:
+            return self.kernel(q, k, v, mask, dropout_p)
+
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real,
@@ -111,9 +121,10 @@ class BertSelfAttention(nn.Module):
             k, v = kv if kv is not None else self.project_kv(context)
         mask = head_mask(key_mask)
         dropout_p = self.dropout_p if self.training else 0.0
-        fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
-        with fork:
-            out = self.kernel(q, k, v, mask, dropout_p)  # (B, h, Q, d)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = recomputed(self._core, q, k, v, mask, dropout_p, tracker=self.tracker)
+        else:
+            out = self._core(q, k, v, mask, dropout_p)  # (B, h, Q, d)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, Q, h*d)
 

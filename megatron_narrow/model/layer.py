@@ -9,6 +9,7 @@ from torch import nn
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import BertAttention
 from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.model.recompute import recomputed
 from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
 
 
@@ -43,9 +44,18 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config, groups, generator, tracker)
         self.intermediate = BertIntermediate(config, groups, generator)
         self.output = BertOutput(config, groups, generator)
+        self.tracker = tracker
+        self.recompute = False
+        """train.activation_checkpointing=full: keep the inputs only (model/recompute.py)."""
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries (B, Q, H) -> (B, Q, H); see BertSelfAttention.forward for context and kv."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return recomputed(self._forward, queries, key_mask, context=context, kv=kv, tracker=self.tracker)
+        return self._forward(queries, key_mask, context=context, kv=kv)
+
+    def _forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None,
+                 kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = self.attention(queries, key_mask, context=context, kv=kv)
         return self.output(self.intermediate(x), x)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from megatron_narrow.config import ParallelConfig
 from megatron_narrow.data.tokenizer import Tokenizer
 from megatron_narrow.model import BertForSequenceClassification, BertForTokenClassification
+from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
 from megatron_narrow.tasks.config import FinetuneConfig, TaskConfig
 from megatron_narrow.tasks.data import encode_sequences, encode_tokens, label_set, read_examples
@@ -162,6 +163,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
     with refusing():  # pretrained weights that lack part of the encoder
         model = build_task_model(run, pretrained, len(labels), groups, tracker).to(device)
+    set_activation_checkpointing(model, run.train.activation_checkpointing)
     engine, optimizer = build_engine(model, run.train, ds_config, DeepSpeedMPU(groups))
     kind, train = run.task.kind, run.train
     dataset = TensorDataset(*(train_tensors[k] for k in TENSOR_ORDER[kind]))

@@ -180,7 +180,7 @@ def tags_to_prune(tags: list[str], current: str, keep_last: int, root: Path) -> 
 
 
 def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_config: dict,
-         tokenizer_model: str | None, keep_last: int, is_rank0: bool) -> Path:
+         tokenizer_model: str | None, keep_last: int, is_rank0: bool, layout: dict | None = None) -> Path:
     """Save a checkpoint on every rank, then (rank 0) mark it complete, publish it as latest and prune."""
     root = checkpoint_root(save_dir)
     tag = tag_of(step)
@@ -192,6 +192,8 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     if is_rank0:
         (path / CONFIG_NAME).write_text(json.dumps(run_config, indent=1))
+        if layout is not None:  # training/layout.py: how this tag was split, for a resume on another layout
+            (path / "layout.json").write_text(json.dumps(layout, indent=1))
         if tokenizer_model:
             shutil.copy2(tokenizer_model, path / Path(tokenizer_model).name)
     if dist.is_initialized():
@@ -219,10 +221,13 @@ def _agree(ok: bool) -> bool:
     return flag.item() >= 1
 
 
-def load(engine, save_dir: str | Path, *, report) -> tuple[str, dict] | None:
+def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None) -> tuple[str, dict] | None:
     """Load the newest usable checkpoint into the engine; returns (tag, client state), or None when the
-    save directory holds no checkpoint. `report(line)` prints a warning once (rank 0)."""
+    save directory holds no checkpoint. `report(line)` prints a warning once (rank 0). `only_tag`: load that
+    directory under SAVE_DIR/checkpoints and nothing else (a universal conversion of the newest tag)."""
     plan = plan_resume(save_dir)
+    if only_tag is not None:
+        plan = ResumePlan(candidates=[only_tag], tags=plan.tags)
     if not plan.tags:
         if plan.skipped:
             report(f"warning: {plan.skipped_line()}; no checkpoint to resume from, starting fresh")

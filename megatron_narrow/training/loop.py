@@ -7,6 +7,7 @@ on all data-parallel ranks), so data parallelism and gradient accumulation repro
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import time
 
@@ -16,11 +17,22 @@ import torch.distributed as dist
 from megatron_narrow.cli import refusing
 from megatron_narrow.config import RunConfig
 from megatron_narrow.model import BertForPreTraining
-from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
+from megatron_narrow.model.recompute import set_activation_checkpointing
+from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, padded_vocab_size
 from megatron_narrow.training import checkpoint
 from megatron_narrow.training.data import build_datasets_in_turn, make_loader
 from megatron_narrow.training.engine import agree_finite, all_reduce, build_engine, rank0_print, training_device
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
+from megatron_narrow.training.layout import (
+    UNIVERSAL_SUFFIX,
+    convert_to_universal,
+    current_layout,
+    describe,
+    layout_change_refusal,
+    needs_conversion,
+    saved_layout,
+    universal_checkpoint_info,
+)
 from megatron_narrow.training.metrics import MetricsLogger
 from megatron_narrow.training.optim import set_learning_rate
 from megatron_narrow.training.pipeline import (
@@ -118,10 +130,20 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             with refusing():
                 _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
         mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
+    set_activation_checkpointing(model, train.activation_checkpointing)
+    layout = current_layout(groups.data.size, groups.tensor.size, groups.pipeline.size,
+                            int((ds_config.get("zero_optimization") or {}).get("stage", 0)))
+    universal_tag = None
+    if resuming:
+        with refusing():  # a layout change that cannot be converted
+            universal_tag = _prepare_layout_change(train.save_dir, layout, is_rank0)
+        if universal_tag is not None:
+            ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
     engine, optimizer = build_engine(model, train, ds_config, mpu)
     step, consumed, skipped = 0, 0, 0
     with refusing():  # no usable checkpoint after all (all ranks agree)
-        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0)) if resuming else None
+        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0),
+                                 only_tag=universal_tag) if resuming else None
     client = loaded[1] if loaded else None
     if loaded is not None:
         ours = client["megatron_narrow"]
@@ -141,9 +163,12 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     def save() -> None:
         # one key of our own: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps)
         client_state = {"megatron_narrow": {"step": step, "consumed_samples": consumed, "nonfinite_skipped": skipped,
-                                            "rng": checkpoint.rng_state(tracker)}}
+                                            "rng": checkpoint.rng_state(tracker)},
+                        "universal_checkpoint_info": universal_checkpoint_info(
+                            run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size))}
         checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
-                        tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0)
+                        tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0,
+                        layout=layout)
 
     if client is not None:  # last, after everything that draws random numbers while being built (the loader)
         checkpoint.restore_rng_state(client["megatron_narrow"]["rng"], tracker)
@@ -200,6 +225,30 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             raise stopped
     logger.close()
     return records
+
+
+def _prepare_layout_change(save_dir: str, layout: dict, is_rank0: bool) -> str | None:
+    """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
+    once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
+    plan = checkpoint.plan_resume(save_dir)
+    if not plan.candidates:
+        return None
+    tag = plan.candidates[0]
+    tag_dir = checkpoint.checkpoint_root(save_dir) / tag
+    saved = saved_layout(tag_dir)
+    if saved is None or not needs_conversion(saved, layout):
+        return None
+    refusal = layout_change_refusal(saved, layout, tag)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if is_rank0:
+        print(f"{tag} was saved with {describe(saved)}; this run is {describe(layout)}: converting it to a "
+              f"universal checkpoint ({tag}{UNIVERSAL_SUFFIX}) and resuming from that", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # ds_to_universal narrates every file
+            convert_to_universal(tag_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag + UNIVERSAL_SUFFIX
 
 
 def _report_config_changes(tag_dir, run: RunConfig, step: int) -> None:

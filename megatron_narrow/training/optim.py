@@ -1,8 +1,9 @@
-"""AdamW parameter groups and the learning-rate schedule."""
+"""The optimizer (AdamW or LAMB), its parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -20,12 +21,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """torch's AdamW (fused where the device supports it); DeepSpeed wraps it for ZeRO."""
+    """train.optimizer: torch's AdamW (fused on CUDA), or LAMB (DeepSpeed's FusedLamb on CUDA when its kernel
+    builds, else training/lamb.py). DeepSpeed wraps the result for ZeRO and mixed precision."""
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    groups = parameter_groups(model, config.weight_decay)
     device = next(model.parameters()).device
+    if config.optimizer == "lamb":
+        if device.type == "cuda":
+            try:
+                from deepspeed.ops.lamb import FusedLamb
+
+                return FusedLamb(groups, **kwargs)
+            except Exception as error:  # noqa: BLE001  (the JIT build needs a CUDA toolkit; any failure falls back)
+                warnings.warn(f"DeepSpeed's FusedLamb is unavailable ({error}); using the reference LAMB",
+                              stacklevel=2)
+        from megatron_narrow.training.lamb import Lamb
+
+        return Lamb(groups, **kwargs)
     if device.type == "cuda":
         kwargs["fused"] = True
-    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:

@@ -148,7 +148,7 @@ def complete_deepspeed_config(ds: dict, path: str, run: RunConfig, data_parallel
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise ValueError(f"{path}: remove the '{owned}' section: the run config's train.* builds it "
-                             "(AdamW without decay on biases/LayerNorm, warmup + decay)")
+                             "(train.optimizer, no decay on biases/LayerNorm, warmup + decay)")
     ds["gradient_clipping"] = train.clip_grad
     for section in ("bf16", "fp16"):  # train.precision is the switch; the JSON may carry loss-scale settings
         enabled = (ds.get(section) or {}).get("enabled", "auto")
@@ -163,6 +163,11 @@ def complete_deepspeed_config(ds: dict, path: str, run: RunConfig, data_parallel
         raise ValueError(f"{path}: train.precision=fp16 needs ZeRO stage >= 1 (e.g. ds_configs/zero1.json): at stage 0 "
                          "DeepSpeed 0.19 unscales gradients it never scaled, so training stalls "
                          "(deepspeedai/DeepSpeed#8393); fp32 and bf16 work at stage 0")
+    if train.optimizer == "lamb" and (int(zero.get("stage", 0)) > 0 or train.precision != "fp32"
+                                      or pipeline_parallel > 1):
+        raise ValueError(f"{path}: train.optimizer=lamb runs with ZeRO stage 0, fp32 and no pipeline (e.g. "
+                         "ds_configs/zero0.json, train.precision=fp32): LAMB's trust ratio is per tensor, and "
+                         "DeepSpeed's ZeRO and mixed-precision optimizers flatten the tensors into partitions")
     if pipeline_parallel > 1:
         ds["pipeline"] = _pipeline_section(path, ds, pipeline_parallel)
     if zero.get("offload_optimizer") or zero.get("offload_param"):

@@ -1,0 +1,96 @@
+"""The layout a checkpoint was saved with, and resuming on another one.
+
+Every tag records its layout in layout.json: data x tensor x pipeline parallel sizes and the ZeRO stage.
+A resume on the same layout loads the tag as it is (bit-exact). On another layout the tag goes through
+DeepSpeed's universal checkpoint: `ds_to_universal` rewrites it once, per parameter and whole (ZeRO
+partitions gathered, tensor-parallel slices merged by the patterns below, vocabulary padding stripped),
+into TAG_universal beside it, and DeepSpeed's `load_universal` slices it for the new layout. What that
+path cannot do is refused in one line that says what can be done.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+LAYOUT_NAME = "layout.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def current_layout(data_parallel: int, tensor_parallel: int, pipeline_parallel: int, zero_stage: int) -> dict:
+    return {"data_parallel": data_parallel, "tensor_parallel": tensor_parallel,
+            "pipeline_parallel": pipeline_parallel, "zero_stage": zero_stage}
+
+
+def describe(layout: dict) -> str:
+    return (f"DP={layout['data_parallel']} TP={layout['tensor_parallel']} PP={layout['pipeline_parallel']} "
+            f"ZeRO-{layout['zero_stage']}")
+
+
+def saved_layout(tag_dir: Path) -> dict | None:
+    """The layout a tag was saved with (None: a tag from before layouts were recorded)."""
+    try:
+        return json.loads((tag_dir / LAYOUT_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int) -> dict:
+    """What ds_to_universal needs to merge our tensor-parallel slices (client state key
+    `universal_checkpoint_info`): column-parallel weights and biases are split along dim 0, its default;
+    row-parallel weights along dim 1; LayerNorms, row-parallel biases, position and token-type embeddings,
+    the MLM transform and the importance vector are replicated; the word embeddings and the MLM bias are
+    vocabulary rows padded to a multiple of 128 x TP."""
+    from deepspeed.checkpoint import constants as ds
+
+    return {
+        ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        ds.TP_REPLICATED_PARAMETER_PATTERNS: [
+            r".*LayerNorm\.(weight|bias)$", r".*attention\.output\.dense\.bias$", r".*\.output\.dense\.bias$",
+            r".*position_embeddings\.weight$", r".*token_type_embeddings\.weight$", r".*transform\.dense\.",
+            r".*pooler\.dense\.", r".*seq_relationship\.", r".*token_importance\.importance$"],
+        ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attention\.output\.dense\.weight$",
+                                                     r".*\.output\.dense\.weight$"],
+        ds.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*predictions\.bias$"],
+        ds.ORIGINAL_VOCAB_SIZE: vocab_size,
+        ds.PADDED_VOCAB_SIZE: padded_vocab_size,
+    }
+
+
+def layout_change_refusal(saved: dict, current: dict, tag: str) -> str | None:
+    """Why this layout change cannot go through a universal checkpoint, or None when it can."""
+    change = f"{tag} was saved with {describe(saved)}; this run is {describe(current)}"
+    if saved["pipeline_parallel"] != current["pipeline_parallel"]:
+        return (f"{change}: a change of pipeline stages is not supported yet (the stage modules name their "
+                f"parameters differently); resume with parallel.pipeline_parallel={saved['pipeline_parallel']}, "
+                "or convert to Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
+    if saved["zero_stage"] == 0 and saved["tensor_parallel"] != current["tensor_parallel"]:
+        return (f"{change}: DeepSpeed's universal checkpoints are made from ZeRO stage >= 1 optimizer files; "
+                f"resume with parallel.tensor_parallel={saved['tensor_parallel']}, or save with ZeRO stage 1 "
+                "(ds_configs/zero1.json) next time")
+    return None
+
+
+def needs_conversion(saved: dict, current: dict) -> bool:
+    """ZeRO-0 keeps whole (replicated) optimizer state: a data-parallel change loads as it is."""
+    if saved == current:
+        return False
+    same_shards = (saved["tensor_parallel"], saved["pipeline_parallel"]) == (current["tensor_parallel"],
+                                                                             current["pipeline_parallel"])
+    return not (same_shards and saved["zero_stage"] == current["zero_stage"] == 0)
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """TAG_universal beside TAG (made once; a finished conversion leaves a marker)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    output = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+    marker = output / "converted.json"
+    if marker.is_file():
+        return output
+    ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(output), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False))
+    marker.write_text(json.dumps({"from": tag_dir.name}) + "\n")
+    return output
