@@ -239,3 +239,17 @@ def test_activation_checkpointing_under_pp2_equals_keeping_everything(variant, t
                        **{"train.activation_checkpointing": "full"})
     assert sorted(kept) == list(range(1, STEPS + 1))
     assert recomputed == kept, {s: (recomputed.get(s), kept[s]) for s in kept if recomputed.get(s) != kept[s]}
+
+
+def test_resume_on_fewer_pipeline_stages_is_refused_in_one_line(pipeline_runs, tmp_path, tiny_corpus_data):
+    """A PP=2 checkpoint resumed with PP=1: DeepSpeed's universal checkpoints cannot rename the stage modules'
+    parameters, so the run refuses in one line that says what can be done, and leaves the checkpoints alone."""
+    from .runs import resume_from
+
+    resumed = resume_from(pipeline_runs("narrow", "pp2"), tmp_path / "resumed", 3 * SAVE_EVERY)  # keep_last 2: 9, 10
+    before = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    output = run_pretraining(argv(tiny_corpus_data, resumed, "narrow", 1, 1), expect=2)
+    line = [x for x in output.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and "was saved with DP=1 TP=1 PP=2 ZeRO-1; this run is DP=1 TP=1 PP=1 ZeRO-1" in line[0]
+    assert "resume with parallel.pipeline_parallel=2" in line[0], line[0]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == before

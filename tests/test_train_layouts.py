@@ -111,11 +111,12 @@ def test_weight_decay_skips_biases_and_layer_norms():
     assert "bert.embeddings.word_embeddings.weight" in decayed
 
 
-# name -> (saved on: ranks, overrides; resumed on: ranks, overrides), ZeRO-1 with a global batch of 16 throughout
+# name -> (variant, DeepSpeed config, saved on (ranks, overrides), resumed on (ranks, overrides)); global batch 16
 LAYOUT_CHANGES = {
-    "dp2_to_dp1": ((2, {}), (1, {})),
-    "dp1_to_dp2": ((1, {}), (2, {})),
-    "tp2_to_tp1": ((2, {"parallel.tensor_parallel": "2"}), (1, {})),
+    "dp2_to_dp1_zero1": ("token_drop", "zero1.json", (2, {}), (1, {})),
+    "dp1_to_dp2_zero1": ("token_drop", "zero1.json", (1, {}), (2, {})),
+    "dp2_to_dp1_zero2": ("narrow", "zero2.json", (2, {}), (1, {})),
+    "tp2_to_tp1_zero1": ("narrow", "zero1.json", (2, {"parallel.tensor_parallel": "2"}), (1, {})),
 }
 
 
@@ -123,16 +124,17 @@ LAYOUT_CHANGES = {
 def test_resume_on_another_layout_equals_the_uninterrupted_run(change, tmp_path, tiny_corpus_data):
     """A checkpoint of one DP x TP layout resumes on another through DeepSpeed's universal checkpoint (converted
     automatically, said in one line): the losses after the resume equal the uninterrupted run's within 1e-5
-    (dropout off: DP replicas share dropout seeds, so masks depend on the layout; the global batch is kept)."""
-    (saved_ranks, saved_extra), (resumed_ranks, resumed_extra) = LAYOUT_CHANGES[change]
+    (dropout off: DP replicas share dropout seeds, so masks depend on the layout; the global batch is kept).
+    token_drop's importance vector, a buffer DeepSpeed's universal load skips, comes back too."""
+    variant, ds_name, (saved_ranks, saved_extra), (resumed_ranks, resumed_extra) = LAYOUT_CHANGES[change]
     common = {**NO_DROPOUT, "train.keep_last": "10", "train.global_batch_size": "16"}
-    zero1 = str(REPO / "ds_configs/zero1.json")
+    ds_config = str(REPO / "ds_configs" / ds_name)
     reference = tmp_path / "reference"
-    run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", ds_config=zero1,
+    run_pretraining(pretrain_argv(tiny_corpus_data, reference, variant, ds_config=ds_config,
                                   **common, **saved_extra), world=saved_ranks)
     expected = losses(reference)
     resumed = resume_from(reference, tmp_path / "resumed", 6)
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", ds_config=zero1,
+    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, variant, ds_config=ds_config,
                                            **common, **resumed_extra), world=resumed_ranks)
     assert "converting it to a universal checkpoint" in output and "resumed from step 6" in output, output[-2000:]
     got = losses(resumed)

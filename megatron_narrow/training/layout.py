@@ -11,6 +11,7 @@ path cannot do is refused in one line that says what can be done.
 from __future__ import annotations
 
 import json
+import re
 from argparse import Namespace
 from pathlib import Path
 
@@ -36,31 +37,43 @@ def saved_layout(tag_dir: Path) -> dict | None:
         return None
 
 
-def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int) -> dict:
+def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int, parameter_names: list[str]) -> dict:
     """What ds_to_universal needs to merge our tensor-parallel slices (client state key
-    `universal_checkpoint_info`): column-parallel weights and biases are split along dim 0, its default;
-    row-parallel weights along dim 1; LayerNorms, row-parallel biases, position and token-type embeddings,
-    the MLM transform and the importance vector are replicated; the word embeddings and the MLM bias are
-    vocabulary rows padded to a multiple of 128 x TP."""
+    `universal_checkpoint_info`; each name may match one pattern only): column-parallel weights and biases
+    are split along dim 0, its default; row-parallel weights along dim 1; LayerNorms, row-parallel biases,
+    position and token-type embeddings, the MLM transform and the importance vector are replicated; the word
+    embeddings are vocabulary rows padded to a multiple of 128 x TP. (The MLM bias is padded the same way but
+    DeepSpeed's vocabulary handling takes 2-D tensors only: it merges as a column-parallel tensor, so a TP
+    change that changes the padding is refused, layout_change_refusal.)"""
     from deepspeed.checkpoint import constants as ds
+
+    def used(patterns: list[str]) -> list[str]:  # ds_to_universal refuses a pattern that matches nothing
+        return [p for p in patterns if any(re.match(p, name) for name in parameter_names)]
 
     return {
         ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        ds.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r".*LayerNorm\.(weight|bias)$", r".*attention\.output\.dense\.bias$", r".*\.output\.dense\.bias$",
+        ds.TP_REPLICATED_PARAMETER_PATTERNS: used([
+            r".*LayerNorm\.(weight|bias)$", r".*output\.dense\.bias$",
             r".*position_embeddings\.weight$", r".*token_type_embeddings\.weight$", r".*transform\.dense\.",
-            r".*pooler\.dense\.", r".*seq_relationship\.", r".*token_importance\.importance$"],
-        ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attention\.output\.dense\.weight$",
-                                                     r".*\.output\.dense\.weight$"],
-        ds.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*predictions\.bias$"],
+            r".*pooler\.dense\.", r".*seq_relationship\."]),
+        ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: used([r".*output\.dense\.weight$"]),  # both sublayers' outputs
+        ds.VOCABULARY_PARAMETER_PATTERNS: used([r".*word_embeddings\.weight$"]),
         ds.ORIGINAL_VOCAB_SIZE: vocab_size,
         ds.PADDED_VOCAB_SIZE: padded_vocab_size,
     }
 
 
-def layout_change_refusal(saved: dict, current: dict, tag: str) -> str | None:
+def layout_change_refusal(saved: dict, current: dict, tag: str, vocab_size: int) -> str | None:
     """Why this layout change cannot go through a universal checkpoint, or None when it can."""
+    from megatron_narrow.parallel import padded_vocab_size
+
     change = f"{tag} was saved with {describe(saved)}; this run is {describe(current)}"
+    rows = tuple(padded_vocab_size(vocab_size, layout["tensor_parallel"]) for layout in (saved, current))
+    if rows[0] != rows[1]:
+        return (f"{change}: model.vocab_size={vocab_size} pads to {rows[0]} rows at TP={saved['tensor_parallel']} "
+                f"and {rows[1]} at TP={current['tensor_parallel']}, which DeepSpeed's universal checkpoint cannot "
+                f"re-pad for the MLM bias; resume with parallel.tensor_parallel={saved['tensor_parallel']}, or "
+                "convert to Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
     if saved["pipeline_parallel"] != current["pipeline_parallel"]:
         return (f"{change}: a change of pipeline stages is not supported yet (the stage modules name their "
                 f"parameters differently); resume with parallel.pipeline_parallel={saved['pipeline_parallel']}, "
@@ -94,3 +107,19 @@ def convert_to_universal(tag_dir: Path) -> Path:
                               inject_missing_state=False))
     marker.write_text(json.dumps({"from": tag_dir.name}) + "\n")
     return output
+
+
+def restore_buffers(module, universal_dir: Path) -> list[str]:
+    """DeepSpeed's universal load restores parameters (and optimizer state) only, not the module's persistent
+    buffers: copy them from the checkpoint's module state (the token-drop importance vector). Returns the
+    names restored."""
+    import torch
+
+    state = torch.load(universal_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    restored = []
+    for name, buffer in module.named_buffers():
+        if name in state:
+            with torch.no_grad():
+                buffer.copy_(state[name].to(buffer.device, buffer.dtype))
+            restored.append(name)
+    return restored

@@ -30,6 +30,7 @@ from megatron_narrow.training.layout import (
     describe,
     layout_change_refusal,
     needs_conversion,
+    restore_buffers,
     saved_layout,
     universal_checkpoint_info,
 )
@@ -136,7 +137,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     universal_tag = None
     if resuming:
         with refusing():  # a layout change that cannot be converted
-            universal_tag = _prepare_layout_change(train.save_dir, layout, is_rank0)
+            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model.vocab_size, is_rank0)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
     engine, optimizer = build_engine(model, train, ds_config, mpu)
@@ -145,6 +146,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0),
                                  only_tag=universal_tag) if resuming else None
     client = loaded[1] if loaded else None
+    if loaded is not None and universal_tag is not None:
+        restore_buffers(engine.module, checkpoint.checkpoint_root(train.save_dir) / universal_tag)
     if loaded is not None:
         ours = client["megatron_narrow"]
         step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
@@ -165,7 +168,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         client_state = {"megatron_narrow": {"step": step, "consumed_samples": consumed, "nonfinite_skipped": skipped,
                                             "rng": checkpoint.rng_state(tracker)},
                         "universal_checkpoint_info": universal_checkpoint_info(
-                            run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size))}
+                            run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size),
+                            [name for name, _ in model.named_parameters()])}
         checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
                         tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0,
                         layout=layout)
@@ -227,7 +231,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     return records
 
 
-def _prepare_layout_change(save_dir: str, layout: dict, is_rank0: bool) -> str | None:
+def _prepare_layout_change(save_dir: str, layout: dict, vocab_size: int, is_rank0: bool) -> str | None:
     """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
     once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
     plan = checkpoint.plan_resume(save_dir)
@@ -238,7 +242,7 @@ def _prepare_layout_change(save_dir: str, layout: dict, is_rank0: bool) -> str |
     saved = saved_layout(tag_dir)
     if saved is None or not needs_conversion(saved, layout):
         return None
-    refusal = layout_change_refusal(saved, layout, tag)
+    refusal = layout_change_refusal(saved, layout, tag, vocab_size)
     if refusal is not None:
         raise ValueError(refusal)
     if is_rank0:
