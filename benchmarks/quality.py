@@ -13,9 +13,10 @@ rate schedule and number of steps (`equal steps`), MLM validation loss every ten
 measured step times; evaluation time is not counted for any run).
 
 Downstream (3 fine-tuning seeds per task and model; accuracy and span F1 in points):
-- `word_order` (sequence classification): a held-out sentence as written, or with a window of 4 adjacent
-  words shuffled. Both classes hold the same words, so no bag of words can tell them apart: the label is
-  only visible to a model that reads the order (acceptability, in the spirit of CoLA).
+- `library` (sequence classification, 6 classes): which library a held-out documentation sentence comes
+  from (the six with the most held-out sentences, balanced). The library's own name is never in the
+  sentence (such sentences are dropped), so the label has to be read from what the sentence talks about:
+  tensors and devices, arrays and axes, tokenizers and checkpoints, e-mail headers and sockets.
 - `replaced_words` (token classification, BIO tags): 15% of a sentence's words replaced by words drawn
   from the held-out text's own word frequencies; tag the replaced ones (ELECTRA's replaced-token
   detection). A replacement is an ordinary word on its own; only its context gives it away.
@@ -56,7 +57,8 @@ from megatron_narrow.data.offline_corpus import (  # noqa: E402
 
 VARIANTS = ("bert", "narrow", "token_drop")
 MODELS = (*VARIANTS, "narrow_time")  # narrow_time: NarrowBERT for bert's wall-clock
-TASKS = {"word_order": ("sequence", "accuracy"), "replaced_words": ("token", "span_f1")}
+TASKS = {"library": ("sequence", "accuracy"), "replaced_words": ("token", "span_f1")}
+LIBRARIES = 6
 VOCAB_SIZE = 8000
 # model shape and pretraining recipe shared by every variant (NarrowBERT's paper: 2 full-length layers of 12;
 # here 2 of 6; token dropping keeps half the tokens in its middle layers, as the paper)
@@ -64,8 +66,8 @@ MODEL = {"hidden_size": 128, "num_layers": 6, "num_heads": 4, "full_length_layer
          "max_position_embeddings": 128, "token_drop_keep_ratio": 0.5, "vocab_size": VOCAB_SIZE}
 PRETRAIN_STEPS = 1000
 PRETRAIN_BATCH = 32
-FINETUNE_STEPS = 250
-FINETUNE_EXAMPLES = (4000, 1000)  # train, valid per task
+FINETUNE_STEPS = 200
+FINETUNE_EXAMPLES = (3000, 600)  # train, valid per task
 
 
 def log(message: str) -> None:
@@ -94,38 +96,32 @@ def run(command: list[str], log_file: Path) -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def split_corpus(work: Path) -> tuple[Path, list[str]]:
-    """(pretraining JSONL, held-out sentences): every tenth docstring is held out."""
+def is_prose(sentence: str) -> bool:
+    """A full sentence of mostly plain words (not code, a table or a signature)."""
+    words = sentence.split()
+    plain = sum(bool(re.fullmatch(r"[A-Za-z][a-z]*[,.;:]?", w)) for w in words)
+    return 8 <= len(words) <= 40 and plain >= 0.8 * len(words) and sentence.endswith(".")
+
+
+def split_corpus(work: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """(pretraining JSONL, held-out (library, sentence) pairs): every tenth distinct docstring is held out."""
     pretrain, held_out, seen = [], [], set()
-    for text in itertools.chain(iter_stdlib_docstrings(), iter_installed_package_docstrings()):
+    sources = itertools.chain((("stdlib", t) for t in iter_stdlib_docstrings()), iter_installed_package_docstrings())
+    for library, text in sources:
         if text not in seen:  # templated docstrings repeat across packages
             seen.add(text)
-            (held_out if len(seen) % 10 == 0 else pretrain).append(text)
+            (held_out if len(seen) % 10 == 0 else pretrain).append((library, text))
     path = work / "raw" / "pretrain.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in pretrain))
-    sentences = []
-    for text in held_out:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in pretrain))
+    sentences = set()
+    for library, text in held_out:
         for paragraph in text.splitlines():
             for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-                words = sentence.split()
-                # prose, not code or tables: mostly plain words, a full sentence
-                plain = sum(bool(re.fullmatch(r"[A-Za-z][a-z]*[,.;:]?", w)) for w in words)
-                if 8 <= len(words) <= 40 and plain >= 0.8 * len(words) and sentence.endswith("."):
-                    sentences.append(" ".join(words))
+                if is_prose(sentence):
+                    sentences.add((library, " ".join(sentence.split())))
     log(f"corpus: {len(pretrain)} documents to pretrain on, {len(sentences)} held-out sentences")
-    return path, sorted(set(sentences))
-
-
-def shuffled_window(words: list[str], rng: random.Random, width: int = 4) -> list[str]:
-    start = rng.randrange(len(words) - width + 1)
-    window = words[start:start + width]
-    if len(set(window)) == 1:
-        return words
-    shuffled = window[:]
-    while shuffled == window:
-        rng.shuffle(shuffled)
-    return words[:start] + shuffled + words[start + width:]
+    return path, sorted(sentences)
 
 
 def replaced(words: list[str], rng: random.Random, vocabulary: list[str]) -> tuple[list[str], list[str]]:
@@ -145,39 +141,46 @@ def replaced(words: list[str], rng: random.Random, vocabulary: list[str]) -> tup
     return out, tags
 
 
-def write_tasks(sentences: list[str], work: Path, sizes: tuple[int, int], seed: int = 0) -> dict[str, dict]:
-    """The two downstream tasks' train/valid JSONL files; sentences are split between train and valid first."""
+def library_examples(sentences: list[tuple[str, str]], count: int, rng: random.Random) -> list[dict]:
+    """Balanced examples of the LIBRARIES libraries with the most held-out sentences, none naming its library."""
+    by_library: dict[str, list[str]] = {}
+    for library, sentence in sentences:
+        if library.lower() not in sentence.lower():
+            by_library.setdefault(library, []).append(sentence)
+    chosen = sorted(by_library, key=lambda name: -len(by_library[name]))[:LIBRARIES]
+    per_class = min(count // LIBRARIES, *(len(by_library[name]) for name in chosen))
+    examples = [{"text": s, "label": name} for name in chosen for s in rng.sample(by_library[name], per_class)]
+    rng.shuffle(examples)
+    return examples
+
+
+def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, int], seed: int = 0
+                ) -> dict[str, dict]:
+    """The two downstream tasks' train/valid JSONL files; held-out sentences are split between train and valid
+    first, so no valid sentence is seen in fine-tuning."""
     rng = random.Random(seed)
     pool = sentences[:]
     rng.shuffle(pool)
-    n_valid = min(sizes[1], len(pool) // 5)
-    splits = {"valid": pool[:n_valid], "train": pool[n_valid:]}
-    vocabulary = [w for s in splits["train"] for w in s.split()]  # unigram frequencies by repetition
-    files: dict[str, dict] = {}
-    for task in TASKS:
-        files[task] = {}
-        for split, wanted in zip(("train", "valid"), sizes, strict=True):
-            records = []
-            source = splits[split]
-            for i in range(min(wanted, len(source) * 2 if split == "train" else len(source))):
-                words = source[i % len(source)].split()
-                if task == "word_order":
-                    corrupt = rng.random() < 0.5
-                    text = shuffled_window(words, rng) if corrupt else words
-                    records.append({"text": " ".join(text), "label": "shuffled" if corrupt and text != words
-                                    else "original"})
-                else:
-                    tokens, tags = replaced(words, rng, vocabulary)
-                    records.append({"tokens": tokens, "tags": tags})
+    cut = len(pool) * sizes[1] // sum(sizes)
+    splits = {"valid": pool[:cut], "train": pool[cut:]}
+    vocabulary = [w for _, s in splits["train"] for w in s.split()]  # unigram frequencies by repetition
+    files: dict[str, dict] = {task: {} for task in TASKS}
+    for split, wanted in zip(("train", "valid"), sizes, strict=True):
+        tasks = {"library": library_examples(splits[split], wanted, rng), "replaced_words": []}
+        for _, sentence in splits[split][:wanted]:
+            tokens, tags = replaced(sentence.split(), rng, vocabulary)
+            tasks["replaced_words"].append({"tokens": tokens, "tags": tags})
+        for task, records in tasks.items():
             path = work / "tasks" / f"{task}_{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in records))
             files[task][split] = str(path)
-        log(f"task {task}: {sizes[0]} train / {n_valid} valid examples")
+            log(f"task {task} {split}: {len(records)} examples" + (
+                f" ({', '.join(sorted({r['label'] for r in records}))})" if task == "library" else ""))
     return files
 
 
-def prepare_data(work: Path) -> tuple[Path, Path, list[str]]:
+def prepare_data(work: Path) -> tuple[Path, Path, list[tuple[str, str]]]:
     """(tokenizer model, Arrow data directory, held-out sentences)."""
     corpus, sentences = split_corpus(work)
     tokenizer = work / "tokenizer" / "spm"

@@ -21,9 +21,10 @@ def _paragraphs(docstring: str) -> list[str]:
     return [b for b in blocks if len(b.split()) >= 4]
 
 
-def iter_docstrings(root: Path, *, min_words: int = 12, skip: tuple[str, ...] = ("test", "tests")) -> Iterator[str]:
-    """Docstrings of modules, classes and functions in the .py files under `root`, in a stable order;
-    directories named in `skip` are left out."""
+def iter_sourced_docstrings(root: Path, *, min_words: int = 12,
+                            skip: tuple[str, ...] = ("test", "tests")) -> Iterator[tuple[Path, str]]:
+    """(file, docstring) for the modules, classes and functions in the .py files under `root`, in a stable
+    order; directories named in `skip` are left out."""
     for path in sorted(root.rglob("*.py")):
         if any(part in skip for part in path.relative_to(root).parts):
             continue
@@ -39,7 +40,13 @@ def iter_docstrings(root: Path, *, min_words: int = 12, skip: tuple[str, ...] = 
                 if doc and len(doc.split()) >= min_words:
                     paragraphs = _paragraphs(doc)
                     if paragraphs:
-                        yield "\n".join(paragraphs)
+                        yield path, "\n".join(paragraphs)
+
+
+def iter_docstrings(root: Path, *, min_words: int = 12, skip: tuple[str, ...] = ("test", "tests")) -> Iterator[str]:
+    """The docstrings of iter_sourced_docstrings, without their files."""
+    for _, text in iter_sourced_docstrings(root, min_words=min_words, skip=skip):
+        yield text
 
 
 def iter_stdlib_docstrings(min_words: int = 12) -> Iterator[str]:
@@ -48,11 +55,13 @@ def iter_stdlib_docstrings(min_words: int = 12) -> Iterator[str]:
     yield from iter_docstrings(root, min_words=min_words, skip=("test", "tests", "site-packages"))
 
 
-def iter_installed_package_docstrings(min_words: int = 12) -> Iterator[str]:
-    """Docstrings of the installed third-party packages (site-packages): several times the standard
-    library's text, for a corpus that a small model does not exhaust in a few epochs."""
+def iter_installed_package_docstrings(min_words: int = 12) -> Iterator[tuple[str, str]]:
+    """(package, docstring) of the installed third-party packages (site-packages): several times the
+    standard library's text, for a corpus that a small model does not exhaust in a few epochs; the package
+    is the top-level directory (or module) the docstring's file sits in."""
     root = Path(sysconfig.get_paths()["purelib"])
-    yield from iter_docstrings(root, min_words=min_words)
+    for path, text in iter_sourced_docstrings(root, min_words=min_words):
+        yield path.relative_to(root).parts[0].removesuffix(".py"), text
 
 
 def write_offline_corpus(path: str | Path, *, max_documents: int | None = None, repeat: int = 1) -> int:
