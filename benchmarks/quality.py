@@ -141,15 +141,25 @@ def replaced(words: list[str], rng: random.Random, vocabulary: list[str]) -> tup
     return out, tags
 
 
-def library_examples(sentences: list[tuple[str, str]], count: int, rng: random.Random) -> list[dict]:
-    """Balanced examples of the LIBRARIES libraries with the most held-out sentences, none naming its library."""
-    by_library: dict[str, list[str]] = {}
+def top_libraries(sentences: list[tuple[str, str]]) -> list[str]:
+    """The LIBRARIES libraries with the most held-out sentences that do not name them (chosen once, on the
+    whole held-out pool, so train and valid share the label set)."""
+    counts: dict[str, int] = {}
     for library, sentence in sentences:
         if library.lower() not in sentence.lower():
-            by_library.setdefault(library, []).append(sentence)
-    chosen = sorted(by_library, key=lambda name: -len(by_library[name]))[:LIBRARIES]
-    per_class = min(count // LIBRARIES, *(len(by_library[name]) for name in chosen))
-    examples = [{"text": s, "label": name} for name in chosen for s in rng.sample(by_library[name], per_class)]
+            counts[library] = counts.get(library, 0) + 1
+    return sorted(counts, key=lambda name: (-counts[name], name))[:LIBRARIES]
+
+
+def library_examples(sentences: list[tuple[str, str]], libraries: list[str], count: int,
+                     rng: random.Random) -> list[dict]:
+    """Balanced examples of `libraries`, none naming its library."""
+    by_library: dict[str, list[str]] = {name: [] for name in libraries}
+    for library, sentence in sentences:
+        if library in by_library and library.lower() not in sentence.lower():
+            by_library[library].append(sentence)
+    per_class = min(count // len(libraries), *(len(found) for found in by_library.values()))
+    examples = [{"text": s, "label": name} for name in libraries for s in rng.sample(by_library[name], per_class)]
     rng.shuffle(examples)
     return examples
 
@@ -164,9 +174,10 @@ def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, 
     cut = len(pool) * sizes[1] // sum(sizes)
     splits = {"valid": pool[:cut], "train": pool[cut:]}
     vocabulary = [w for _, s in splits["train"] for w in s.split()]  # unigram frequencies by repetition
+    libraries = top_libraries(pool)
     files: dict[str, dict] = {task: {} for task in TASKS}
     for split, wanted in zip(("train", "valid"), sizes, strict=True):
-        tasks = {"library": library_examples(splits[split], wanted, rng), "replaced_words": []}
+        tasks = {"library": library_examples(splits[split], libraries, wanted, rng), "replaced_words": []}
         for _, sentence in splits[split][:wanted]:
             tokens, tags = replaced(sentence.split(), rng, vocabulary)
             tasks["replaced_words"].append({"tokens": tokens, "tags": tags})

@@ -21,7 +21,9 @@ def test_library_examples_are_balanced_and_never_name_their_library():
     sentences = [(lib, f"sentence {i} about {'numpy arrays' if i % 10 == 0 else 'things'} here.")
                  for lib in ("numpy", "torch", "email", "http", "json", "csv") for i in range(30)]
     sentences += [("tiny", f"sentence {i}.") for i in range(5)]  # the fewest sentences: left out
-    examples = quality.library_examples(sentences, 60, rng)
+    libraries = quality.top_libraries(sentences)
+    assert sorted(libraries) == ["csv", "email", "http", "json", "numpy", "torch"]
+    examples = quality.library_examples(sentences, libraries, 60, rng)
     labels = Counter(e["label"] for e in examples)
     assert set(labels) == {"numpy", "torch", "email", "http", "json", "csv"} and set(labels.values()) == {10}
     assert all(e["label"].lower() not in e["text"].lower() for e in examples)
