@@ -142,3 +142,4 @@ def test_resume_on_another_layout_equals_the_uninterrupted_run(change, tmp_path,
     for step, value in expected.items():
         assert abs(got[step] - value) <= 1e-5, f"{change} step {step}: resumed {got[step]!r}, uninterrupted {value!r}"
     assert [r["consumed_samples"] for r in records(resumed)] == [r["consumed_samples"] for r in records(reference)]
+    assert not list((resumed / "checkpoints").glob("*_universal")), "the conversion outlived the next save"

@@ -1,8 +1,8 @@
 """Checkpoints through DeepSpeed, plus what DeepSpeed does not know: data position, RNG states, our config,
 and whether a checkpoint is whole.
 
-Layout: SAVE_DIR/checkpoints/step_NNNNNNN/ (DeepSpeed's files, run_config.json, tokenizer copy, and
-complete.json written last) and SAVE_DIR/checkpoints/latest, a one-line file naming the newest save.
+Layout: SAVE_DIR/checkpoints/step_NNNNNNN/ (DeepSpeed's files, run_config.json, layout.json, tokenizer copy,
+and complete.json written last) and SAVE_DIR/checkpoints/latest, a one-line file naming the newest save.
 
 Nothing lost: a tag is used only when its completion marker lists every file with its size and the
 files match (a kill mid-save, a partial rsync, a truncated copy all fail that check). When `latest`
@@ -29,8 +29,12 @@ from megatron_narrow.parallel import RNGStatesTracker
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
+LAYOUT_NAME = "layout.json"
 COMPLETE_NAME = "complete.json"
 TAG_PREFIX = "step_"
+UNIVERSAL_SUFFIX = "_universal"
+"""TAG_universal: DeepSpeed's universal conversion of TAG for a resume on another layout (training/layout.py);
+derived data, removed once a newer tag is saved."""
 
 
 def checkpoint_root(save_dir: str | Path) -> Path:
@@ -193,7 +197,7 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
     if is_rank0:
         (path / CONFIG_NAME).write_text(json.dumps(run_config, indent=1))
         if layout is not None:  # training/layout.py: how this tag was split, for a resume on another layout
-            (path / "layout.json").write_text(json.dumps(layout, indent=1))
+            (path / LAYOUT_NAME).write_text(json.dumps(layout, indent=1))
         if tokenizer_model:
             shutil.copy2(tokenizer_model, path / Path(tokenizer_model).name)
     if dist.is_initialized():
@@ -205,6 +209,9 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
         os.replace(tmp, root / LATEST)
         for old in tags_to_prune(all_tags(save_dir), tag, keep_last, root):
             shutil.rmtree(root / old, ignore_errors=True)
+        for converted in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}"):
+            if converted.name.removesuffix(UNIVERSAL_SUFFIX) < tag:
+                shutil.rmtree(converted, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return path

@@ -15,8 +15,7 @@ import re
 from argparse import Namespace
 from pathlib import Path
 
-LAYOUT_NAME = "layout.json"
-UNIVERSAL_SUFFIX = "_universal"
+from megatron_narrow.training.checkpoint import LAYOUT_NAME, UNIVERSAL_SUFFIX
 
 
 def current_layout(data_parallel: int, tensor_parallel: int, pipeline_parallel: int, zero_stage: int) -> dict:
