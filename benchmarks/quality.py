@@ -25,7 +25,7 @@ NarrowBERT.
 
 Writes OUT (every figure as JSON), OUT's stem + `.md` (the table, mean +- std over seeds) and
 `quality_loss_steps.png`, `quality_loss_seconds.png`, `quality_downstream.png` beside it.
-Budget: about 55 minutes on two CPU cores at --scale 1 (pretraining ~38 min, fine-tuning ~15 min);
+Budget: under an hour on two CPU cores at --scale 1 (measured 48 min: corpus 2, pretraining 30, fine-tuning 16);
 --scale multiplies the steps of every run and the downstream data.
 
   python benchmarks/quality.py --json runs/quality/quality.json [--scale 1.0] [--work-dir runs/quality]
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, type=Path, help="write every figure here (and .md, .png beside)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every run's steps and the downstream data (default 1: ~55 min on 2 cores)")
+                        help="multiply every run's steps and the downstream data (default 1: ~50 min on 2 cores)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and model (default 3)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quality",
                         help="corpus, shards, checkpoints and logs (default runs/quality)")
