@@ -143,3 +143,25 @@ def test_resume_on_another_layout_equals_the_uninterrupted_run(change, tmp_path,
         assert abs(got[step] - value) <= 1e-5, f"{change} step {step}: resumed {got[step]!r}, uninterrupted {value!r}"
     assert [r["consumed_samples"] for r in records(resumed)] == [r["consumed_samples"] for r in records(reference)]
     assert not list((resumed / "checkpoints").glob("*_universal")), "the conversion outlived the next save"
+
+
+def test_layout_changes_that_cannot_be_converted_are_named():
+    """Which changes go through a universal checkpoint, which load as they are, which are refused (and why)."""
+    from megatron_narrow.training.layout import current_layout, layout_change_refusal, needs_conversion
+
+    def layout(dp=1, tp=1, pp=1, zero=1):
+        return current_layout(dp, tp, pp, zero)
+
+    assert not needs_conversion(layout(), layout())
+    assert not needs_conversion(layout(dp=2, zero=0), layout(zero=0))  # replicated state loads as it is
+    assert needs_conversion(layout(dp=2), layout()) and layout_change_refusal(layout(dp=2), layout(), "t", 1000) is None
+    refusals = {  # name -> (saved, current, vocabulary size, what the line says)
+        "pipeline": (layout(pp=2), layout(), 1000, "resume with parallel.pipeline_parallel=2"),
+        "zero0_tp": (layout(tp=2, zero=0), layout(zero=0), 1000, "both runs need ZeRO stage >= 1"),
+        "into_zero0": (layout(dp=2), layout(zero=0), 1000, "both runs need ZeRO stage >= 1"),
+        "padding": (layout(tp=2), layout(), 30522, "pads to 30720 rows at TP=2 and 30592 at TP=1"),
+    }
+    for name, (saved, current, vocab, expected) in refusals.items():
+        line = layout_change_refusal(saved, current, "step_0000006", vocab)
+        assert line is not None and expected in line and "\n" not in line, (name, line)
+    assert layout_change_refusal(layout(tp=2), layout(), "t", 1000) is None  # 1024 rows on both sides

@@ -77,10 +77,10 @@ def layout_change_refusal(saved: dict, current: dict, tag: str, vocab_size: int)
         return (f"{change}: a change of pipeline stages is not supported yet (the stage modules name their "
                 f"parameters differently); resume with parallel.pipeline_parallel={saved['pipeline_parallel']}, "
                 "or convert to Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
-    if saved["zero_stage"] == 0 and saved["tensor_parallel"] != current["tensor_parallel"]:
-        return (f"{change}: DeepSpeed's universal checkpoints are made from ZeRO stage >= 1 optimizer files; "
-                f"resume with parallel.tensor_parallel={saved['tensor_parallel']}, or save with ZeRO stage 1 "
-                "(ds_configs/zero1.json) next time")
+    if needs_conversion(saved, current) and 0 in (saved["zero_stage"], current["zero_stage"]):
+        return (f"{change}: DeepSpeed converts ZeRO optimizer files into a universal checkpoint and loads it into a "
+                "ZeRO optimizer, so both runs need ZeRO stage >= 1 (ds_configs/zero1.json) for this change; a ZeRO-0 "
+                "checkpoint resumes on any data-parallel size with the same tensor-parallel size and ZeRO-0")
     return None
 
 
