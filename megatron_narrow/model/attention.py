@@ -57,7 +57,6 @@ class BertSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.kernel = attention_backend(config.attention_backend)
         self.dropout_p = config.attention_dropout
-        self.group = tp
         self.tracker = tracker
         self.recompute_core = False
         """train.activation_checkpointing=selective: recompute scores, softmax and dropout in backward."""
