@@ -17,7 +17,7 @@ tracker, not ours; hence torch's, with this hook.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -29,27 +29,40 @@ from megatron_narrow.parallel import RNGStatesTracker
 MODES = ("none", "full", "selective")
 
 
+class _TrackerSnapshot:
+    """Entered once, at the forward: records the tracker's states."""
+
+    def __init__(self, tracker: RNGStatesTracker) -> None:
+        self.tracker, self.states = tracker, None
+
+    def __enter__(self) -> None:
+        self.states = self.tracker.state_dict()
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _TrackerReplay:
+    """Entered at every recompute (a pipeline stage's backward can unpack the same checkpoint in two passes):
+    puts the forward's states back for the recompute and the current ones after it."""
+
+    def __init__(self, snapshot: _TrackerSnapshot) -> None:
+        self.snapshot, self.now = snapshot, None
+
+    def __enter__(self) -> None:
+        self.now = self.snapshot.tracker.state_dict()
+        self.snapshot.tracker.load_state_dict(self.snapshot.states)
+
+    def __exit__(self, *exc) -> None:
+        self.snapshot.tracker.load_state_dict(self.now)
+
+
 def _tracker_contexts(tracker: RNGStatesTracker | None):
     """(forward context, recompute context) for torch.utils.checkpoint's context_fn."""
     if tracker is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
-    at_forward: dict[str, object] = {}
-
-    @contextlib.contextmanager
-    def forward() -> Iterator[None]:
-        at_forward["states"] = tracker.state_dict()
-        yield
-
-    @contextlib.contextmanager
-    def recompute() -> Iterator[None]:
-        now = tracker.state_dict()
-        tracker.load_state_dict(at_forward["states"])
-        try:
-            yield
-        finally:
-            tracker.load_state_dict(now)
-
-    return forward(), recompute()
+    snapshot = _TrackerSnapshot(tracker)
+    return snapshot, _TrackerReplay(snapshot)
 
 
 def recomputed(fn: Callable[..., torch.Tensor], *args, tracker: RNGStatesTracker | None, **kwargs) -> torch.Tensor:
