@@ -212,6 +212,7 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict, *, run_con
         for converted in root.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}"):
             if converted.name.removesuffix(UNIVERSAL_SUFFIX) < tag:
                 shutil.rmtree(converted, ignore_errors=True)
+                (root / f"{LATEST}{UNIVERSAL_SUFFIX}").unlink(missing_ok=True)  # DeepSpeed's pointer to it
     if dist.is_initialized():
         dist.barrier()
     return path
