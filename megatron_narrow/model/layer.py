@@ -44,7 +44,6 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config, groups, generator, tracker)
         self.intermediate = BertIntermediate(config, groups, generator)
         self.output = BertOutput(config, groups, generator)
-        self.tracker = tracker
         self.recompute = False
         """train.activation_checkpointing=full: keep the inputs only (model/recompute.py)."""
 
@@ -52,7 +51,8 @@ class BertLayer(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries (B, Q, H) -> (B, Q, H); see BertSelfAttention.forward for context and kv."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return recomputed(self._forward, queries, key_mask, context=context, kv=kv, tracker=self.tracker)
+            return recomputed(self._forward, queries, key_mask, context=context, kv=kv,
+                              tracker=self.attention.self.tracker)
         return self._forward(queries, key_mask, context=context, kv=kv)
 
     def _forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None,

@@ -163,13 +163,15 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     records = []
 
+    universal_info = universal_checkpoint_info(  # the same for every save of this run
+        run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size),
+        [name for name, _ in model.named_parameters()])
+
     def save() -> None:
         # one key of our own: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps)
         client_state = {"megatron_narrow": {"step": step, "consumed_samples": consumed, "nonfinite_skipped": skipped,
                                             "rng": checkpoint.rng_state(tracker)},
-                        "universal_checkpoint_info": universal_checkpoint_info(
-                            run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size),
-                            [name for name, _ in model.named_parameters()])}
+                        "universal_checkpoint_info": universal_info}
         checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
                         tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0,
                         layout=layout)
