@@ -15,6 +15,23 @@ from megatron_narrow.variants import drops_tokens, variant_spec
 
 
 @dataclass(kw_only=True, slots=True)
+class SeqLenPhase:
+    """One entry of data.seq_len_schedule: the steps up to `until_step` train on shorter sequences."""
+
+    until_step: int
+    """The last step (1-based, as logged) of this phase."""
+
+    seq_len: int
+    """Tokens per sample in this phase."""
+
+    max_predictions: int | None = None
+    """MLM target slots per sample; None scales data.max_predictions by seq_len / data.seq_len (rounded up)."""
+
+    micro_batch_size: int | None = None
+    """Samples per rank per forward/backward; None is train.micro_batch_size."""
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where the preprocessed data lives and how BERT samples are cut and masked from it."""
 
@@ -68,6 +85,13 @@ class DataConfig:
     """Whether every node sees index_cache_dir (a shared filesystem): rank 0 builds the index and the others
     wait. false: the first rank of each node builds its own copy (the same bytes)."""
 
+    seq_len_schedule: list[SeqLenPhase] = field(default_factory=list)
+    """Shorter sequences first, as BERT's recipe (90% of the steps at 128, the rest at 512): a list of phases
+    `{until_step: N, seq_len: L, max_predictions: M, micro_batch_size: B}` (M and B optional). Step s runs in
+    the first phase with until_step >= s, after the last one at data.seq_len / data.max_predictions /
+    train.micro_batch_size. The global batch stays train.global_batch_size; sample i of the run is sample i
+    of its phase's dataset, so a resume lands in the right phase at the right sample."""
+
     def __post_init__(self) -> None:
         if self.seq_len < 8:
             raise ValueError(f"data.seq_len must be at least 8, got {self.seq_len}")
@@ -92,7 +116,19 @@ class DataConfig:
         if self.data_weights is not None and (any(w < 0 for w in self.data_weights) or sum(self.data_weights) <= 0):
             raise ValueError(f"data.data_weights must be non-negative with a positive sum, got {self.data_weights}")
         split_fractions(self.split)
+        self.seq_len_schedule = [_seq_len_phase(raw, index, self) for index, raw in enumerate(self.seq_len_schedule)]
+        ends = [phase.until_step for phase in self.seq_len_schedule]
+        if ends != sorted(set(ends)):
+            raise ValueError(f"data.seq_len_schedule: until_step must increase from phase to phase, got {ends}")
 
+    def phases(self) -> list[DataConfig]:
+        """The data config of every phase of data.seq_len_schedule, then the final one (this config without
+        the schedule): each cuts and masks samples of its own length."""
+        from dataclasses import replace
+
+        final = replace(self, seq_len_schedule=[])
+        return [replace(final, seq_len=phase.seq_len, max_predictions=phase.max_predictions)
+                for phase in self.seq_len_schedule] + [final]
 
     @property
     def pair_head(self) -> bool:
@@ -119,6 +155,34 @@ class DataConfig:
         if self.pair_task != "none":
             raise ValueError(f"data.packing={self.packing} with data.pair_task={self.pair_task}: a packed row has no "
                              "single sentence pair; set data.pair_task=none (both papers train MLM only)")
+
+
+def _seq_len_phase(raw: SeqLenPhase | dict, index: int, data: DataConfig) -> SeqLenPhase:
+    """An entry of data.seq_len_schedule as a SeqLenPhase with max_predictions filled in, or one line naming it."""
+    where = f"data.seq_len_schedule[{index}]"
+    if isinstance(raw, dict):
+        fields = SeqLenPhase.__dataclass_fields__
+        unknown = sorted(set(raw) - set(fields))
+        missing = sorted(key for key in ("until_step", "seq_len") if key not in raw)
+        if unknown or missing:
+            raise ValueError(f"{where} has {'unknown key(s) ' + ', '.join(unknown) if unknown else ''}"
+                             f"{' and ' if unknown and missing else ''}"
+                             f"{'no ' + ' or '.join(missing) if missing else ''}: a phase is "
+                             "{until_step: N, seq_len: L, max_predictions: M, micro_batch_size: B}")
+        raw = SeqLenPhase(**{key: _coerce(fields[key], value, f"{where}.{key}") for key, value in raw.items()})
+    elif not isinstance(raw, SeqLenPhase):
+        raise ValueError(f"{where} must be a mapping like {{until_step: 900, seq_len: 128}}, got {raw!r}")
+    if raw.max_predictions is None:
+        raw.max_predictions = -(-data.max_predictions * raw.seq_len // data.seq_len)
+    for name in ("until_step", "micro_batch_size"):
+        value = getattr(raw, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}.{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(raw.seq_len, int) or raw.seq_len < 8:
+        raise ValueError(f"{where}.seq_len must be an integer >= 8, got {raw.seq_len!r}")
+    if not 0 < raw.max_predictions <= raw.seq_len:
+        raise ValueError(f"{where}.max_predictions must be in [1, seq_len={raw.seq_len}], got {raw.max_predictions}")
+    return raw
 
 
 def split_fractions(split: str) -> tuple[float, float, float]:
@@ -404,6 +468,11 @@ class TrainConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank."""
 
+    batch_size_rampup: list[int] | None = None
+    """Megatron's --rampup-batch-size: [start, increment, samples]. The global batch starts at `start` and
+    grows by `increment` evenly over the first `samples` consumed samples, up to train.global_batch_size
+    (the micro batch stays; accumulation steps grow). null: no ramp-up."""
+
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "train_steps", "log_interval", "keep_last", "eval_steps"):
             if getattr(self, name) < 1:
@@ -423,6 +492,11 @@ class TrainConfig:
             raise ValueError(f"train.optimizer must be adamw or lamb, got {self.optimizer!r}")
         if self.nonfinite_loss not in ("skip", "stop"):
             raise ValueError(f"train.nonfinite_loss must be skip or stop, got {self.nonfinite_loss!r}")
+        ramp = self.batch_size_rampup
+        if ramp is not None and (not isinstance(ramp, list) or len(ramp) != 3
+                                 or not all(isinstance(v, int) and v >= 1 for v in ramp)):
+            raise ValueError(f"train.batch_size_rampup must be three integers >= 1, [start, increment, samples] "
+                             f"(e.g. [32, 32, 1000000]), got {ramp!r}")
 
     def gradient_accumulation(self, data_parallel: int) -> int:
         """Micro-batches per step; raises unless global = micro x accumulation x data_parallel."""

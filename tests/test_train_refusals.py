@@ -81,6 +81,16 @@ CASES = {
     "unknown_optimizer": ({"train.optimizer": "sgd"}, None, 1, "train.optimizer must be adamw or lamb, got 'sgd'"),
     "unavailable_attention_backend": ({"model.attention_backend": "flash9"}, None, 1,
                                       "model.attention_backend='flash9' is not available here; choose one of"),
+    "seq_len_schedule_with_pipeline": ({"parallel.pipeline_parallel": "2",
+                                        "data.seq_len_schedule": "[{{until_step: 1, seq_len: 32}}]"},
+                                       {"zero_optimization": {"stage": 1}}, 2,
+                                       "data.seq_len_schedule with parallel.pipeline_parallel > 1"),
+    "seq_len_phase_drops_targets": ({"model.variant": "token_drop", "model.token_drop_keep_tokens": "10",
+                                     "data.seq_len_schedule": "[{{until_step: 1, seq_len: 32, max_predictions: 9}}]"},
+                                    None, 1, "model token_drop keeps 10 of 32 tokens but every sample forces up to "
+                                    "11 in"),
+    "ramp_batch_not_multiple": ({"train.global_batch_size": "32", "train.batch_size_rampup": "[4, 4, 100]"},
+                                None, 1, "global batch 4 is not a multiple of train.micro_batch_size=8"),
 }
 
 

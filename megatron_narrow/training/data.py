@@ -115,8 +115,10 @@ def make_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_ran
     sampler = DistributedPretrainingSampler(total_samples=None, consumed_samples=consumed_samples,
                                             micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
                                             data_parallel_size=dp_size)
+    # its own generator: starting the loader then draws nothing from the global RNG that dropout uses, so a
+    # loader started mid-run (a new sequence-length phase) leaves the resumed and the uninterrupted run alike
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0,
+                      persistent_workers=num_workers > 0, generator=torch.Generator(),
                       worker_init_fn=partial(leave_signals_to_main, os.getpid()))
 
 

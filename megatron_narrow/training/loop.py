@@ -20,7 +20,8 @@ from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, padded_vocab_size
 from megatron_narrow.training import checkpoint
-from megatron_narrow.training.data import build_datasets_in_turn, make_loader
+from megatron_narrow.training.batch_schedule import BatchSchedule
+from megatron_narrow.training.data import PretrainingData, build_datasets_in_turn, make_loader
 from megatron_narrow.training.engine import agree_finite, all_reduce, build_engine, rank0_print, training_device
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.layout import (
@@ -73,6 +74,7 @@ def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.opti
     finite = True
     last = len(micro_batches) - 1
     for index, batch in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(index == last)  # the accumulation may change between steps
         out = engine(**batch, num_targets=normaliser)
         if not torch.isfinite(out.loss):
             finite = False
@@ -99,8 +101,6 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     train = run.train
     is_rank0 = dist.get_rank() == 0
     device = training_device()
-    gas = ds_config["gradient_accumulation_steps"]
-    global_batch = ds_config["train_batch_size"]
     pair_head = run.data.pair_head
     if train.restart:
         if is_rank0 and (moved := checkpoint.move_aside(train.save_dir)) is not None:
@@ -108,12 +108,18 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         dist.barrier()
     resuming = bool(checkpoint.all_tags(train.save_dir))
     in_turn = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "barrier": dist.barrier}
+    total_samples = train.train_steps * ds_config["train_batch_size"]
+
+    def build_phase_datasets() -> list[PretrainingData]:
+        """One dataset per sequence-length phase (one without a schedule)."""
+        return [build_datasets_in_turn(phase, run.model, train, total_samples, **in_turn)
+                for phase in run.data.phases()]
 
     pipe: PipelineModel | None = None
     if run.parallel.pipeline_parallel > 1:
         with refusing():  # a damaged shard or an unwritable index cache
-            data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
-        pipe = build_pipeline(run, data.special.as_dict())  # DeepSpeed's grid creates the groups
+            datasets = build_phase_datasets()
+        pipe = build_pipeline(run, datasets[0].special.as_dict())  # DeepSpeed's grid creates the groups
         model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
         if train.init_from_hf and not resuming:
             with refusing():
@@ -124,9 +130,9 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
                                              pipeline_rank=groups.pipeline.rank)
         with refusing():
-            data = build_datasets_in_turn(run.data, run.model, train, train.train_steps * global_batch, **in_turn)
+            datasets = build_phase_datasets()
         model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
-                                   special_ids=data.special.as_dict()).to(device)
+                                   special_ids=datasets[0].special.as_dict()).to(device)
         if train.init_from_hf and not resuming:
             with refusing():
                 _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
@@ -155,11 +161,10 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             print(f"resumed from step {step} ({consumed:,} samples consumed)", flush=True)
             _report_config_changes(checkpoint.checkpoint_root(train.save_dir) / loaded[0], run, step)
 
-    loader = iter(make_loader(data.train, consumed_samples=consumed, micro_batch_size=train.micro_batch_size,
-                              dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=train.num_workers))
+    schedule = BatchSchedule(run, groups.data.size)
+    loader, shape = None, None
     logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps)
     stop = stop or StopSignal().install()
-    flops_per_sequence = training_flops_per_sequence(run.model, run.data.seq_len, run.data.max_predictions)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     records = []
 
@@ -176,12 +181,25 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                         tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0,
                         layout=layout)
 
-    if client is not None:  # last, after everything that draws random numbers while being built (the loader)
+    if client is not None:  # last, after everything that draws random numbers while being built
         checkpoint.restore_rng_state(client["megatron_narrow"]["rng"], tracker)
     engine.train()
     while step < train.train_steps:
         started = time.perf_counter()
         lr = set_learning_rate(optimizer, step - skipped, train)
+        previous, shape = shape, schedule.shape(step + 1, consumed)
+        if previous is None or shape.phase != previous.phase:
+            if previous is not None or schedule.phase_ends:
+                rank0_print(is_rank0)(schedule.describe(shape, step + 1))
+            loader = None  # the previous phase's workers shut down before the next phase's start
+            loader = iter(make_loader(datasets[shape.phase].train, consumed_samples=consumed,
+                                      micro_batch_size=shape.micro_batch_size, dp_rank=groups.data.rank,
+                                      dp_size=groups.data.size, num_workers=train.num_workers))
+        if previous is None or (shape.micro_batch_size, shape.global_batch_size) != (
+                previous.micro_batch_size, previous.global_batch_size):
+            engine.set_train_micro_batch_size(shape.micro_batch_size)
+            engine.set_train_batch_size(shape.global_batch_size)  # DeepSpeed scales the loss by its accumulation
+        gas, global_batch = shape.gradient_accumulation, shape.global_batch_size
         micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
         counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
@@ -203,9 +221,11 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         if step % train.log_interval == 0 or step == train.train_steps:
             loss = all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
             sequences_per_s = global_batch / step_time
+            flops_per_sequence = training_flops_per_sequence(run.model, shape.seq_len, shape.max_predictions)
             record = {"step": step, "loss": loss, "lr": lr,
                       "tokens_per_s": total_tokens / step_time,  # real tokens ([CLS]/[SEP] included), not padding
-                      "real_token_fraction": total_tokens / (global_batch * run.data.seq_len),
+                      "real_token_fraction": total_tokens / (global_batch * shape.seq_len),
+                      "seq_len": shape.seq_len, "global_batch_size": global_batch,
                       "step_time_s": step_time,
                       "samples_per_s": sequences_per_s, "consumed_samples": consumed,
                       "skipped_steps": skipped,
@@ -213,8 +233,9 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                       if peak else None}
             records.append(record)
             logger.log(record)
-        if train.eval_interval and step % train.eval_interval == 0 and data.valid is not None:
-            eval_loss = evaluate(engine, data.valid, run, groups, device, pipe)
+        valid = datasets[shape.phase].valid
+        if train.eval_interval and step % train.eval_interval == 0 and valid is not None:
+            eval_loss = evaluate(engine, valid, run, groups, device, pipe, micro_batch_size=shape.micro_batch_size)
             record = {"step": step, "eval_loss": eval_loss}
             records.append(record)
             logger.log(record)
@@ -269,10 +290,10 @@ def _report_config_changes(tag_dir, run: RunConfig, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(engine, dataset, run: RunConfig, groups: ProcessGroups, device: torch.device,
-             pipe: PipelineModel | None = None) -> float:
+             pipe: PipelineModel | None = None, *, micro_batch_size: int) -> float:
     """Mean MLM loss over the first eval_steps micro-batches of the valid split (the same every time)."""
     engine.eval()
-    loader = iter(make_loader(dataset, consumed_samples=0, micro_batch_size=run.train.micro_batch_size,
+    loader = iter(make_loader(dataset, consumed_samples=0, micro_batch_size=micro_batch_size,
                               dp_rank=groups.data.rank, dp_size=groups.data.size, num_workers=0))
     batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(run.train.eval_steps)]
     if pipe is not None:

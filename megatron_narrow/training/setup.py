@@ -27,23 +27,30 @@ def world_size_from_env() -> int:
 def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     """Every check that needs no process group; returns the completed DeepSpeed config."""
     from megatron_narrow.model.attention_backends import attention_backend
+    from megatron_narrow.training.batch_schedule import BatchSchedule
     from megatron_narrow.training.data import check_data_paths
     from megatron_narrow.variants import drops_tokens
 
     ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
-    run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=run.data.seq_len,
-                       max_predictions=run.data.max_predictions)
+    for data in run.data.phases():  # every sequence-length phase, the run's own data.seq_len last
+        run.model.validate(tensor_parallel=layout.tensor_parallel, seq_len=data.seq_len,
+                           max_predictions=data.max_predictions)
+        if drops_tokens(run.model):
+            forced = data.max_predictions + data.special_slots
+            k = run.model.kept_tokens(data.seq_len)
+            if k < forced:
+                raise ValueError(f"model token_drop keeps {k} of {data.seq_len} tokens but every sample forces up "
+                                 f"to {forced} in ({data.max_predictions} targets + [CLS]/[SEP]); keep more")
+        check_packed_targets(data)
     if layout.pipeline_parallel > 1:
         _validate_pipeline(run, layout.pipeline_parallel, layout.pipeline_partition)
-    if drops_tokens(run.model):
-        forced = run.data.max_predictions + run.data.special_slots
-        k = run.model.kept_tokens(run.data.seq_len)
-        if k < forced:
-            raise ValueError(f"model token_drop keeps {k} tokens but every sample forces up to {forced} in "
-                             f"(data.max_predictions={run.data.max_predictions} targets + [CLS]/[SEP]); keep more")
-    check_packed_targets(run.data)
+        if run.data.seq_len_schedule:
+            raise ValueError("data.seq_len_schedule with parallel.pipeline_parallel > 1: DeepSpeed's pipeline engine "
+                             "fixes the shapes stages exchange; train the short phase without pipelining, or "
+                             "remove the schedule")
+    BatchSchedule(run, layout.data_parallel)  # one line for a global batch some phase's micro batch cannot split
     attention_backend(run.model.attention_backend)  # one line for a kernel this machine cannot run
     check_data_paths(run.data)
     identity = None
