@@ -40,18 +40,28 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus_data(tmp_path_factory, stdlib_documents) -> dict[str, Path]:
-    """A preprocessed dataset for training tests: stdlib docstrings, a 1000-piece sentencepiece model."""
+def build_tiny_corpus(root: Path, documents: list[str], vocab_size: int) -> dict[str, Path]:
+    """documents as JSONL under root, a sentencepiece model of vocab_size pieces, and the preprocessed data."""
     from megatron_narrow.data.preprocess import PreprocessConfig, preprocess
     from megatron_narrow.data.train_tokenizer import train_sentencepiece
 
-    root = tmp_path_factory.mktemp("tiny_corpus")
-    corpus = write_jsonl(root / "docs.jsonl", stdlib_documents[:3000])
-    model = train_sentencepiece([str(corpus)], str(root / "tokenizer" / "spm"), vocab_size=1000)
+    corpus = write_jsonl(root / "docs.jsonl", documents)
+    model = train_sentencepiece([str(corpus)], str(root / "tokenizer" / "spm"), vocab_size=vocab_size)
     preprocess(PreprocessConfig(inputs=[str(corpus)], output_dir=str(root / "data"), tokenizer_type="sentencepiece",
                                 tokenizer_model=str(model), workers=1, split_sentences=True, progress=False))
     return {"data": root / "data", "tokenizer": model, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_data(tmp_path_factory, stdlib_documents) -> dict[str, Path]:
+    """A preprocessed dataset for training tests: stdlib docstrings, a 1000-piece sentencepiece model."""
+    return build_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"), stdlib_documents[:3000], 1000)
+
+
+@pytest.fixture(scope="session")
+def odd_vocab_corpus_data(tmp_path_factory, stdlib_documents) -> dict[str, Path]:
+    """The same documents with 1100 pieces: padded to 1152 rows at TP=1 but 1280 at TP=2 (128 x TP)."""
+    return build_tiny_corpus(tmp_path_factory.mktemp("odd_vocab_corpus"), stdlib_documents[:3000], 1100)
 
 
 def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "narrow", steps: int = 20,

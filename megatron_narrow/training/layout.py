@@ -42,8 +42,8 @@ def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int, parameter
     are split along dim 0, its default; row-parallel weights along dim 1; LayerNorms, row-parallel biases,
     position and token-type embeddings, the MLM transform and the importance vector are replicated; the word
     embeddings are vocabulary rows padded to a multiple of 128 x TP. (The MLM bias is padded the same way but
-    DeepSpeed's vocabulary handling takes 2-D tensors only: it merges as a column-parallel tensor, so a TP
-    change that changes the padding is refused, layout_change_refusal.)"""
+    DeepSpeed's vocabulary handling takes 2-D tensors only: it merges as a column-parallel tensor, and
+    repad_vocabulary_vectors re-pads it for the resuming run.)"""
     from deepspeed.checkpoint import constants as ds
 
     def used(patterns: list[str]) -> list[str]:  # ds_to_universal refuses a pattern that matches nothing
@@ -62,17 +62,9 @@ def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int, parameter
     }
 
 
-def layout_change_refusal(saved: dict, current: dict, tag: str, vocab_size: int) -> str | None:
+def layout_change_refusal(saved: dict, current: dict, tag: str) -> str | None:
     """Why this layout change cannot go through a universal checkpoint, or None when it can."""
-    from megatron_narrow.parallel import padded_vocab_size
-
     change = f"{tag} was saved with {describe(saved)}; this run is {describe(current)}"
-    rows = tuple(padded_vocab_size(vocab_size, layout["tensor_parallel"]) for layout in (saved, current))
-    if rows[0] != rows[1]:
-        return (f"{change}: model.vocab_size={vocab_size} pads to {rows[0]} rows at TP={saved['tensor_parallel']} "
-                f"and {rows[1]} at TP={current['tensor_parallel']}, which DeepSpeed's universal checkpoint cannot "
-                f"re-pad for the MLM bias; resume with parallel.tensor_parallel={saved['tensor_parallel']}, or "
-                "convert to Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
     if saved["pipeline_parallel"] != current["pipeline_parallel"]:
         return (f"{change}: a change of pipeline stages is not supported yet (the stage modules name their "
                 f"parameters differently); resume with parallel.pipeline_parallel={saved['pipeline_parallel']}, "
@@ -106,6 +98,35 @@ def convert_to_universal(tag_dir: Path) -> Path:
                               inject_missing_state=False))
     marker.write_text(json.dumps({"from": tag_dir.name}) + "\n")
     return output
+
+
+VOCABULARY_VECTORS = r".*predictions\.bias$"
+"""1-D parameters padded to the vocabulary's padded size (the MLM decoder bias)."""
+
+
+def repad_vocabulary_vectors(universal_dir: Path, vocab_size: int, padded_vocab_size: int) -> list[str]:
+    """Give the 1-D vocabulary vectors of a universal checkpoint (weights and optimizer moments) the resuming
+    run's padding: the real vocab_size entries kept, zeros after them (the padded logits are -inf anyway).
+    DeepSpeed strips and re-pads 2-D vocabulary tensors itself; our MLM bias is 1-D. Idempotent, so a
+    conversion made for one layout serves another. Returns the parameters re-padded."""
+    import torch
+
+    repadded = []
+    for folder in sorted((universal_dir / "zero").iterdir()):
+        if not re.match(VOCABULARY_VECTORS, folder.name):
+            continue
+        for file in sorted(folder.glob("*.pt")):
+            state = torch.load(file, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict):  # step.pt: the optimizer's step count
+                continue
+            tensor = state["param"]
+            if tensor.dim() != 1 or tensor.numel() == padded_vocab_size:
+                continue
+            resized = tensor.new_zeros(padded_vocab_size)
+            resized[:vocab_size] = tensor[:vocab_size]
+            torch.save({**state, "param": resized}, file)
+        repadded.append(folder.name)
+    return repadded
 
 
 def restore_buffers(module, universal_dir: Path) -> list[str]:

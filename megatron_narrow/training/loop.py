@@ -31,6 +31,7 @@ from megatron_narrow.training.layout import (
     describe,
     layout_change_refusal,
     needs_conversion,
+    repad_vocabulary_vectors,
     restore_buffers,
     saved_layout,
     universal_checkpoint_info,
@@ -265,14 +266,15 @@ def _prepare_layout_change(save_dir: str, layout: dict, vocab_size: int, is_rank
     saved = saved_layout(tag_dir)
     if saved is None or not needs_conversion(saved, layout):
         return None
-    refusal = layout_change_refusal(saved, layout, tag, vocab_size)
+    refusal = layout_change_refusal(saved, layout, tag)
     if refusal is not None:
         raise ValueError(refusal)
     if is_rank0:
         print(f"{tag} was saved with {describe(saved)}; this run is {describe(layout)}: converting it to a "
               f"universal checkpoint ({tag}{UNIVERSAL_SUFFIX}) and resuming from that", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # ds_to_universal narrates every file
-            convert_to_universal(tag_dir)
+            universal = convert_to_universal(tag_dir)
+        repad_vocabulary_vectors(universal, vocab_size, padded_vocab_size(vocab_size, layout["tensor_parallel"]))
     if dist.is_initialized():
         dist.barrier()
     return tag + UNIVERSAL_SUFFIX
