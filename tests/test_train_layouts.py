@@ -161,7 +161,8 @@ def test_layout_changes_that_cannot_be_converted_are_named():
     assert not needs_conversion(layout(dp=2, zero=0), layout(zero=0))  # replicated state loads as it is
     assert needs_conversion(layout(dp=2), layout()) and layout_change_refusal(layout(dp=2), layout(), "t") is None
     refusals = {  # name -> (saved, current, what the line says)
-        "pipeline": (layout(pp=2), layout(), "resume with parallel.pipeline_parallel=2"),
+        "more_stages": (layout(pp=2), layout(pp=4), "resume with parallel.pipeline_parallel=2 (or 1)"),
+        "into_a_pipeline": (layout(), layout(pp=2), "resume with parallel.pipeline_parallel=1"),
         "zero0_tp": (layout(tp=2, zero=0), layout(zero=0), "both runs need ZeRO stage >= 1"),
         "into_zero0": (layout(dp=2), layout(zero=0), "both runs need ZeRO stage >= 1"),
     }
@@ -169,3 +170,4 @@ def test_layout_changes_that_cannot_be_converted_are_named():
         line = layout_change_refusal(saved, current, "step_0000006")
         assert line is not None and expected in line and "\n" not in line, (name, line)
     assert layout_change_refusal(layout(tp=2), layout(), "t") is None
+    assert layout_change_refusal(layout(pp=2, tp=2), layout(), "t") is None

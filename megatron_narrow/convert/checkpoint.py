@@ -174,16 +174,24 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
 
 def _pipeline_tensor_parallel_shard(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's state dict from a pipeline checkpoint's per-item files, under BertForPreTraining's names."""
-    from megatron_narrow.model.pipeline import model_key
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(info.path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-        item = int(_PIPELINE_ITEM.search(file.name).group(1))
-        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
-            state[model_key(info.model_config, item, key)] = value.float() if value.is_floating_point() else value
+    state = {key: value.float() if value.is_floating_point() else value
+             for key, value in pipeline_state_dict(info.path, info.model_config, tp_rank).items()}
     if not state:
         raise CheckpointError(f"{info.path}: pipeline checkpoint without layer_*-model_{tp_rank:02d}-model_states.pt "
                               f"files for tensor-parallel rank {tp_rank}")
+    return state
+
+
+def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a pipeline checkpoint's per-item files (one TP rank) under BertForPreTraining's
+    names, as saved; empty when there are none."""
+    from megatron_narrow.model.pipeline import model_key
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+        item = int(_PIPELINE_ITEM.search(file.name).group(1))
+        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
+            state[model_key(config, item, key)] = value
     return state
 
 

@@ -4,8 +4,9 @@ Every tag records its layout in layout.json: data x tensor x pipeline parallel s
 A resume on the same layout loads the tag as it is (bit-exact). On another layout the tag goes through
 DeepSpeed's universal checkpoint: `ds_to_universal` rewrites it once, per parameter and whole (ZeRO
 partitions gathered, tensor-parallel slices merged by the patterns below, vocabulary padding stripped),
-into TAG_universal beside it, and DeepSpeed's `load_universal` slices it for the new layout. What that
-path cannot do is refused in one line that says what can be done.
+into TAG_universal beside it (a pipeline's stage parameters renamed to the model's, the MLM bias re-padded),
+and DeepSpeed's `load_universal` slices it for the new layout. What that path cannot do is refused in one
+line that says what can be done.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ def universal_checkpoint_info(vocab_size: int, padded_vocab_size: int, parameter
 def layout_change_refusal(saved: dict, current: dict, tag: str) -> str | None:
     """Why this layout change cannot go through a universal checkpoint, or None when it can."""
     change = f"{tag} was saved with {describe(saved)}; this run is {describe(current)}"
-    if saved["pipeline_parallel"] != current["pipeline_parallel"]:
-        return (f"{change}: a change of pipeline stages is not supported yet (the stage modules name their "
-                f"parameters differently); resume with parallel.pipeline_parallel={saved['pipeline_parallel']}, "
-                "or convert to Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
+    if saved["pipeline_parallel"] != current["pipeline_parallel"] and current["pipeline_parallel"] > 1:
+        return (f"{change}: of the changes of pipeline stages, only one to parallel.pipeline_parallel=1 is supported "
+                f"so far; resume with parallel.pipeline_parallel={saved['pipeline_parallel']}"
+                f"{' (or 1)' if saved['pipeline_parallel'] > 1 else ''}, or convert to "
+                "Hugging Face (tools/convert_checkpoint_to_hf.py) and start with train.init_from_hf")
     if needs_conversion(saved, current) and 0 in (saved["zero_stage"], current["zero_stage"]):
         return (f"{change}: DeepSpeed converts ZeRO optimizer files into a universal checkpoint and loads it into a "
                 "ZeRO optimizer, so both runs need ZeRO stage >= 1 (ds_configs/zero1.json) for this change; a ZeRO-0 "
@@ -129,13 +131,38 @@ def repad_vocabulary_vectors(universal_dir: Path, vocab_size: int, padded_vocab_
     return repadded
 
 
-def restore_buffers(module, universal_dir: Path) -> list[str]:
+def name_pipeline_parameters_as_the_model(universal_dir: Path, config) -> list[str]:
+    """Rename the parameter folders of a universal checkpoint made from a pipeline checkpoint (`ITEM.KEY`, the
+    tied embeddings `tied_modules.word_embeddings.KEY`) to BertForPreTraining's names, so that a run without
+    a pipeline finds them. Idempotent. Returns the new names."""
+    from megatron_narrow.model.pipeline import TIE_KEY, model_key
+
+    tied = f"tied_modules.{TIE_KEY}."
+    renamed = []
+    for folder in sorted((universal_dir / "zero").iterdir()):
+        item, _, key = folder.name.partition(".")
+        if folder.name.startswith(tied):
+            target = model_key(config, 0, folder.name.removeprefix(tied))
+        elif item.isdigit() and folder.is_dir():
+            target = model_key(config, int(item), key)
+        else:
+            continue
+        folder.rename(folder.with_name(target))
+        renamed.append(target)
+    return renamed
+
+
+def restore_buffers(module, tag_dir: Path, config) -> list[str]:
     """DeepSpeed's universal load restores parameters (and optimizer state) only, not the module's persistent
-    buffers: copy them from the checkpoint's module state (the token-drop importance vector). Returns the
-    names restored."""
+    buffers: copy them from the original checkpoint `tag_dir` (the token-drop importance vector; a pipeline
+    checkpoint keeps them in its per-item files). Returns the names restored."""
     import torch
 
-    state = torch.load(universal_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from megatron_narrow.convert.checkpoint import pipeline_state_dict
+
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    if state is None:  # a pipeline checkpoint
+        state = pipeline_state_dict(tag_dir, config, tp_rank=0)
     restored = []
     for name, buffer in module.named_buffers():
         if name in state:

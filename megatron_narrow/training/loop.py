@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_narrow.cli import refusing
-from megatron_narrow.config import RunConfig
+from megatron_narrow.config import ModelConfig, RunConfig
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, padded_vocab_size
@@ -30,6 +30,7 @@ from megatron_narrow.training.layout import (
     current_layout,
     describe,
     layout_change_refusal,
+    name_pipeline_parameters_as_the_model,
     needs_conversion,
     repad_vocabulary_vectors,
     restore_buffers,
@@ -144,7 +145,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     universal_tag = None
     if resuming:
         with refusing():  # a layout change that cannot be converted
-            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model.vocab_size, is_rank0)
+            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model, is_rank0)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
     engine, optimizer = build_engine(model, train, ds_config, mpu)
@@ -154,7 +155,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                                  only_tag=universal_tag) if resuming else None
     client = loaded[1] if loaded else None
     if loaded is not None and universal_tag is not None:
-        restore_buffers(engine.module, checkpoint.checkpoint_root(train.save_dir) / universal_tag)
+        restore_buffers(engine.module, checkpoint.checkpoint_root(train.save_dir) /
+                        universal_tag.removesuffix(UNIVERSAL_SUFFIX), run.model)
     if loaded is not None:
         ours = client["megatron_narrow"]
         step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
@@ -255,7 +257,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     return records
 
 
-def _prepare_layout_change(save_dir: str, layout: dict, vocab_size: int, is_rank0: bool) -> str | None:
+def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_rank0: bool) -> str | None:
     """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
     once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
     plan = checkpoint.plan_resume(save_dir)
@@ -274,7 +276,10 @@ def _prepare_layout_change(save_dir: str, layout: dict, vocab_size: int, is_rank
               f"universal checkpoint ({tag}{UNIVERSAL_SUFFIX}) and resuming from that", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # ds_to_universal narrates every file
             universal = convert_to_universal(tag_dir)
-        repad_vocabulary_vectors(universal, vocab_size, padded_vocab_size(vocab_size, layout["tensor_parallel"]))
+        if saved["pipeline_parallel"] > 1:
+            name_pipeline_parameters_as_the_model(universal, config)
+        repad_vocabulary_vectors(universal, config.vocab_size,
+                                 padded_vocab_size(config.vocab_size, layout["tensor_parallel"]))
     if dist.is_initialized():
         dist.barrier()
     return tag + UNIVERSAL_SUFFIX
