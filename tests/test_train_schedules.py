@@ -64,19 +64,20 @@ def test_bad_schedules_are_one_line_naming_the_key(data, train, message):
 
 
 RAMP = (4, 4, 16)
-SCHEDULE = {"data.seq_len_schedule": "[{until_step: 4, seq_len: 32, micro_batch_size: 4}]",
+SCHEDULE = {"data.seq_len_schedule": "[{until_step: 4, seq_len: 128, micro_batch_size: 4}]",
+            "data.seq_len": "512", "data.max_predictions": "80", "model.max_position_embeddings": "512",
             "train.micro_batch_size": "2", "train.global_batch_size": "12",
             "train.batch_size_rampup": f"[{', '.join(map(str, RAMP))}]", "train.keep_last": "10"}
 
 
 def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_path, tiny_corpus_data):
-    """Steps 1-4 at seq_len 32 (micro batch 4), then 64 (micro batch 2); the global batch ramps 4 -> 8 -> 12 over the
+    """BERT's recipe in small: steps 1-4 at seq_len 128 (micro batch 4), then 512 (micro batch 2); the global batch ramps 4 -> 8 -> 12 over the
     first 16 samples. Resumed from step 3, before both ends, the losses, the samples and the weights equal the
     uninterrupted run's bit for bit."""
     reference = tmp_path / "reference"
     output = run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", **SCHEDULE))
-    assert "phase 1/2 from step 1 to step 4: seq_len 32, max_predictions 5, micro batch 4" in output, output[-2000:]
-    assert "phase 2/2 from step 5: seq_len 64, max_predictions 10, micro batch 2" in output
+    assert "phase 1/2 from step 1 to step 4: seq_len 128, max_predictions 20, micro batch 4" in output, output[-2000:]
+    assert "phase 2/2 from step 5: seq_len 512, max_predictions 80, micro batch 2" in output
     logged = [r for r in records(reference) if "loss" in r]
     consumed, expected_consumed = 0, []
     for _ in range(STEPS):
@@ -84,7 +85,7 @@ def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_pa
         expected_consumed.append(consumed)
     assert [r["consumed_samples"] for r in logged] == expected_consumed == [4, 8, 16, 28, *range(40, 101, 12)]
     assert [r["global_batch_size"] for r in logged] == [4, 4, 8, 12, *[12] * 6]
-    assert [r["seq_len"] for r in logged] == [32] * 4 + [64] * 6
+    assert [r["seq_len"] for r in logged] == [128] * 4 + [512] * 6
     expected = losses(reference)
     assert expected[STEPS] < expected[1]
 
