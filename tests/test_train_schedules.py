@@ -71,9 +71,9 @@ SCHEDULE = {"data.seq_len_schedule": "[{until_step: 4, seq_len: 128, micro_batch
 
 
 def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_path, tiny_corpus_data):
-    """BERT's recipe in small: steps 1-4 at seq_len 128 (micro batch 4), then 512 (micro batch 2); the global batch ramps 4 -> 8 -> 12 over the
-    first 16 samples. Resumed from step 3, before both ends, the losses, the samples and the weights equal the
-    uninterrupted run's bit for bit."""
+    """BERT's recipe in small: steps 1-4 at seq_len 128 (micro batch 4), then 512 (micro batch 2); the global
+    batch ramps 4 -> 8 -> 12 over the first 16 samples. Resumed from step 3, before both ends, the losses, the
+    samples and the weights equal the uninterrupted run's bit for bit."""
     reference = tmp_path / "reference"
     output = run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", **SCHEDULE))
     assert "phase 1/2 from step 1 to step 4: seq_len 128, max_predictions 20, micro batch 4" in output, output[-2000:]
