@@ -252,13 +252,14 @@ def test_pipeline_checkpoint_resumes_without_a_pipeline(variant, pipeline_runs, 
     from .runs import resume_from
 
     reference = pipeline_runs(variant, "pp2")  # keep_last 2: steps 9 and 10
-    refused = resume_from(reference, tmp_path / "refused", 3 * SAVE_EVERY)
-    before = sorted(p.name for p in (refused / "checkpoints").iterdir())
-    output = run_pretraining(argv(tiny_corpus_data, refused, variant, 4, 1), expect=2, world=4)
-    line = [x for x in output.splitlines() if x.startswith("error: ")]
-    assert len(line) == 1 and "was saved with DP=1 TP=1 PP=2 ZeRO-1; this run is DP=1 TP=1 PP=4 ZeRO-1" in line[0]
-    assert "resume with parallel.pipeline_parallel=2 (or 1)" in line[0], line[0]
-    assert sorted(p.name for p in (refused / "checkpoints").iterdir()) == before
+    if variant == "narrow":  # the refusal does not depend on the variant
+        refused = resume_from(reference, tmp_path / "refused", 3 * SAVE_EVERY)
+        before = sorted(p.name for p in (refused / "checkpoints").iterdir())
+        output = run_pretraining(argv(tiny_corpus_data, refused, variant, 4, 1), expect=2, world=4)
+        line = [x for x in output.splitlines() if x.startswith("error: ")]
+        assert len(line) == 1 and "was saved with DP=1 TP=1 PP=2 ZeRO-1; this run is DP=1 TP=1 PP=4 ZeRO-1" in line[0]
+        assert "resume with parallel.pipeline_parallel=2 (or 1)" in line[0], line[0]
+        assert sorted(p.name for p in (refused / "checkpoints").iterdir()) == before
 
     resumed = resume_from(reference, tmp_path / "resumed", 3 * SAVE_EVERY)
     output = run_pretraining(argv(tiny_corpus_data, resumed, variant, 1, 1))

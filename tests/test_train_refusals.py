@@ -90,7 +90,8 @@ CASES = {
                                     None, 1, "model token_drop keeps 10 of 32 tokens but every sample forces up to "
                                     "11 in"),
     "ramp_batch_not_multiple": ({"train.global_batch_size": "32", "train.batch_size_rampup": "[4, 4, 100]"},
-                                None, 1, "global batch 4 is not a multiple of train.micro_batch_size=8"),
+                                None, 1, "global batch 4 of train.batch_size_rampup is not a multiple of "
+                                "train.micro_batch_size=8"),
 }
 
 

@@ -55,7 +55,7 @@ def test_ramp_and_phases_follow_the_arithmetic():
      "start plus a whole number of increments"),
     ({"seq_len_schedule": [{"until_step": 5, "seq_len": 128, "micro_batch_size": 16}]},
      {"micro_batch_size": 8, "global_batch_size": 64, "batch_size_rampup": [8, 8, 100]},
-     "global batch 8 is not a multiple of data.seq_len_schedule[0].micro_batch_size=16"),
+     "global batch 8 of train.batch_size_rampup is not a multiple of data.seq_len_schedule[0].micro_batch_size=16"),
 ])
 def test_bad_schedules_are_one_line_naming_the_key(data, train, message):
     with pytest.raises(ValueError) as error:

@@ -45,10 +45,12 @@ class BatchSchedule:
         for index, micro in enumerate(self.micro_batches):
             for batch in self.global_batches():
                 if batch % (micro * data_parallel):
+                    what = (f"train.global_batch_size={batch}" if batch == self.final_batch
+                            else f"global batch {batch} of train.batch_size_rampup")
                     where = (f"data.seq_len_schedule[{index}].micro_batch_size" if index < len(self.phase_ends)
                              else "train.micro_batch_size")
-                    raise ValueError(f"global batch {batch} is not a multiple of {where}={micro} x data_parallel="
-                                     f"{data_parallel}; choose sizes that divide every global batch of the run "
+                    raise ValueError(f"{what} is not a multiple of {where}={micro} x data_parallel={data_parallel}; "
+                                     "choose sizes that divide every global batch of the run "
                                      f"({', '.join(map(str, self.global_batches()))})")
 
     def global_batches(self) -> list[int]:
