@@ -45,12 +45,12 @@ from megatron_narrow.training.checkpoint import (
     checkpoint_root,
     incomplete_reason,
     latest_tag,
+    pipeline_state_dict,
 )
 from megatron_narrow.variants import variant_spec
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # resolves in transformers 4.x and 5.x alike
 _MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-_PIPELINE_ITEM = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -179,19 +179,6 @@ def _pipeline_tensor_parallel_shard(info: CheckpointInfo, tp_rank: int) -> dict[
     if not state:
         raise CheckpointError(f"{info.path}: pipeline checkpoint without layer_*-model_{tp_rank:02d}-model_states.pt "
                               f"files for tensor-parallel rank {tp_rank}")
-    return state
-
-
-def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a pipeline checkpoint's per-item files (one TP rank) under BertForPreTraining's
-    names, as saved; empty when there are none."""
-    from megatron_narrow.model.pipeline import model_key
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
-        item = int(_PIPELINE_ITEM.search(file.name).group(1))
-        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
-            state[model_key(config, item, key)] = value
     return state
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_narrow.config import ModelConfig
 from megatron_narrow.parallel import RNGStatesTracker
 
 LATEST = "latest"
@@ -33,6 +35,8 @@ LAYOUT_NAME = "layout.json"
 COMPLETE_NAME = "complete.json"
 TAG_PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
+PIPELINE_ITEM_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
+"""A pipeline checkpoint's per-item module state (item index, tensor-parallel rank)."""
 """TAG_universal: DeepSpeed's universal conversion of TAG for a resume on another layout (training/layout.py);
 derived data, removed once a newer tag is saved."""
 
@@ -258,3 +262,16 @@ def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None) -
     plan.skipped += failures
     refuse_unusable(save_dir, plan)
     return None
+
+
+def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a pipeline checkpoint's per-item files (one TP rank) under BertForPreTraining's
+    names, as saved; empty when there are none."""
+    from megatron_narrow.model.pipeline import model_key
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+        item = int(PIPELINE_ITEM_FILE.search(file.name).group(1))
+        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
+            state[model_key(config, item, key)] = value
+    return state

@@ -158,7 +158,7 @@ def restore_buffers(module, tag_dir: Path, config) -> list[str]:
     checkpoint keeps them in its per-item files). Returns the names restored."""
     import torch
 
-    from megatron_narrow.convert.checkpoint import pipeline_state_dict
+    from megatron_narrow.training.checkpoint import pipeline_state_dict
 
     state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     if state is None:  # a pipeline checkpoint
