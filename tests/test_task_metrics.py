@@ -67,3 +67,31 @@ def test_span_f1_and_macro_f1_equal_the_reference_libraries():
     labels = [rng.randrange(4) for _ in range(500)]
     preds = [y if rng.random() < 0.6 else rng.randrange(5) for y in labels]
     assert macro_f1(preds, labels, num_classes=5) == pytest.approx(sklearn_f1(labels, preds, average="macro"))
+
+
+def test_glue_metrics_equal_scikit_learn_and_scipy():
+    """MCC (CoLA), F1 of the positive class (MRPC/QQP), Pearson and Spearman (STS-B) on random data, ties and
+    constant predictions included, against scikit-learn and scipy."""
+    import random
+
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from megatron_narrow.tasks.metrics import binary_f1, matthews_correlation, pearson, spearman
+
+    rng = random.Random(0)
+    for trial in range(30):
+        n, classes = rng.randint(2, 60), rng.choice([2, 3, 5])
+        labels = [rng.randrange(classes) for _ in range(n)]
+        preds = [rng.randrange(classes) for _ in range(n)] if trial % 5 else [labels[0]] * n  # constant sometimes
+        assert matthews_correlation(preds, labels, classes) == pytest.approx(matthews_corrcoef(labels, preds),
+                                                                             abs=1e-12)
+        binary_labels, binary_preds = [y % 2 for y in labels], [p % 2 for p in preds]
+        assert binary_f1(binary_preds, binary_labels) == pytest.approx(
+            f1_score(binary_labels, binary_preds, zero_division=0.0), abs=1e-12)
+        scores = [round(rng.uniform(0, 5), 1) for _ in range(n)]  # rounded: ties, as STS-B's gold scores have
+        guesses = [s + rng.gauss(0, 1.5) for s in scores] if trial % 7 else [2.5] * n
+        expected_r = 0.0 if len(set(guesses)) == 1 or len(set(scores)) == 1 else pearsonr(guesses, scores)[0]
+        expected_rho = 0.0 if len(set(guesses)) == 1 or len(set(scores)) == 1 else spearmanr(guesses, scores)[0]
+        assert pearson(guesses, scores) == pytest.approx(expected_r, abs=1e-9)
+        assert spearman(guesses, scores) == pytest.approx(expected_rho, abs=1e-9)

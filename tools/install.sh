@@ -19,4 +19,4 @@ fi
 PIP="python -m pip install --quiet --disable-pip-version-check"
 TORCH_PIN="${MEGATRON_NARROW_TORCH:-torch==2.13.0}"
 python -c "import torch" 2>/dev/null || $PIP "$TORCH_PIN"
-$PIP -e ".[test,hf]"
+$PIP -e ".[test,hf,wandb]"

@@ -138,10 +138,17 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     from megatron_narrow.training.engine import agree_finite, build_engine, training_device
     from megatron_narrow.training.metrics import MetricsLogger
     from megatron_narrow.training.optim import set_learning_rate
-    from megatron_narrow.training.setup import DeepSpeedMPU, deepspeed_config, init_distributed, world_size_from_env
+    from megatron_narrow.training.setup import (
+        DeepSpeedMPU,
+        check_wandb,
+        deepspeed_config,
+        init_distributed,
+        world_size_from_env,
+    )
 
     with refusing():  # the config, the pretrained model and the task files; errors later are bugs
         run.validate()
+        check_wandb(run.train)
         layout = ParallelConfig().resolve(world_size_from_env())
         ds_config = deepspeed_config(ds_config_path, run, layout.data_parallel)
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) >= 3:
@@ -173,7 +180,8 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     if len(loader) == 0:
         raise RunRefused(f"{run.task.train_file}: {len(dataset)} examples make no micro-batch of "
                          f"{train.micro_batch_size} per rank over {groups.data.size} data-parallel ranks")
-    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=0, total_steps=train.train_steps)
+    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=0, total_steps=train.train_steps,
+                           wandb_project=train.wandb_project, run_config=run.to_dict())
     gas = ds_config["gradient_accumulation_steps"]
     epoch, batches = 0, iter(())
     results: dict = {}

@@ -1,4 +1,5 @@
-"""Task metrics: accuracy, macro-F1 over classes, and entity-level span F1 over BIO tags.
+"""Task metrics: accuracy, macro-F1, F1 of the positive class and Matthews correlation (classification: GLUE's
+MRPC/QQP and CoLA), Pearson and Spearman correlation (regression: STS-B), and entity-level span F1 over BIO tags.
 
 Span F1 follows seqeval's default (conlleval) conventions, so numbers compare with published NER results:
 an entity is a maximal run of tags of one type that starts at a B- tag, or at an I- tag that follows O or
@@ -34,6 +35,66 @@ def macro_f1(predictions: Sequence[int], labels: Sequence[int], num_classes: int
         if tp + fp + fn:
             scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def binary_f1(predictions: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
+    """F1 of the positive class (scikit-learn's f1_score(average="binary")): GLUE's MRPC and QQP."""
+    _check_lengths(predictions, labels)
+    tp = sum(p == positive and y == positive for p, y in zip(predictions, labels, strict=True))
+    fp = sum(p == positive and y != positive for p, y in zip(predictions, labels, strict=True))
+    fn = sum(p != positive and y == positive for p, y in zip(predictions, labels, strict=True))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews_correlation(predictions: Sequence[int], labels: Sequence[int], num_classes: int) -> float:
+    """Matthews correlation coefficient, multiclass (Gorodkin's R_K, as scikit-learn): GLUE's CoLA. 0 when
+    either side predicts a single class."""
+    _check_lengths(predictions, labels)
+    n = len(labels)
+    correct = sum(p == y for p, y in zip(predictions, labels, strict=True))
+    true_counts = [sum(y == c for y in labels) for c in range(num_classes)]
+    predicted_counts = [sum(p == c for p in predictions) for c in range(num_classes)]
+    agreement = sum(t * q for t, q in zip(true_counts, predicted_counts, strict=True))
+    denominator = ((n * n - sum(q * q for q in predicted_counts)) * (n * n - sum(t * t for t in true_counts))) ** 0.5
+    return (correct * n - agreement) / denominator if denominator else 0.0
+
+
+def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Pearson's r (scipy.stats.pearsonr's statistic); 0 when either side is constant."""
+    _check_lengths(predictions, labels)
+    n = len(labels)
+    if n < 2:
+        return 0.0
+    mean_p, mean_y = sum(predictions) / n, sum(labels) / n
+    cov = sum((p - mean_p) * (y - mean_y) for p, y in zip(predictions, labels, strict=True))
+    var_p = sum((p - mean_p) ** 2 for p in predictions)
+    var_y = sum((y - mean_y) ** 2 for y in labels)
+    return cov / (var_p * var_y) ** 0.5 if var_p > 0 and var_y > 0 else 0.0
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of their ranks (scipy.stats.rankdata's default)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's r of the average ranks (scipy.stats.spearmanr's statistic)."""
+    return pearson(average_ranks(predictions), average_ranks(labels))
+
+
+def _check_lengths(predictions: Sequence, labels: Sequence) -> None:
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
 
 
 def bio_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:

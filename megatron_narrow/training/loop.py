@@ -37,7 +37,7 @@ from megatron_narrow.training.layout import (
     saved_layout,
     universal_checkpoint_info,
 )
-from megatron_narrow.training.metrics import MetricsLogger
+from megatron_narrow.training.metrics import MetricsLogger, end_of_run_summary
 from megatron_narrow.training.optim import set_learning_rate
 from megatron_narrow.training.pipeline import (
     PipelineModel,
@@ -166,7 +166,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
 
     schedule = BatchSchedule(run, groups.data.size)
     loader, shape = None, None
-    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps)
+    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps,
+                           wandb_project=train.wandb_project, run_config=run.to_dict())
     stop = stop or StopSignal().install()
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     records = []
@@ -187,6 +188,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     if client is not None:  # last, after everything that draws random numbers while being built
         checkpoint.restore_rng_state(client["megatron_narrow"]["rng"], tracker)
     engine.train()
+    first_step, run_started = step, time.perf_counter()
     while step < train.train_steps:
         started = time.perf_counter()
         lr = set_learning_rate(optimizer, step - skipped, train)
@@ -254,6 +256,10 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                 print(stopped, flush=True)
             raise stopped
     logger.close()
+    if is_rank0:
+        print(end_of_run_summary(train.save_dir, checkpoint.checkpoint_root(train.save_dir) / checkpoint.tag_of(step),
+                                 steps=step, steps_this_run=step - first_step,
+                                 seconds=time.perf_counter() - run_started, records=records), flush=True)
     return records
 
 

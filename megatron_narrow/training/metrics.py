@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 
 
@@ -19,10 +20,12 @@ def _step_of(line: str) -> float:
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger that does nothing."""
 
-    def __init__(self, save_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int) -> None:
+    def __init__(self, save_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int,
+                 wandb_project: str | None = None, run_config: dict | None = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.writer = None
+        self.wandb = None
         self.path = Path(save_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -34,6 +37,8 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(save_dir) / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # tensorboard is optional at run time
             self.writer = None
+        if wandb_project:
+            self.wandb = start_wandb(Path(save_dir), wandb_project, run_config or {})
         self.started = time.perf_counter()
         self.start_step = resume_step
 
@@ -50,11 +55,13 @@ class MetricsLogger:
         strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as f:  # strict JSON: NaN/inf become null
             f.write(json.dumps(strict, allow_nan=False) + "\n")
+        scalars = {(f"train/{key}" if not key.startswith("eval") else key): value for key, value in strict.items()
+                   if key != "step" and isinstance(value, (int, float))}
         if self.writer is not None:
-            for key, value in strict.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value,
-                                           record["step"])
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
         step = record["step"]
         if "loss" not in record:  # an evaluation
             values = " | ".join(f"{k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in record.items()
@@ -74,3 +81,38 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def start_wandb(save_dir: Path, project: str, run_config: dict):
+    """A W&B run for save_dir: the same one again when the run resumes (its id is kept in save_dir)."""
+    import wandb
+
+    id_file = save_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, id=run_id, resume="allow", name=save_dir.resolve().name, dir=str(save_dir),
+                      config=run_config)
+
+
+def end_of_run_summary(save_dir: str | Path, checkpoint_dir: Path, *, steps: int, steps_this_run: int,
+                       seconds: float, records: list[dict]) -> str:
+    """What a finished run printed last: how long it took, where its losses ended, where everything is and
+    what to run next."""
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    ended = (f" | last loss {losses[-1]:.4f}" if losses else "") + (
+        f" | last validation loss {evals[-1]:.4f}" if evals else "")
+    save_dir = Path(save_dir)
+    return "\n".join([
+        f"done: step {steps} ({steps_this_run} this run, {seconds / 60:.1f} min){ended}",
+        f"  checkpoint  {checkpoint_dir}",
+        f"  metrics     {save_dir / 'metrics.jsonl'}   (tensorboard --logdir {save_dir / 'tensorboard'})",
+        f"  next        python tools/plot_metrics.py {save_dir}",
+        f"              python tools/convert_checkpoint_to_hf.py --checkpoint {save_dir} --output HF_DIR",
+    ])

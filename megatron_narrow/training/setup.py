@@ -61,6 +61,7 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
     for path in run.data.data_paths:
         check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
     check_resumable(run)
+    check_wandb(run.train)
     return complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
 
 
@@ -75,6 +76,16 @@ def check_packed_targets(data) -> None:
         raise ValueError(f"data.max_predictions={data.max_predictions} is too small for data.packing=segments: a "
                          f"packed row of {data.seq_len} can need {needed} targets (each segment rounds its "
                          f"data.mask_prob share up); set data.max_predictions={needed}")
+
+
+def check_wandb(train) -> None:
+    """train.wandb_project needs the optional wandb package: say so before any process starts."""
+    if train.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"train.wandb_project={train.wandb_project} needs Weights & Biases: pip install wandb "
+                             "(or remove the key; metrics.jsonl and tensorboard are always written)")
 
 
 def check_resumable(run: RunConfig) -> None:
