@@ -99,3 +99,15 @@ def reference_runs(tmp_path_factory, tiny_corpus_data):
     return get
 
 
+
+
+def run_fresh_python(code: str, timeout: float = 240):
+    """`code` in a fresh interpreter, stdin closed (a prompt cannot wait for an answer), offline; returns the
+    CompletedProcess with its output as text. For what a user's first import sees: warnings that a test
+    session's earlier imports would already have printed once, prompts for remote code."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="default")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env=env, timeout=timeout, cwd=REPO)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, tiny_train_overrides
+from .conftest import REPO, run_fresh_python, tiny_train_overrides
 from .distributed import run_distributed
 from .runs import run_pretraining
 
@@ -142,7 +142,8 @@ def test_tp2_checkpoint_matches_our_tp2_model(converted, reference, name):
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
     assert ("modeling_narrow_bert.py" in files) == (variant == "narrow")
     config = json.loads((hf_dir / "config.json").read_text())
-    assert config["vocab_size"] == VOCAB and config["model_type"] == ("narrow_bert" if variant == "narrow" else "bert")
+    assert config["vocab_size"] == VOCAB and config["model_type"] == "bert"  # narrow: as the official NarrowBERT
+    assert ("full_length_layers" in config) == (variant == "narrow")
 
     batch = hf_batch(hf_dir)
     got = hf_logits(hf_dir, batch, trust_remote_code=variant == "narrow")
@@ -152,6 +153,11 @@ def test_tp2_checkpoint_matches_our_tp2_model(converted, reference, name):
     card = (hf_dir / "README.md").read_text()
     assert f"| variant | {variant} |" in card and "| training steps | 2 |" in card
     assert ("trust_remote_code=True" in card) == (variant == "narrow")
+    if variant == "narrow":  # the card's snippet, run as written in a fresh interpreter: no prompt, no warning
+        snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+        result = run_fresh_python(snippet)
+        assert result.returncode == 0 and "'token_str'" in result.stdout, result.stdout + result.stderr
+        assert result.stderr.strip() == "", result.stderr
 
 
 def test_tokenizer_and_fill_mask(converted, tiny_corpus_data):

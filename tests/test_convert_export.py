@@ -11,6 +11,7 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertTokenizer
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.export import export_to_hf, hf_config_from_model_config
+from megatron_narrow.convert.hf_bert import to_official_narrow_layout
 from megatron_narrow.model import BertForPreTraining
 
 VOCAB = 1000
@@ -73,7 +74,7 @@ def tokenizer_files(tmp_path: Path) -> list[Path]:
 def test_hf_config_fields():
     config = tiny_model("narrow").bert.config
     hf = hf_config_from_model_config(config)
-    assert (hf.model_type, hf.full_length_layers, hf.vocab_size, hf.num_hidden_layers) == ("narrow_bert", 2, VOCAB, 4)
+    assert (hf.model_type, hf.full_length_layers, hf.vocab_size, hf.num_hidden_layers) == ("bert", 2, VOCAB, 4)
     assert hf.hidden_act == "gelu" and hf.layer_norm_eps == config.layer_norm_eps and hf.tie_word_embeddings
     assert hf_config_from_model_config(tiny_model("bert").bert.config).model_type == "bert"
 
@@ -119,7 +120,9 @@ def test_export_narrow(tmp_path):
     hf, info = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert type(hf).__name__ == "NarrowBertForMaskedLM" and hf.config.full_length_layers == 2
-    assert set(hf.state_dict()) == set(BertForMaskedLM(hf.config).state_dict())  # BertForMaskedLM's names
+    # BertForMaskedLM's names, the narrow layers in the official NarrowBERT's second stack
+    assert set(hf.state_dict()) == set(to_official_narrow_layout(BertForMaskedLM(hf.config).state_dict(), 2))
+    assert any(key.startswith("bert.encoder_narrow.layer.1.") for key in hf.state_dict())
     hf.eval()
     ours = our_logits(model, b)
     with torch.no_grad():
@@ -137,10 +140,12 @@ def test_export_narrow(tmp_path):
         eager_logits = eager(**hf_inputs(b), query_positions=b["target_positions"]).logits
     torch.testing.assert_close(eager_logits, ours, atol=TOL, rtol=0)
 
-    # the narrow layers really differ from BERT: the same weights loaded as BertForMaskedLM disagree
-    with torch.no_grad():
-        plain = BertForMaskedLM.from_pretrained(out).eval()(**hf_inputs(b)).logits
-    assert (at_targets(plain, b["target_positions"]) - ours).abs().max() > 1e-3
+    # loaded as a plain BertForMaskedLM (no remote code), the narrow layers are reported missing, not run as
+    # full-length layers in silence
+    _, plain_info = BertForMaskedLM.from_pretrained(out, output_loading_info=True)
+    narrow_layers = ("bert.encoder.layer.2.", "bert.encoder.layer.3.")
+    assert {k for k in plain_info["missing_keys"] if ".layer." in k} == {
+        k for k in BertForMaskedLM(hf.config).state_dict() if k.startswith(narrow_layers)}
 
     fill = transformers.pipeline("fill-mask", model=str(out), trust_remote_code=True, top_k=3)
     predictions = fill("w200 w300 [MASK] w400")  # query_positions=None: logits at every position

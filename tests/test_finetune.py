@@ -17,7 +17,7 @@ from megatron_narrow.tasks.data import read_examples
 from megatron_narrow.tasks.loop import encode_examples, task_logits
 from megatron_narrow.tasks.predict import load_classifier
 
-from .conftest import REPO
+from .conftest import REPO, run_fresh_python
 from .runs import pretrain_argv, run_pretraining
 
 FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
@@ -148,6 +148,14 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
     torch.testing.assert_close(our_logits, logits, atol=1e-5, rtol=0)
     classify = pipeline("text-classification", model=str(hf_dir), trust_remote_code=remote)
     assert [r["label"] for r in classify(texts[:8])] == ours[:8]
+    if remote:  # as a user's fresh interpreter sees it: no prompt for remote code, no warning
+        script = (f"from transformers import AutoTokenizer, pipeline\n"
+                  f"AutoTokenizer.from_pretrained({str(hf_dir)!r})\n"
+                  f"classify = pipeline('text-classification', model={str(hf_dir)!r}, trust_remote_code=True)\n"
+                  f"print(classify({texts[0]!r})[0]['label'])\n")
+        result = run_fresh_python(script)
+        assert result.returncode == 0 and result.stdout.strip() == ours[0], result.stdout + result.stderr
+        assert result.stderr.strip() == "", result.stderr
 
     # the batch prediction tool reloads the export into our model code: the run's predictions again
     tool = load_tool("predict")

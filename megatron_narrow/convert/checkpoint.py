@@ -318,7 +318,7 @@ def _data_tokens(info: CheckpointInfo) -> tuple[list[str], int | None]:
     return paths, total if paths else None
 
 
-def model_card(info: CheckpointInfo, files: list[str]) -> str:
+def model_card(info: CheckpointInfo, files: list[str], path: str = ".") -> str:
     config = info.model_config
     run, data = info.run_config, info.run_config.get("data") or {}
     variant = config.variant
@@ -364,6 +364,7 @@ def model_card(info: CheckpointInfo, files: list[str]) -> str:
     lines += [
         "", "## Use", "", "```python",
         "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline", "",
+        f"PATH = {path!r}  # this directory",
         "tokenizer = AutoTokenizer.from_pretrained(PATH)",
         f"model = AutoModelForMaskedLM.from_pretrained(PATH{remote})",
         f"fill = pipeline(\"fill-mask\", model=PATH{remote})",
@@ -400,5 +401,5 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path) -> Path:
         warnings.warn(f"{info.path}: the run named no train.tokenizer_model, so {output_dir} has no tokenizer "
                       "(fill-mask pipelines need one)", stacklevel=2)
     files = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name != "README.md")
-    (output_dir / "README.md").write_text(model_card(info, files), encoding="utf-8")
+    (output_dir / "README.md").write_text(model_card(info, files, str(output_dir)), encoding="utf-8")
     return output_dir

@@ -3,7 +3,9 @@ sequence and token classifiers.
 
 bert and token_drop become a stock BertForMaskedLM (token dropping changes training only: its trained
 model is plain BERT, so the importance vector is left behind). narrow becomes NarrowBertForMaskedLM,
-whose modelling files are saved beside the weights (`auto_map`; load with `trust_remote_code=True`).
+whose modelling files are saved beside the weights (`auto_map`; load with `trust_remote_code=True`), in the
+official NarrowBERT layout: `model_type: bert` with `full_length_layers` (so AutoTokenizer needs no remote
+code) and the narrow layers in `bert.encoder_narrow` (so a plain BertModel reports them missing).
 The pooler and NSP/SOP head, when present, have no place in a masked-LM model and are not exported.
 Classifiers: bert becomes a stock BertForSequenceClassification / BertForTokenClassification; narrow
 becomes NarrowBertForSequenceClassification / NarrowBertForTokenClassification (remote code, [CLS] or the
@@ -20,7 +22,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict
+from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict, to_official_narrow_layout
 from megatron_narrow.convert.hf_narrow import (
     NarrowBertConfig,
     NarrowBertForMaskedLM,
@@ -69,6 +71,7 @@ def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
     state = {k: v for k, v in to_hf_state_dict(model.state_dict(), config.vocab_size).items()
              if not k.startswith(_NOT_IN_MASKED_LM)}
     if variant_spec(config.variant).hf_remote_code:
+        state = to_official_narrow_layout(state, config.full_length_layers)
         NarrowBertConfig.register_for_auto_class()
         NarrowBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
         hf_model = NarrowBertForMaskedLM(hf_config)
@@ -106,6 +109,7 @@ def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: li
     state = to_hf_state_dict(encoder, config.vocab_size)
     state["classifier.weight"], state["classifier.bias"] = own["head.classifier.weight"], own["head.classifier.bias"]
     if variant_spec(config.variant).hf_remote_code:
+        state = to_official_narrow_layout(state, config.full_length_layers)
         kind = NarrowBertForSequenceClassification if sequence else NarrowBertForTokenClassification
         NarrowBertConfig.register_for_auto_class()
         kind.register_for_auto_class("AutoModelForSequenceClassification" if sequence

@@ -91,6 +91,19 @@ def from_official_narrow_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def to_official_narrow_layout(hf_state: dict[str, torch.Tensor], full_length_layers: int) -> dict[str, torch.Tensor]:
+    """The official layout from our single stack (the inverse of from_official_narrow_layout): layer F + j
+    becomes `bert.encoder_narrow.layer.j`. Exports use it, so that they load in the official code, and so that
+    a plain BertModel loaded from them reports the narrow layers missing instead of running them as full ones."""
+    out = {}
+    for key, value in hf_state.items():
+        match = _LAYER.match(key)
+        if match and int(match.group(1)) >= full_length_layers:
+            key = f"bert.encoder_narrow.layer.{int(match.group(1)) - full_length_layers}.{match.group(2)}"
+        out[key] = value
+    return out
+
+
 def _known(key: str) -> bool:
     match = _LAYER.match(key)
     return key in _FIXED_KEYS or (match is not None and match.group(2) in _LAYER_KEYS)

@@ -16,6 +16,8 @@ class NarrowBertConfig(BertConfig):
         values from C (its own key/value weights), so its parameters are exactly a BertLayer's.
     """
 
-    model_type = "narrow_bert"
+    model_type = "bert"
+    """As the official NarrowBERT writes it: AutoConfig and AutoTokenizer load the directory without remote code
+    (no prompt); the model classes come from `auto_map` with trust_remote_code=True."""
 
     full_length_layers: int = 2

@@ -1,4 +1,5 @@
-"""NarrowBERT (sparse queries) for Hugging Face transformers, with BertForMaskedLM's parameter names.
+"""NarrowBERT (sparse queries) for Hugging Face transformers, in the official NarrowBERT's layout: BertForMaskedLM's
+parameter names, with the narrow layers in a second stack (`bert.encoder_narrow.layer.j` is layer F + j).
 
 The first `config.full_length_layers` layers are ordinary BERT layers over all positions; their output
 is the context C. Each later ("narrow") layer keeps its own weights and computes queries only for the
@@ -56,41 +57,27 @@ class NarrowBertPreTrainedModel(BertPreTrainedModel):
     config_class = NarrowBertConfig
 
 
-class NarrowBertEncoder(nn.Module):
-    def __init__(self, config: NarrowBertConfig):
-        super().__init__()
-        if not 0 <= config.full_length_layers <= config.num_hidden_layers:
-            raise ValueError(f"full_length_layers={config.full_length_layers} is out of range "
-                             f"[0, num_hidden_layers={config.num_hidden_layers}]")
-        self.config = config
-        self.layer = nn.ModuleList([BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+class BertLayerStack(nn.Module):
+    """Consecutive BertLayers under `.layer`, as the official NarrowBERT keeps its two stacks."""
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                query_positions: torch.Tensor | None) -> torch.Tensor:
-        """hidden (B, S, H), attention_mask (B, S) 1 = real -> (B, Q, H) at query_positions, or (B, S, H)."""
-        full = self.config.full_length_layers
-        self_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        for layer in self.layer[:full]:
-            hidden = layer(hidden, self_mask)
-        context = hidden  # C: fixed from here on
-        queries = context if query_positions is None else gather_rows(context, query_positions)
-        if full < len(self.layer):
-            # (B, 1, Q, S) key-padding mask in the form the configured attention implementation expects
-            cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=queries,
-                                                   attention_mask=attention_mask, encoder_hidden_states=context)
-            for layer in self.layer[full:]:
-                queries = narrow_layer_forward(layer, queries, context, cross_mask)
-        return queries
+    def __init__(self, config: NarrowBertConfig, indices: range):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config, layer_idx=i) for i in indices])
 
 
 class NarrowBertModel(NarrowBertPreTrainedModel):
-    """Embeddings + NarrowBERT encoder; returns hidden states at the query rows. The pooler, when added, is
-    applied by the sequence classifier to the [CLS] row."""
+    """Embeddings, the full-length layers (`encoder`) and the narrow layers (`encoder_narrow`: the official
+    NarrowBERT's names); returns hidden states at the query rows. The pooler, when added, is applied by the
+    sequence classifier to the [CLS] row."""
 
     def __init__(self, config: NarrowBertConfig, add_pooling_layer: bool = False):
         super().__init__(config)
+        full, total = config.full_length_layers, config.num_hidden_layers
+        if not 0 <= full <= total:
+            raise ValueError(f"full_length_layers={full} is out of range [0, num_hidden_layers={total}]")
         self.embeddings = BertEmbeddings(config)
-        self.encoder = NarrowBertEncoder(config)
+        self.encoder = BertLayerStack(config, range(full))
+        self.encoder_narrow = BertLayerStack(config, range(full, total))
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
 
@@ -103,8 +90,20 @@ class NarrowBertModel(NarrowBertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, query_positions: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) ids, attention_mask (B, S) 1 = real -> (B, Q, H) at query_positions, or (B, S, H)."""
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
-        return self.encoder(hidden, attention_mask, query_positions)
+        self_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, self_mask)
+        context = hidden  # C: fixed from here on
+        queries = context if query_positions is None else gather_rows(context, query_positions)
+        if len(self.encoder_narrow.layer):
+            # (B, 1, Q, S) key-padding mask in the form the configured attention implementation expects
+            cross_mask = create_bidirectional_mask(config=self.config, inputs_embeds=queries,
+                                                   attention_mask=attention_mask, encoder_hidden_states=context)
+            for layer in self.encoder_narrow.layer:
+                queries = narrow_layer_forward(layer, queries, context, cross_mask)
+        return queries
 
 
 class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
