@@ -276,3 +276,45 @@ def test_bad_finetune_runs_are_refused_in_one_line(overrides, expected, tmp_path
     assert entry.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def regression_examples(count: int, seed: int) -> list[dict]:
+    """STS-B-like numeric targets: the score is how many "problem" words a sentence holds (0-3)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(5, 12))]
+        problems = rng.randint(0, 3)
+        for _ in range(problems):
+            words.insert(rng.randint(0, len(words)), rng.choice(GROUPS["problem"]))
+        out.append({"sentence": " ".join(words), "score": float(problems)})
+    return out
+
+
+def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_path):
+    """task.kind=regression: one output and an MSE loss; Pearson/Spearman (and MSE) on the valid file, the export
+    a stock BertForSequenceClassification with problem_type regression, and the prediction tool its scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path / "data"
+    root.mkdir()
+    files = {split: write_jsonl_records(root / f"{split}.jsonl", regression_examples(count, seed))
+             for split, count, seed in (("train", 1200, 0), ("valid", 200, 1))}
+    save_dir = tmp_path / "run"
+    results = finetune(save_dir, tiny_hf_models["bert"], **{
+        "task.kind": "regression", "task.train_file": files["train"], "task.valid_file": files["valid"],
+        "task.text_field": "sentence", "task.label_field": "score", "task.metrics": "[pearson, spearman, mse]",
+        "task.max_seq_len": "32", "train.train_steps": "150"})
+    assert set(results) == {"pearson", "spearman", "mse"} and results["pearson"] >= 0.8, results
+    hf = AutoModelForSequenceClassification.from_pretrained(save_dir / "hf")
+    assert hf.config.problem_type == "regression" and hf.config.num_labels == 1
+    ours = [json.loads(line)["prediction"] for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
+    assert all(isinstance(p, float) for p in ours)
+    output = tmp_path / "predictions.jsonl"
+    tool = load_tool("predict")  # --text-field and --max-seq-len default to the fine-tuning run's (sentence, 32)
+    assert tool.main(["--model", str(save_dir / "hf"), "--input", str(files["valid"]), "--output", str(output)]) == 0
+    predicted = [json.loads(line)["prediction"] for line in output.read_text().splitlines()]
+    assert predicted == pytest.approx(ours, abs=1e-5)
+    (tmp_path / "pretraining" / "checkpoints").mkdir(parents=True)  # a pretraining save_dir, not an export
+    assert tool.main(["--model", str(tmp_path / "pretraining"), "--input", str(files["valid"]), "--output",
+                      str(output)]) == 2

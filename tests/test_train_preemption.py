@@ -60,6 +60,11 @@ def test_init_from_hugging_face_starts_from_its_weights(tmp_path, tiny_corpus_da
     tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
     assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir)]) == 0
     assert json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 1000
+    (hf_dir / "stale.bin").write_bytes(b"from another model")  # converting again: refused, then replaced
+    assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir)]) == 2
+    assert (hf_dir / "stale.bin").is_file()
+    assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir), "--overwrite"]) == 0
+    assert not (hf_dir / "stale.bin").exists() and (hf_dir / "model.safetensors").is_file()
 
     fresh = losses(trained)[1]
     continued = tmp_path / "continued"

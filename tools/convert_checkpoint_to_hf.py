@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="save_dir (uses checkpoints/latest) or a step_ directory")
-    parser.add_argument("--output", required=True, help="Hugging Face output directory")
+    parser.add_argument("--output", required=True, help="Hugging Face output directory (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an existing, non-empty --output holds (it is emptied first)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
@@ -35,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_narrow.convert.checkpoint import convert_checkpoint
 
     def convert() -> None:
-        print(f"wrote {convert_checkpoint(args.checkpoint, args.output)}")
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output {output} is a file: give a directory")
+        if output.is_dir() and any(output.iterdir()):
+            if not args.overwrite:
+                raise ValueError(f"--output {output} is not empty: files of another model would stay beside this "
+                                 "one; choose a new directory or pass --overwrite to replace its contents")
+            shutil.rmtree(output)
+        print(f"wrote {convert_checkpoint(args.checkpoint, output)}")
 
     return run_cli(convert, argv)
 

@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="JSONL of predictions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: the fine-tuning run's")
-    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-field", default=None, help="the text's column/key; default: the fine-tuning run's")
     parser.add_argument("--text-pair-field", default=None,
                         help="second text of a pair (MNLI-style); default: the fine-tuning run's")
-    parser.add_argument("--tokens-field", default="tokens", help="token classification, JSONL: the words")
+    parser.add_argument("--tokens-field", default=None,
+                        help="token classification, JSONL: the words' key; default: the fine-tuning run's")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
 
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         classifier = load_classifier(args.model, max_seq_len=args.max_seq_len)
-        task = TaskConfig(text_field=args.text_field, tokens_field=args.tokens_field,
+        task = TaskConfig(text_field=args.text_field or classifier.text_field,
+                          tokens_field=args.tokens_field or classifier.tokens_field,
                           text_pair_field=args.text_pair_field or classifier.text_pair_field)
         records, stats = predict_file(classifier, args.input, task, batch_size=args.batch_size)
     except (ValueError, TaskDataError, FileNotFoundError) as error:
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     variant = classifier.model.bert.config.variant
-    print(f"{stats.examples:,} examples ({classifier.kind} classification, {variant}) in {stats.seconds:.2f} s: "
+    what = "regression" if classifier.kind == "regression" else f"{classifier.kind} classification"
+    print(f"{stats.examples:,} examples ({what}, {variant}) in {stats.seconds:.2f} s: "
           f"{stats.sequences_per_s:,.1f} sequences/s, {stats.tokens_per_s:,.0f} tokens/s -> {output}")
     return 0
 

@@ -9,13 +9,18 @@ from typing import Literal
 
 from megatron_narrow.config import TrainConfig, build_sections, read_yaml_with_overrides
 
+METRICS = {"sequence": ("accuracy", "macro_f1", "f1", "mcc"), "regression": ("pearson", "spearman", "mse")}
+"""The metrics task.metrics may name, per task kind."""
+DEFAULT_METRICS = {"sequence": ["accuracy", "macro_f1"], "regression": ["pearson", "spearman"]}
+
 
 @dataclass(kw_only=True, slots=True)
 class TaskConfig:
     """What to learn and from which files (CSV/TSV, JSONL, or CoNLL for token classification)."""
 
-    kind: Literal["sequence", "token"] = "sequence"
-    """sequence: one label per text (or text pair, MNLI-style); token: one BIO tag per word (NER)."""
+    kind: Literal["sequence", "regression", "token"] = "sequence"
+    """sequence: one label per text (or text pair, MNLI-style); regression: one number per text or pair
+    (STS-B; MSE loss, one output); token: one BIO tag per word (NER)."""
 
     train_file: str | None = None
     valid_file: str | None = None
@@ -42,18 +47,32 @@ class TaskConfig:
     max_seq_len: int = 128
     """Tokens per sequence, [CLS] and [SEP]s included; longer inputs are truncated (longest text first)."""
 
+    metrics: list[str] | None = None
+    """Metrics reported on the valid file. sequence: any of accuracy, macro_f1, f1 (of label 1, MRPC/QQP),
+    mcc (CoLA); regression: pearson, spearman, mse; None: accuracy + macro_f1 (sequence), pearson + spearman
+    (regression). token: always entity span precision/recall/F1 and token accuracy."""
+
     max_labeled_tokens: int | None = None
     """token: query slots per sequence (the narrow layers run on these rows); None: max_seq_len - 2.
     Words beyond it (or past max_seq_len) are not labeled; a warning counts them."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sequence", "token"):
-            raise ValueError(f"task.kind must be sequence or token, got {self.kind!r}")
+        if self.kind not in ("sequence", "regression", "token"):
+            raise ValueError(f"task.kind must be sequence, regression or token, got {self.kind!r}")
+        allowed = METRICS.get(self.kind, ())
+        unknown = sorted(set(self.metrics or ()) - set(allowed))
+        if self.metrics is not None and (unknown or not self.metrics):
+            raise ValueError(f"task.metrics {self.metrics} for task.kind={self.kind}: choose from "
+                             f"{', '.join(allowed) or 'none (token tasks report span F1)'}")
         if self.max_seq_len < 3:
             raise ValueError(f"task.max_seq_len must be >= 3, got {self.max_seq_len}")
         if self.max_labeled_tokens is not None and not 1 <= self.max_labeled_tokens <= self.max_seq_len - 2:
             raise ValueError(f"task.max_labeled_tokens must be in [1, max_seq_len - 2 = {self.max_seq_len - 2}], "
                              f"got {self.max_labeled_tokens}")
+
+    @property
+    def chosen_metrics(self) -> list[str]:
+        return list(self.metrics or DEFAULT_METRICS.get(self.kind, []))
 
     @property
     def query_slots(self) -> int:

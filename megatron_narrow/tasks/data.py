@@ -142,13 +142,16 @@ def read_token_examples(path: str | Path, task: TaskConfig, *, labeled: bool = T
 def read_examples(path: str | Path, task: TaskConfig, *,
                   labeled: bool = True) -> list[SequenceExample] | list[TokenExample]:
     """The file's examples; labeled=False reads inputs only (for prediction), labels left UNLABELED."""
-    if task.kind == "sequence":
+    if task.kind != "token":  # sequence and regression
         return read_sequence_examples(path, task, labeled=labeled)
     return read_token_examples(path, task, labeled=labeled)
 
 
 def label_set(task: TaskConfig, examples: list) -> list[str]:
-    """task.labels, or the training file's labels sorted (token tags: "O" first); token tags must be BIO."""
+    """task.labels, or the training file's labels sorted (token tags: "O" first); token tags must be BIO.
+    Regression has one output, named by task.label_field."""
+    if task.kind == "regression":  # one output, named after the field it predicts
+        return [task.label_field]
     if task.labels:
         labels = list(task.labels)
     elif task.kind == "sequence":
@@ -161,6 +164,18 @@ def label_set(task: TaskConfig, examples: list) -> list[str]:
         if bad:
             raise TaskDataError(f"tags {bad[:5]} are not BIO (O, B-TYPE, I-TYPE): span F1 needs BIO tagging")
     return labels
+
+
+def _scores(values: list[str], where: str) -> list[float]:
+    """Regression targets: numbers (an input read for prediction has none: 0.0, never used)."""
+    scores = []
+    for number, value in enumerate(values, start=1):
+        try:
+            scores.append(float(value) if value != UNLABELED else 0.0)
+        except ValueError:
+            raise TaskDataError(f"{where}: example {number} has label {value!r}, not a number (task.kind=regression "
+                                "needs numeric labels, e.g. STS-B's 0-5 similarity)") from None
+    return scores
 
 
 def _label_ids(labels: list[str], values: list[str], where: str) -> list[int]:
@@ -177,7 +192,8 @@ def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
 
 
 def encode_sequences(examples: list[SequenceExample], tokenizer: Tokenizer, labels: list[str], max_seq_len: int,
-                     where: str = "examples") -> dict[str, torch.Tensor]:
+                     where: str = "examples", *, regression: bool = False) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, token_type_ids (N, S) and labels (N,): class ids, or float scores."""
     special = tokenizer.special
     firsts = tokenizer.encode_batch([e.text for e in examples])
     seconds = tokenizer.encode_batch([e.pair for e in examples]) if examples[0].pair is not None else None
@@ -198,7 +214,8 @@ def encode_sequences(examples: list[SequenceExample], tokenizer: Tokenizer, labe
     input_ids = _pad(ids, max_seq_len, special.pad)
     return {"input_ids": input_ids, "attention_mask": (input_ids != special.pad).long() | _first(input_ids),
             "token_type_ids": _pad(types, max_seq_len, 0),
-            "labels": torch.tensor(_label_ids(labels, [e.label for e in examples], where))}
+            "labels": torch.tensor(_scores([e.label for e in examples], where) if regression
+                                   else _label_ids(labels, [e.label for e in examples], where))}
 
 
 def _first(input_ids: torch.Tensor) -> torch.Tensor:

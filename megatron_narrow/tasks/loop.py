@@ -27,10 +27,19 @@ from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
 from megatron_narrow.tasks.config import FinetuneConfig, TaskConfig
 from megatron_narrow.tasks.data import encode_sequences, encode_tokens, label_set, read_examples
-from megatron_narrow.tasks.metrics import accuracy, macro_f1, span_f1
+from megatron_narrow.tasks.metrics import (
+    accuracy,
+    binary_f1,
+    macro_f1,
+    matthews_correlation,
+    pearson,
+    span_f1,
+    spearman,
+)
 from megatron_narrow.tasks.source import Pretrained, load_pretrained
 
 TENSOR_ORDER = {"sequence": ("input_ids", "attention_mask", "token_type_ids", "labels"),
+                "regression": ("input_ids", "attention_mask", "token_type_ids", "labels"),
                 "token": ("input_ids", "attention_mask", "token_type_ids", "positions", "valid", "labels")}
 
 
@@ -43,7 +52,7 @@ def build_task_model(run: FinetuneConfig, pretrained: Pretrained, num_labels: in
         if getattr(run.model, name) is not None:
             changes[name] = getattr(run.model, name)
     config = replace(pretrained.config, **changes)
-    kind = BertForSequenceClassification if run.task.kind == "sequence" else BertForTokenClassification
+    kind = BertForTokenClassification if run.task.kind == "token" else BertForSequenceClassification
     model = kind(config, num_labels, groups, tracker=tracker)
     own = model.state_dict()
     encoder = {k: v for k, v in pretrained.state.items() if k.startswith("bert.") and k in own}
@@ -55,7 +64,7 @@ def build_task_model(run: FinetuneConfig, pretrained: Pretrained, num_labels: in
 
 
 def task_logits(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    if kind == "sequence":
+    if kind != "token":
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["positions"])
 
@@ -63,6 +72,8 @@ def task_logits(model, batch: dict[str, torch.Tensor], kind: str) -> torch.Tenso
 def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "sequence":
         return F.cross_entropy(logits, batch["labels"])
+    if kind == "regression":
+        return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
     labels = batch["labels"].flatten()  # mean over labeled words; a micro-batch without any gives 0, not NaN
     losses = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum")
     return losses / (labels != -100).sum().clamp(min=1)
@@ -71,25 +82,28 @@ def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: str) -
 @torch.no_grad()
 def predict(model, tensors: dict[str, torch.Tensor], kind: str, batch_size: int,
             device: torch.device) -> torch.Tensor:
-    """Label ids: (N,) for sequences, (N, Q) for tokens (meaningful where valid)."""
+    """Label ids: (N,) for sequences, (N, Q) for tokens (meaningful where valid); scores (N,) for regression."""
     model.eval()
     out = []
     for start in range(0, len(tensors["input_ids"]), batch_size):
         batch = {k: v[start:start + batch_size].to(device) for k, v in tensors.items()}
-        out.append(task_logits(model, batch, kind).argmax(-1).cpu())
+        logits = task_logits(model, batch, kind)
+        out.append((logits.squeeze(-1).float() if kind == "regression" else logits.argmax(-1)).cpu())
     return torch.cat(out)
 
 
 def evaluate(model, tensors: dict[str, torch.Tensor], kind: str, labels: list[str], batch_size: int,
-             device: torch.device, examples: list, labeled_words: list[int] | None = None) -> tuple[dict, list]:
-    """(metrics, predicted label names per example). Metrics: accuracy and macro-F1 (sequence), or entity
-    precision/recall/F1 over BIO tags (token; words that lost their slot to truncation are predicted O)."""
+             device: torch.device, examples: list, labeled_words: list[int] | None = None,
+             metrics: list[str] | None = None) -> tuple[dict, list]:
+    """(metrics, predictions per example: label names, or scores for regression). Metrics: task.metrics for
+    sequences and regression; entity precision/recall/F1 over BIO tags for tokens (words that lost their
+    slot to truncation are predicted O)."""
     predictions = predict(model, tensors, kind, batch_size, device)
-    if kind == "sequence":
-        gold = tensors["labels"].tolist()
-        preds = predictions.tolist()
-        metrics = {"accuracy": accuracy(preds, gold), "macro_f1": macro_f1(preds, gold, len(labels))}
-        return metrics, [labels[p] for p in preds]
+    if kind != "token":
+        gold, preds = tensors["labels"].tolist(), predictions.tolist()
+        scores = {name: sequence_metric(name, preds, gold, len(labels))
+                  for name in metrics or TaskConfig(kind=kind).chosen_metrics}
+        return scores, preds if kind == "regression" else [labels[p] for p in preds]
     predicted_tags, gold_tags = [], []
     for i, example in enumerate(examples):
         n = labeled_words[i]
@@ -103,9 +117,21 @@ def evaluate(model, tensors: dict[str, torch.Tensor], kind: str, labels: list[st
     return metrics, predicted_tags
 
 
+def sequence_metric(name: str, predictions: list, gold: list, num_classes: int) -> float:
+    """One of TaskConfig.METRICS by name."""
+    if name == "mse":
+        return sum((p - y) ** 2 for p, y in zip(predictions, gold, strict=True)) / max(len(gold), 1)
+    functions = {"accuracy": lambda: accuracy(predictions, gold),
+                 "macro_f1": lambda: macro_f1(predictions, gold, num_classes),
+                 "f1": lambda: binary_f1(predictions, gold), "mcc": lambda: matthews_correlation(predictions, gold,
+                                                                                              num_classes),
+                 "pearson": lambda: pearson(predictions, gold), "spearman": lambda: spearman(predictions, gold)}
+    return functions[name]()
+
+
 def prediction_records(examples: list, predicted: list, kind: str) -> list[dict]:
     """One JSON record per example: its input, gold label(s) and prediction(s)."""
-    if kind == "sequence":
+    if kind != "token":
         return [{"text": e.text, **({"text_pair": e.pair} if e.pair is not None else {}), "label": e.label,
                  "prediction": p} for e, p in zip(examples, predicted, strict=True)]
     return [{"tokens": e.words, "tags": e.tags, "predictions": p} for e, p in zip(examples, predicted, strict=True)]
@@ -114,8 +140,9 @@ def prediction_records(examples: list, predicted: list, kind: str) -> list[dict]
 def encode_examples(examples: list, task: TaskConfig, tokenizer: Tokenizer, labels: list[str],
                     where: str) -> tuple[dict[str, torch.Tensor], list[int] | None]:
     """(tensors, labeled words per example, None for sequences)."""
-    if task.kind == "sequence":
-        return encode_sequences(examples, tokenizer, labels, task.max_seq_len, where), None
+    if task.kind != "token":
+        return encode_sequences(examples, tokenizer, labels, task.max_seq_len, where,
+                                regression=task.kind == "regression"), None
     encoded = encode_tokens(examples, tokenizer, labels, task.max_seq_len, task.query_slots, where)
     return encoded.tensors, encoded.labeled_words
 
@@ -204,7 +231,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
             return
         examples, tensors, labeled_words = valid
         results, predicted = evaluate(engine.module, tensors, kind, labels, train.micro_batch_size, device,
-                                      examples, labeled_words)
+                                      examples, labeled_words, run.task.chosen_metrics)
         logger.log({"step": step, **{f"eval_{k}": v for k, v in results.items()}})
         engine.train()
 
@@ -233,7 +260,9 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     if is_rank0:
         output = Path(train.save_dir) / "hf"
         export_classifier_to_hf(engine.module, output, labels, task_settings={
-            "finetune_max_seq_len": run.task.max_seq_len, "finetune_text_pair_field": run.task.text_pair_field})
+            "finetune_max_seq_len": run.task.max_seq_len, "finetune_text_field": run.task.text_field,
+            "finetune_text_pair_field": run.task.text_pair_field, "finetune_tokens_field": run.task.tokens_field,
+            **({"problem_type": "regression"} if kind == "regression" else {})})
         pretrained.save_tokenizer(output)
         (Path(train.save_dir) / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
         if valid is not None:

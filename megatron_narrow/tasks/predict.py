@@ -24,13 +24,17 @@ from megatron_narrow.tasks.loop import encode_examples, predict, prediction_reco
 class Classifier:
     model: torch.nn.Module
     kind: str
-    """sequence or token"""
+    """sequence, regression or token"""
     labels: list[str]
     tokenizer: Tokenizer
     max_seq_len: int
     """The fine-tuning run's task.max_seq_len (recorded in the export), unless overridden."""
     text_pair_field: str | None = None
     """The fine-tuning run's task.text_pair_field: a pair classifier reads pairs by default."""
+    text_field: str = "text"
+    """The fine-tuning run's task.text_field (recorded in the export): prediction files use it by default."""
+    tokens_field: str = "tokens"
+    """The fine-tuning run's task.tokens_field (token classification, JSONL)."""
 
 
 def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Classifier:
@@ -42,10 +46,15 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
     from megatron_narrow.tasks.source import hf_tokenizer, model_config_from_hf
 
     hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        hint = (" (a pretraining save_dir: fine-tune it with megatron_narrow/finetune.py, whose SAVE_DIR/hf this "
+                "tool reads)" if (hf_dir / "checkpoints").is_dir() or (hf_dir / "run_config.json").is_file() else "")
+        raise ValueError(f"{hf_dir} is not an exported classifier: it has no config.json{hint}")
     raw = json.loads((hf_dir / "config.json").read_text())
     architecture = (raw.get("architectures") or [""])[0]
     if architecture.endswith("ForSequenceClassification"):
-        kind, model_class = "sequence", BertForSequenceClassification
+        kind = "regression" if raw.get("problem_type") == "regression" else "sequence"
+        model_class = BertForSequenceClassification
     elif architecture.endswith("ForTokenClassification"):
         kind, model_class = "token", BertForTokenClassification
     else:
@@ -66,7 +75,8 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
         raise ValueError(f"{hf_dir}: the weights lack {missing[:5]}")
     trained = raw.get("finetune_max_seq_len") or config.max_position_embeddings
     return Classifier(model, kind, labels, hf_tokenizer(hf_dir), max_seq_len or trained,
-                      raw.get("finetune_text_pair_field"))
+                      raw.get("finetune_text_pair_field"), raw.get("finetune_text_field") or "text",
+                      raw.get("finetune_tokens_field") or "tokens")
 
 
 @dataclass
@@ -88,7 +98,8 @@ class PredictionStats:
 def predict_file(classifier: Classifier, path: str | Path, task: TaskConfig | None = None, *,
                  batch_size: int = 32) -> tuple[list[dict], PredictionStats]:
     """Predict every example of a task file (labels in it are kept beside the predictions, not needed)."""
-    task = task or TaskConfig(text_pair_field=classifier.text_pair_field)
+    task = task or TaskConfig(text_field=classifier.text_field, text_pair_field=classifier.text_pair_field,
+                              tokens_field=classifier.tokens_field)
     task = replace(task, kind=classifier.kind, max_seq_len=classifier.max_seq_len, labels=classifier.labels)
     try:
         examples = read_examples(path, task)
@@ -98,7 +109,9 @@ def predict_file(classifier: Classifier, path: str | Path, task: TaskConfig | No
     started = time.perf_counter()
     predictions = predict(classifier.model, tensors, classifier.kind, batch_size, torch.device("cpu"))
     seconds = time.perf_counter() - started
-    if classifier.kind == "sequence":
+    if classifier.kind == "regression":
+        predicted = predictions.tolist()
+    elif classifier.kind == "sequence":
         predicted = [classifier.labels[p] for p in predictions.tolist()]
     else:
         predicted = [[classifier.labels[t] for t in predictions[i, :labeled_words[i]].tolist()]
