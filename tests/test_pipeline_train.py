@@ -246,20 +246,12 @@ def test_pipeline_checkpoint_resumes_without_a_pipeline(variant, pipeline_runs, 
     """A PP=2 checkpoint resumed with PP=1 goes through DeepSpeed's universal checkpoint with the stage modules'
     parameter names mapped to the model's (and token_drop's importance vector read from the stage files): the
     step after the resume has the uninterrupted run's loss, and its update (Adam moments included) the same
-    weights, within 1e-5. Other changes of stages are refused in one line; the checkpoints stay untouched."""
+    weights, within 1e-5. (Other changes of stages are refused: test_layout_changes_that_cannot_be_converted.)"""
     from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info
 
     from .runs import resume_from
 
     reference = pipeline_runs(variant, "pp2")  # keep_last 2: steps 9 and 10
-    if variant == "narrow":  # the refusal does not depend on the variant
-        refused = resume_from(reference, tmp_path / "refused", 3 * SAVE_EVERY)
-        before = sorted(p.name for p in (refused / "checkpoints").iterdir())
-        output = run_pretraining(argv(tiny_corpus_data, refused, variant, 4, 1), expect=2, world=4)
-        line = [x for x in output.splitlines() if x.startswith("error: ")]
-        assert len(line) == 1 and "was saved with DP=1 TP=1 PP=2 ZeRO-1; this run is DP=1 TP=1 PP=4 ZeRO-1" in line[0]
-        assert "resume with parallel.pipeline_parallel=2 (or 1)" in line[0], line[0]
-        assert sorted(p.name for p in (refused / "checkpoints").iterdir()) == before
 
     resumed = resume_from(reference, tmp_path / "resumed", 3 * SAVE_EVERY)
     output = run_pretraining(argv(tiny_corpus_data, resumed, variant, 1, 1))

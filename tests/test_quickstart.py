@@ -36,8 +36,8 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
     accuracy = {name: float(value) for name, value in re.findall(
         r"^  (trained model|unigram baseline|untrained model)\s+([\d.]+)%", result.stdout, flags=re.M)}
     assert set(accuracy) == {"trained model", "unigram baseline", "untrained model"}, result.stdout[-3000:]
-    # 20 steps reach the unigram level (from ~0 untrained) but not past it: the MLM plateau lasts hundreds of
-    # steps at this size (the README's 200-step default run beats the baseline; see tools/evaluate_mlm.py)
+    # 20 steps reach the unigram level (from ~0 untrained), not past it: masked-LM training sits on that plateau
+    # for a few hundred steps at this size (80 steps here: still 6.4% = 6.4%); the README's 200-step run passes it
     assert accuracy["trained model"] >= accuracy["unigram baseline"] > accuracy["untrained model"], accuracy
     assert len(re.findall(r"^    answer '.*': before \[.*\] -> after \[.*\]$", result.stdout, flags=re.M)) == 3
     guesses = re.findall(r"^  (0\.\d{3})  Return the number of(.*) in the list\.$", result.stdout, flags=re.M)

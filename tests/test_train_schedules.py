@@ -9,7 +9,7 @@ import pytest
 from megatron_narrow.config import RunConfig
 from megatron_narrow.training.batch_schedule import BatchSchedule
 
-from .runs import STEPS, assert_same_weights, losses, pretrain_argv, records, resume_from, run_pretraining
+from .runs import assert_same_weights, losses, pretrain_argv, records, resume_from, run_pretraining
 
 
 def megatron_ramp(consumed: int, start: int, increment: int, samples: int, final: int) -> int:
@@ -64,7 +64,9 @@ def test_bad_schedules_are_one_line_naming_the_key(data, train, message):
 
 
 RAMP = (4, 4, 16)
+STEPS_HERE = 7  # checkpoints at 3, 6 and 7
 SCHEDULE = {"data.seq_len_schedule": "[{until_step: 4, seq_len: 128, micro_batch_size: 4}]",
+            "train.train_steps": str(STEPS_HERE),
             "data.seq_len": "512", "data.max_predictions": "80", "model.max_position_embeddings": "512",
             "train.micro_batch_size": "2", "train.global_batch_size": "12",
             "train.batch_size_rampup": f"[{', '.join(map(str, RAMP))}]", "train.keep_last": "10"}
@@ -80,14 +82,14 @@ def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_pa
     assert "phase 2/2 from step 5: seq_len 512, max_predictions 80, micro batch 2" in output
     logged = [r for r in records(reference) if "loss" in r]
     consumed, expected_consumed = 0, []
-    for _ in range(STEPS):
+    for _ in range(STEPS_HERE):
         consumed += megatron_ramp(consumed, *RAMP, final=12)
         expected_consumed.append(consumed)
-    assert [r["consumed_samples"] for r in logged] == expected_consumed == [4, 8, 16, 28, *range(40, 101, 12)]
-    assert [r["global_batch_size"] for r in logged] == [4, 4, 8, 12, *[12] * 6]
-    assert [r["seq_len"] for r in logged] == [128] * 4 + [512] * 6
+    assert [r["consumed_samples"] for r in logged] == expected_consumed == [4, 8, 16, 28, 40, 52, 64]
+    assert [r["global_batch_size"] for r in logged] == [4, 4, 8, 12, 12, 12, 12]
+    assert [r["seq_len"] for r in logged] == [128] * 4 + [512] * 3
     expected = losses(reference)
-    assert expected[STEPS] < expected[1]
+    assert expected[STEPS_HERE] < expected[1]
 
     resumed = resume_from(reference, tmp_path / "resumed", 3)
     output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", **SCHEDULE))
