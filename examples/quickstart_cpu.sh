@@ -60,7 +60,7 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" megatron_narrow/pre
   "train.tokenizer_model=$WORK_DIR/tokenizer/spm.model" "model.vocab_size=$VOCAB_SIZE" \
   model.hidden_dropout=0.0 model.attention_dropout=0.0 ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 # no dropout: a demo of a few hundred steps needs no regularisation, and dropout delays the step past the
-# unigram baseline (6.3% against 5.9% top-1 after 200 steps, measured)
+# unigram baseline (measured after 200 steps of the 8000-piece default: 6.3% top-1 against 5.9%)
 
 echo "== 6/8 what it learned"
 python tools/plot_metrics.py "$WORK_DIR/pretrain" --title "tiny NarrowBERT on $(basename "${INPUTS[0]}")"
