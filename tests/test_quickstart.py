@@ -2,7 +2,7 @@
 
 Every stage runs as the user runs it (tokenizer, preprocessing with two workers, verify, the deepspeed
 launcher on two CPU ranks, export, fill-mask in stock transformers); only the install step (what CI just
-did) is skipped and the run is 20 steps instead of 200.
+did) is skipped and the run is 300 short steps (sequences of 64, micro-batches of 8) instead of 600.
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
     env = dict(os.environ, MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         ["bash", "examples/quickstart_cpu.sh", "--skip-install", "--work-dir", str(work), "--input", str(corpus),
-         "--vocab-size", "1000", "--", "train.train_steps=20", "train.log_interval=5", "train.eval_interval=20"],
+         "--vocab-size", "1000", "--", "train.train_steps=300", "data.seq_len=64", "data.max_predictions=10",
+         "train.micro_batch_size=8", "train.warmup_steps=30", "train.log_interval=50", "train.eval_interval=300"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stages = re.findall(r"^== (\d)/8", result.stdout, flags=re.M)
     assert stages == [str(i) for i in range(1, 9)], stages
-    summary = re.search(r"^done: step 20 \(20 this run, [\d.]+ min\) \| last loss [\d.]+ \| last validation loss "
+    summary = re.search(r"^done: step 300 \(300 this run, [\d.]+ min\) \| last loss [\d.]+ \| last validation loss "
                         r"[\d.]+\n  checkpoint  (\S+)", result.stdout, flags=re.M)
-    assert summary and summary.group(1) == str(work / "pretrain" / "checkpoints" / "step_0000020"), result.stdout
+    assert summary and summary.group(1) == str(work / "pretrain" / "checkpoints" / "step_0000300"), result.stdout
     assert "tensorboard --logdir" in result.stdout and "tools/convert_checkpoint_to_hf.py" in result.stdout
     png = (work / "pretrain" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000  # a drawn figure, not an empty canvas
     accuracy = {name: float(value) for name, value in re.findall(
         r"^  (trained model|unigram baseline|untrained model)\s+([\d.]+)%", result.stdout, flags=re.M)}
     assert set(accuracy) == {"trained model", "unigram baseline", "untrained model"}, result.stdout[-3000:]
-    # 20 steps reach the unigram level (from ~0 untrained), not past it: masked-LM training sits on that plateau
-    # for a few hundred steps at this size (80 steps here: still 6.4% = 6.4%); the README's 200-step run passes it
-    assert accuracy["trained model"] >= accuracy["unigram baseline"] > accuracy["untrained model"], accuracy
+    # past the unigram plateau, which lasts a few hundred steps (measured 8.0% against 6.4%; 80 steps: 6.4% = 6.4%)
+    assert accuracy["trained model"] > accuracy["unigram baseline"] > accuracy["untrained model"], accuracy
     assert len(re.findall(r"^    answer '.*': before \[.*\] -> after \[.*\]$", result.stdout, flags=re.M)) == 3
     guesses = re.findall(r"^  (0\.\d{3})  Return the number of(.*) in the list\.$", result.stdout, flags=re.M)
     assert len(guesses) == 5 and all(0 < float(score) <= 1 for score, _ in guesses), result.stdout[-2000:]
@@ -46,8 +46,8 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
 
     records = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
-    assert [r["step"] for r in logged] == [5, 10, 15, 20] and logged[-1]["loss"] < logged[0]["loss"]
-    assert logged[-1]["consumed_samples"] == 20 * 2 * 16  # two ranks x micro-batch 16 (tiny_cpu.yaml)
+    assert [r["step"] for r in logged] == [50, 100, 150, 200, 250, 300] and logged[-1]["loss"] < logged[0]["loss"]
+    assert logged[-1]["consumed_samples"] == 300 * 2 * 8  # two ranks x micro-batch 8
     assert any("eval_loss" in r for r in records)
     for name in ("config.json", "model.safetensors", "modeling_narrow_bert.py", "tokenizer.json", "README.md"):
         assert (work / "hf" / name).is_file(), name
