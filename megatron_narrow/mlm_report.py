@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,9 @@ def unigram_counts(data_path: str, split: str, vocab_size: int, special: tuple[i
     """Token counts over (the start of) the training split of one data path, special tokens excluded."""
     documents = IndexedDocuments(data_path, check_token_ids=False)
     train, _, _ = split_document_ranges(len(documents), split)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for index in list(train)[:UNIGRAM_DOCUMENTS]:
-        counts += np.bincount(documents.tokens(index), minlength=vocab_size)[:vocab_size]
+    tokens = [documents.tokens(index) for index in itertools.islice(train, UNIGRAM_DOCUMENTS)]
+    counts = np.bincount(np.concatenate(tokens), minlength=vocab_size)[:vocab_size] if tokens else (
+        np.zeros(vocab_size, dtype=np.int64))
     counts[list(special)] = 0
     return counts
 
