@@ -262,7 +262,8 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({}, "model.init_from is required"),
     ({"model.init_from": "{tmp}"}, "task.train_file is required"),
-    ({"task.kind": "regression"}, "task.kind must be sequence or token"),
+    ({"task.kind": "ranking"}, "task.kind must be sequence, regression or token"),
+    ({"task.metrics": "[pearson]"}, "task.metrics ['pearson'] for task.kind=sequence: choose from accuracy, macro_f1"),
     ({"model.init_from": "{tmp}", "task.train_file": "{tmp}/missing.jsonl"}, "missing.jsonl does not exist"),
     ({"model.init_from": "{tmp}", "task.train_file": "{tmp}/config.json"}, "config.json lacks ['vocab_size'"),
 ])
