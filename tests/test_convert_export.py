@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertTokenizer
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.export import export_to_hf, hf_config_from_model_config
 from megatron_narrow.convert.hf_bert import to_official_narrow_layout
 from megatron_narrow.model import BertForPreTraining
+
+from .test_model_hf import official_narrowbert_keys
 
 VOCAB = 1000
 SPECIAL = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}  # BERT's WordPiece ids
@@ -123,6 +126,10 @@ def test_export_narrow(tmp_path):
     # BertForMaskedLM's names, the narrow layers in the official NarrowBERT's second stack
     assert set(hf.state_dict()) == set(to_official_narrow_layout(BertForMaskedLM(hf.config).state_dict(), 2))
     assert any(key.startswith("bert.encoder_narrow.layer.1.") for key in hf.state_dict())
+    saved = set(safe_open(str(out / "model.safetensors"), "pt").keys())  # the official code's keys, but for
+    assert saved == official_narrowbert_keys(4, 2) - {"bert.embeddings.position_ids",  # a buffer it rebuilds
+                                                      "cls.predictions.decoder.weight",  # tied: not stored
+                                                      "cls.predictions.decoder.bias"}  # the same tensor as .bias
     hf.eval()
     ours = our_logits(model, b)
     with torch.no_grad():

@@ -202,12 +202,11 @@ def write_official_narrowbert(model: BertForPreTraining, hf_config: dict, full: 
 
     from safetensors.torch import save_file
 
-    state = {}
-    for key, value in to_hf_state_dict(model.state_dict(), hf_config["vocab_size"]).items():
-        parts = key.split(".")
-        if key.startswith("bert.encoder.layer.") and int(parts[3]) >= full:
-            key = ".".join(["bert", "encoder_narrow", "layer", str(int(parts[3]) - full), *parts[4:]])
-        state[key] = value.clone()  # no shared storage (the tied decoder) in safetensors
+    from megatron_narrow.convert.hf_bert import to_official_narrow_layout
+
+    state = {key: value.clone()  # no shared storage (the tied decoder) in safetensors
+             for key, value in to_official_narrow_layout(to_hf_state_dict(model.state_dict(), hf_config["vocab_size"]),
+                                                         full).items()}
     state["bert.embeddings.position_ids"] = torch.arange(hf_config["max_position_embeddings"]).unsqueeze(0)
     assert set(state) == official_narrowbert_keys(hf_config["num_hidden_layers"], full)
     out_dir.mkdir()
