@@ -164,10 +164,10 @@ def _seq_len_phase(raw: SeqLenPhase | dict, index: int, data: DataConfig) -> Seq
         fields = SeqLenPhase.__dataclass_fields__
         unknown = sorted(set(raw) - set(fields))
         missing = sorted(key for key in ("until_step", "seq_len") if key not in raw)
-        if unknown or missing:
-            raise ValueError(f"{where} has {'unknown key(s) ' + ', '.join(unknown) if unknown else ''}"
-                             f"{' and ' if unknown and missing else ''}"
-                             f"{'no ' + ' or '.join(missing) if missing else ''}: a phase is "
+        problems = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + (
+            [f"no {' or '.join(missing)}"] if missing else [])
+        if problems:
+            raise ValueError(f"{where} has {' and '.join(problems)}: a phase is "
                              "{until_step: N, seq_len: L, max_predictions: M, micro_batch_size: B}")
         raw = SeqLenPhase(**{key: _coerce(fields[key], value, f"{where}.{key}") for key, value in raw.items()})
     elif not isinstance(raw, SeqLenPhase):

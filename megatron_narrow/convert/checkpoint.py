@@ -39,6 +39,7 @@ import torch
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, VOCAB_ROWS, merge_tensor_parallel, tensor_parallel_dims
 from megatron_narrow.model import BertForPreTraining
+from megatron_narrow.parallel import refit_vocab_rows
 from megatron_narrow.training.checkpoint import (
     COMPLETE_NAME,
     CONFIG_NAME,
@@ -182,12 +183,6 @@ def _pipeline_tensor_parallel_shard(info: CheckpointInfo, tp_rank: int) -> dict[
     return state
 
 
-def _refit_vocab_rows(value: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
-    """Rows padded for one TP size -> `rows` (another TP size's padding): real rows kept, padding zeroed."""
-    value = value[:vocab_size]
-    return torch.cat([value, value.new_zeros((rows - vocab_size, *value.shape[1:]))])
-
-
 def load_merged_model(info: CheckpointInfo) -> BertForPreTraining:
     """A TP=1 BertForPreTraining holding the checkpoint's weights (all TP ranks merged)."""
     config = info.model_config
@@ -197,7 +192,7 @@ def load_merged_model(info: CheckpointInfo) -> BertForPreTraining:
     target = model.state_dict()
     for key in VOCAB_ROWS:
         if key in merged:
-            merged[key] = _refit_vocab_rows(merged[key], config.vocab_size, target[key].shape[0])
+            merged[key] = refit_vocab_rows(merged[key], config.vocab_size, target[key].shape[0])
     unexpected = sorted(set(merged) - set(target))
     missing = sorted(set(target) - set(merged) - set(NO_HF_COUNTERPART))
     if unexpected or missing:

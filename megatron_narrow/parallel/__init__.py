@@ -12,6 +12,7 @@ from megatron_narrow.parallel.layers import (
     VocabParallelEmbedding,
     column_parallel_projections,
     padded_vocab_size,
+    refit_vocab_rows,
     vocab_parallel_logits,
     vocab_shard,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "copy_to_tensor_region",
     "gather_from_tensor_region",
     "padded_vocab_size",
+    "refit_vocab_rows",
     "reduce_from_tensor_region",
     "scatter_to_tensor_region",
     "vocab_parallel_cross_entropy",

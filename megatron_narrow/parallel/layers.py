@@ -45,6 +45,12 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     return -(-vocab_size // step) * step
 
 
+def refit_vocab_rows(value: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
+    """Rows padded for one TP size -> `rows` (another TP size's padding): real rows kept, padding zeroed."""
+    value = value[:vocab_size]
+    return torch.cat([value, value.new_zeros((rows - vocab_size, *value.shape[1:]))])
+
+
 def vocab_shard(vocab_size: int, group: GroupInfo, padded_size: int | None = None) -> tuple[int, int, int]:
     """(first row, end row, padded vocabulary) of this rank's shard of a vocabulary-parallel table."""
     padded = padded_size or padded_vocab_size(vocab_size, group.size)

@@ -25,7 +25,7 @@ from megatron_narrow.data.tokenizer import Tokenizer
 from megatron_narrow.model import BertForSequenceClassification, BertForTokenClassification
 from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
-from megatron_narrow.tasks.config import FinetuneConfig, TaskConfig
+from megatron_narrow.tasks.config import DEFAULT_METRICS, FinetuneConfig, TaskConfig
 from megatron_narrow.tasks.data import encode_sequences, encode_tokens, label_set, read_examples
 from megatron_narrow.tasks.metrics import (
     accuracy,
@@ -39,8 +39,8 @@ from megatron_narrow.tasks.metrics import (
 from megatron_narrow.tasks.source import Pretrained, load_pretrained
 
 TENSOR_ORDER = {"sequence": ("input_ids", "attention_mask", "token_type_ids", "labels"),
-                "regression": ("input_ids", "attention_mask", "token_type_ids", "labels"),
                 "token": ("input_ids", "attention_mask", "token_type_ids", "positions", "valid", "labels")}
+TENSOR_ORDER["regression"] = TENSOR_ORDER["sequence"]
 
 
 def build_task_model(run: FinetuneConfig, pretrained: Pretrained, num_labels: int,
@@ -102,7 +102,7 @@ def evaluate(model, tensors: dict[str, torch.Tensor], kind: str, labels: list[st
     if kind != "token":
         gold, preds = tensors["labels"].tolist(), predictions.tolist()
         scores = {name: sequence_metric(name, preds, gold, len(labels))
-                  for name in metrics or TaskConfig(kind=kind).chosen_metrics}
+                  for name in metrics or DEFAULT_METRICS[kind]}
         return scores, preds if kind == "regression" else [labels[p] for p in preds]
     predicted_tags, gold_tags = [], []
     for i, example in enumerate(examples):

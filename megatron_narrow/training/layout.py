@@ -113,6 +113,8 @@ def repad_vocabulary_vectors(universal_dir: Path, vocab_size: int, padded_vocab_
     conversion made for one layout serves another. Returns the parameters re-padded."""
     import torch
 
+    from megatron_narrow.parallel import refit_vocab_rows
+
     repadded = []
     for folder in sorted((universal_dir / "zero").iterdir()):
         if not re.match(VOCABULARY_VECTORS, folder.name):
@@ -122,11 +124,8 @@ def repad_vocabulary_vectors(universal_dir: Path, vocab_size: int, padded_vocab_
             if not isinstance(state, dict):  # step.pt: the optimizer's step count
                 continue
             tensor = state["param"]
-            if tensor.dim() != 1 or tensor.numel() == padded_vocab_size:
-                continue
-            resized = tensor.new_zeros(padded_vocab_size)
-            resized[:vocab_size] = tensor[:vocab_size]
-            torch.save({**state, "param": resized}, file)
+            if tensor.dim() == 1 and tensor.numel() != padded_vocab_size:
+                torch.save({**state, "param": refit_vocab_rows(tensor, vocab_size, padded_vocab_size)}, file)
         repadded.append(folder.name)
     return repadded
 

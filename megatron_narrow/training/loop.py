@@ -200,6 +200,7 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             loader = iter(make_loader(datasets[shape.phase].train, consumed_samples=consumed,
                                       micro_batch_size=shape.micro_batch_size, dp_rank=groups.data.rank,
                                       dp_size=groups.data.size, num_workers=train.num_workers))
+            flops_per_sequence = training_flops_per_sequence(run.model, shape.seq_len, shape.max_predictions)
         if previous is None or (shape.micro_batch_size, shape.global_batch_size) != (
                 previous.micro_batch_size, previous.global_batch_size):
             engine.set_train_micro_batch_size(shape.micro_batch_size)
@@ -226,7 +227,6 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
         if step % train.log_interval == 0 or step == train.train_steps:
             loss = all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
             sequences_per_s = global_batch / step_time
-            flops_per_sequence = training_flops_per_sequence(run.model, shape.seq_len, shape.max_predictions)
             record = {"step": step, "loss": loss, "lr": lr,
                       "tokens_per_s": total_tokens / step_time,  # real tokens ([CLS]/[SEP] included), not padding
                       "real_token_fraction": total_tokens / (global_batch * shape.seq_len),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_narrow.config import RunConfig
+from megatron_narrow.config import RunConfig, TrainConfig
 from megatron_narrow.data.shards import check_tokenizer_matches, load_manifest
 from megatron_narrow.parallel import ProcessGroups
 
@@ -78,7 +78,7 @@ def check_packed_targets(data) -> None:
                          f"data.mask_prob share up); set data.max_predictions={needed}")
 
 
-def check_wandb(train) -> None:
+def check_wandb(train: TrainConfig) -> None:
     """train.wandb_project needs the optional wandb package: say so before any process starts."""
     if train.wandb_project:
         import importlib.util
