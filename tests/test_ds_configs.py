@@ -142,22 +142,53 @@ def test_config_trains_on_the_cpu(path, precision, ranks, tmp_path_factory, tiny
             f"{path.name} {precision} differs from {REFERENCE[precision]}.json: {losses} vs {reference}")
 
 
-def test_lamb_trains_at_zero_stage_0(tmp_path, tiny_corpus_data):
-    """train.optimizer=lamb (training/lamb.py on the CPU) learns like AdamW: finite losses that fall, every step
-    applied (its update rule is checked against the paper's in tests/test_lamb.py). LAMB moves each tensor by
-    ~lr of its own norm per step, AdamW each weight by ~lr: at the tiny config's lr of 2e-3 four LAMB steps
-    barely move a 0.02-scale weight, so this run takes lr 0.05 (LAMB's large-batch BERT recipes use 6e-3 to
-    1e-2 with thousands of steps)."""
-    save_dir = tmp_path / "lamb"
-    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, ds_config=str(REPO / "ds_configs/zero0.json"), **{
-        "train.train_steps": str(STEPS), "train.optimizer": "lamb", "train.lr": "0.05", "train.save_interval": "0"}),
-        world=1)
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
-    assert records[-1]["skipped_steps"] == 0
+def test_lamb_run_follows_the_update_rule_step_by_step(tmp_path, tiny_corpus_data):
+    """train.optimizer=lamb in a real run (ZeRO-0, fp32, checkpoints after every step): for each of steps 2-4 the
+    saved weights equal LAMB's rule (tests/test_lamb.py's by-hand form, here in float64 over every tensor)
+    applied to the previous checkpoint's weights and moments, with the gradient the moments imply and the
+    schedule's learning rate; the second moment agrees with that gradient. LAMB takes lr 0.05 here: it moves a
+    tensor by ~lr of its own norm, so the tiny config's 2e-3 would barely move 0.02-scale weights."""
     import torch
 
-    (states,) = save_dir.rglob("mp_rank_00_model_states.pt")  # ZeRO-0 keeps the optimizer state here
-    groups = torch.load(states, map_location="cpu", weights_only=False)["optimizer"]["param_groups"]
+    from megatron_narrow.config import ModelConfig, TrainConfig
+    from megatron_narrow.model import BertForPreTraining
+    from megatron_narrow.training.optim import lr_multiplier, parameter_groups
+
+    save_dir = tmp_path / "lamb"
+    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, ds_config=str(REPO / "ds_configs/zero0.json"), **{
+        "train.train_steps": str(STEPS), "train.optimizer": "lamb", "train.lr": "0.05", "train.save_interval": "1",
+        "train.keep_last": "10"}), world=1)
+    states = [torch.load(save_dir / f"checkpoints/step_{step:07d}/mp_rank_00_model_states.pt", map_location="cpu",
+                         weights_only=False) for step in range(1, STEPS + 1)]
+    run = json.loads((save_dir / f"checkpoints/step_{STEPS:07d}/run_config.json").read_text())
+    config = TrainConfig(**run["train"])
+    groups = states[0]["optimizer"]["param_groups"]
     assert {"min_trust", "max_trust"} <= set(groups[0]), "the run did not use LAMB"
+    b1, b2 = groups[0]["betas"]
+    # the optimizer's parameter order is parameter_groups()' order over the model the run built
+    model = BertForPreTraining(ModelConfig(**run["model"]))
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    names = [param_names[id(p)] for group in parameter_groups(model, config.weight_decay) for p in group["params"]]
+    ids = [i for group in groups for i in group["params"]]
+    assert len(ids) == len(names)
+    moved = 0.0
+    for step in range(2, STEPS + 1):
+        before, after = states[step - 2], states[step - 1]
+        lr = config.lr * lr_multiplier(step - 1, config)
+        for group in groups:
+            for index in group["params"]:
+                name = names[ids.index(index)]
+                x = before["module"][name].double()
+                m0, v0 = (before["optimizer"]["state"][index][k].double() for k in ("exp_avg", "exp_avg_sq"))
+                m1, v1 = (after["optimizer"]["state"][index][k].double() for k in ("exp_avg", "exp_avg_sq"))
+                grad = (m1 - b1 * m0) / (1 - b1)
+                torch.testing.assert_close(v1, b2 * v0 + (1 - b2) * grad * grad, rtol=1e-5, atol=1e-12)
+                r = (m1 / (1 - b1 ** step)) / ((v1 / (1 - b2 ** step)).sqrt() + group["eps"])
+                r = r + group["weight_decay"] * x
+                trust = min(max(x.norm() / r.norm(), group["min_trust"]), group["max_trust"])
+                expected = x - lr * trust * r
+                got = after["module"][name].double()
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * (1 + x.abs().max().item()),
+                                           msg=lambda text, name=name, step=step: f"{name} step {step}: {text}")
+                moved = max(moved, (got - x).abs().max().item())
+    assert moved > 1e-3, "the updates must be far larger than the tolerance"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from megatron_narrow.tasks.loop import encode_examples, task_logits
 from megatron_narrow.tasks.predict import load_classifier
 
 from .conftest import REPO, run_fresh_python
+from .doc_commands import doc_block, doc_workspace
 from .runs import pretrain_argv, run_pretraining
 
 FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
@@ -214,12 +216,14 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
 
 
 def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_data):
-    """A token_drop pretraining checkpoint (its tokenizer from the checkpoint) fine-tunes as plain BERT on text
-    pairs; the export is a stock BertForSequenceClassification that classifies pairs as our model did."""
+    """The README's fine-tuning command as written (deepspeed launcher, examples/configs/finetune_classification.yaml
+    with its MNLI-style file names and fields; two ranks, a short fp32 run): a token_drop pretraining checkpoint
+    (its tokenizer from the checkpoint) fine-tunes as plain BERT on text pairs; the export is a stock
+    BertForSequenceClassification that classifies pairs as our model did."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    pretrained = tmp_path / "pretrain"
-    run_pretraining(pretrain_argv(tiny_corpus_data, pretrained, "token_drop",
+    work = doc_workspace(tmp_path / "work")
+    run_pretraining(pretrain_argv(tiny_corpus_data, work / "runs/narrowbert_base", "token_drop",
                                   ds_config=str(REPO / "ds_configs/zero1.json"),
                                   **{"train.train_steps": "2", "train.save_interval": "0"}))
     rng = random.Random(3)
@@ -227,11 +231,13 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
     for example in sentiment_examples(96, 2):
         pairs.append({"premise": " ".join(rng.choice(FILLER) for _ in range(6)), "hypothesis": example["text"],
                       "label": example["label"]})
-    train = write_jsonl_records(tmp_path / "pairs.jsonl", pairs)
-    save_dir = tmp_path / "run"
-    finetune(save_dir, pretrained, **{"task.train_file": train, "task.valid_file": train,
-                                      "task.text_field": "premise", "task.text_pair_field": "hypothesis",
-                                      "task.max_seq_len": "48", "train.train_steps": "6"})
+    (work / "data/mnli").mkdir(parents=True)
+    train = write_jsonl_records(work / "data/mnli/train.jsonl", pairs)
+    shutil.copy(train, work / "data/mnli/dev_matched.jsonl")
+    doc_block("readme-finetune").run(work, replace={"--num_gpus 8": "--num_gpus 2"}, append=(
+        "task.max_seq_len=48 train.train_steps=6 train.micro_batch_size=16 train.lr=1.0e-3 train.warmup_steps=0 "
+        "train.precision=fp32"), timeout=400)
+    save_dir = work / "runs/finetune_mnli"
     hf_dir = save_dir / "hf"
     model = BertForSequenceClassification.from_pretrained(hf_dir).eval()  # stock class: token dropping is gone
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)

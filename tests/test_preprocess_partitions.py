@@ -1,10 +1,7 @@
-"""Multi-node preprocessing: N partitions of the inputs, merged, are byte for byte the single-node dataset;
-the SLURM job-array example does that when its tasks run (here one after another, with SLURM's variables)."""
+"""Multi-node preprocessing: N partitions of the inputs, merged, are byte for byte the single-node dataset (the
+SLURM job-array example runs under a real sbatch in test_doc_commands.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
 
 import pytest
 
@@ -12,7 +9,7 @@ from megatron_narrow.data.merge import merge_partitions
 from megatron_narrow.data.preprocess import partition_inputs
 from megatron_narrow.data.shards import DataError, IndexedDocuments
 
-from .conftest import REPO, write_jsonl
+from .conftest import write_jsonl
 from .test_preprocess import run_preprocess, tree_bytes
 
 SETTINGS = {"split_sentences": True, "shard_size_bytes": 16 << 10, "work_chunk_bytes": 4 << 10}
@@ -58,17 +55,3 @@ def test_two_partitions_merged_equal_the_single_node_run(inputs, minilm_dir, sin
     with pytest.raises(DataError, match="not a partition"):
         merge_partitions([single_node, parts[1]], tmp_path / "mixed")
 
-
-def test_slurm_array_example_preprocesses_and_merges(inputs, minilm_dir, single_node, tmp_path):
-    out = tmp_path / "out"
-    count = 3
-    options = (f"--split-sentences --shard-size-mb {16 / 1024} --work-chunk-mb {4 / 1024}")
-    for task in range(count):  # SLURM would run them at once; the last to finish merges
-        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count),
-               "SLURM_CPUS_PER_TASK": "1", "PREPROCESS_ARGS": options}
-        result = subprocess.run(["bash", str(REPO / "examples/preprocess_slurm.sbatch"), str(out), "wordpiece",
-                                 str(minilm_dir / "vocab.txt"), *map(str, inputs)], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert (out / "corpus" / "index.json").is_file() == (task == count - 1)
-    assert tree_bytes(out / "corpus") == tree_bytes(single_node)

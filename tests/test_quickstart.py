@@ -1,4 +1,4 @@
-"""The README's main job, end to end: examples/quickstart_cpu.sh on a small corpus with a short run.
+"""The README's main job, end to end: its command (read from README.md) on a small corpus with a short run.
 
 Every stage runs as the user runs it (tokenizer, preprocessing with two workers, verify, the deepspeed
 launcher on two CPU ranks, export, fill-mask in stock transformers); only the install step (what CI just
@@ -8,24 +8,20 @@ did) is skipped and the run is 300 short steps (sequences of 64, micro-batches o
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 from .conftest import REPO, write_jsonl
 from .distributed import free_port
+from .doc_commands import doc_block
 
 
 def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
     corpus = write_jsonl(tmp_path / "docs.jsonl", stdlib_documents[:1500])
     work = tmp_path / "quickstart"
-    env = dict(os.environ, MASTER_PORT=str(free_port()), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        ["bash", "examples/quickstart_cpu.sh", "--skip-install", "--work-dir", str(work), "--input", str(corpus),
-         "--vocab-size", "1000", "--", "train.train_steps=300", "data.seq_len=64", "data.max_predictions=10",
-         "train.micro_batch_size=8", "train.warmup_steps=30", "train.log_interval=50", "train.eval_interval=300"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    args = ["--skip-install", "--work-dir", str(work), "--input", str(corpus), "--vocab-size", "1000", "--",
+            "train.train_steps=300", "data.seq_len=64", "data.max_predictions=10", "train.micro_batch_size=8",
+            "train.warmup_steps=30", "train.log_interval=50", "train.eval_interval=300"]
+    result = doc_block("quickstart").run(REPO, append=" ".join(args), env={"MASTER_PORT": str(free_port())})
     stages = re.findall(r"^== (\d)/8", result.stdout, flags=re.M)
     assert stages == [str(i) for i in range(1, 9)], stages
     summary = re.search(r"^done: step 300 \(300 this run, [\d.]+ min\) \| last loss [\d.]+ \| last validation loss "

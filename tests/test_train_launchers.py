@@ -1,74 +1,72 @@
-"""The launchers: deepspeed, mpirun (ranks through mpi4py) and torchrun each start two data-parallel CPU ranks
-that reproduce one process with the same global batch (one variant per launcher; the warm runs of
-tests/runs.py cover the variants under every other layout)."""
+"""The documents' launch commands, as written, on two local CPU ranks: the README's deepspeed command, and
+docs/cluster.md's deepspeed with a hostfile, mpirun with a hostfile (ranks through mpi4py) and torchrun's
+two-node command as two torchrun processes meeting at a c10d rendezvous on localhost. Each run reproduces one
+process with the same global batch (the warm runs of tests/runs.py cover the variants under every layout)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, tiny_train_overrides
 from .distributed import free_port
-from .runs import run_pretraining
+from .doc_commands import doc_block, doc_workspace
+from .runs import losses, records, run_pretraining
 
-SCRIPT = str(REPO / "megatron_narrow/pretrain.py")
-CONFIG = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"),
-          "--deepspeed_config", str(REPO / "ds_configs/zero0.json")]
-
-
-def launch(launcher: str, ranks: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    port = str(free_port())
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(name, None)
-    if launcher == "deepspeed":
-        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--master_port", port, SCRIPT]
-    elif launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_addr", "127.0.0.1", "--master_port", port, SCRIPT]
-    else:
-        assert launcher == "mpirun", launcher
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
-                   OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo")
-        command = ["mpirun", "-np", str(ranks), "--oversubscribe", "-x", "MASTER_ADDR", "-x", "MASTER_PORT",
-                   "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", sys.executable, SCRIPT]
-    result = subprocess.run([*command, *CONFIG, *overrides], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{launcher} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def losses(save_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
-NO_DROPOUT = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0"}
 STEPS = 6
+TINY = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "train.global_batch_size": "16",
+        "train.precision": "fp32"}  # the base configs train bf16; fp32 keeps the comparison at 1e-5
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
+           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+# DeepSpeed checks a hostfile's nodes over passwordless ssh: here the node is this machine (tests/simulated_node/ssh)
+SSH_TO_THIS_MACHINE = {"PATH": f"{REPO / 'tests/simulated_node'}:{os.environ['PATH']}"}
+NARROWBERT_BASE = "examples/configs/narrowbert_base.yaml"
+# doc block -> (its config, the variant it trains, what shrinks it to two local ranks)
+LAUNCHES = {
+    "readme-pretrain": ("examples/configs/tiny_cpu.yaml", "token_drop",
+                        {"train.train_steps=200": f"train.train_steps={STEPS}"}),
+    "cluster-deepspeed-hostfile": (NARROWBERT_BASE, "narrow", {"examples/hostfile.example": "hostfile",
+                                                               "train.save_dir=/shared/runs/nb": ""}),
+    "cluster-mpirun": (NARROWBERT_BASE, "narrow", {"-np 16": "-np 2"}),
+    "cluster-torchrun": (NARROWBERT_BASE, "narrow", {"--nproc_per_node 8": "--nproc_per_node 1"}),
+}
 
 
-@pytest.mark.parametrize(("launcher", "variant"), [("deepspeed", "bert"), ("mpirun", "narrow"),
-                                                   ("torchrun", "token_drop")])
-def test_two_ranks_under_each_launcher_equal_one_process(tmp_path, tiny_corpus_data, launcher, variant):
-    """Each launcher starts two data-parallel ranks that find their rank (through the launcher's environment,
-    or mpi4py under mpirun) and read different halves of every global batch: their per-step losses equal one
-    process with the same global batch at 1e-5. Two ranks reading the same data, or one rank training
-    alone, would give other losses."""
+def launch(name: str, work: Path, data, save_dir: Path) -> str:
+    """Run the block `name` in `work` with the tiny overrides appended; returns its output."""
+    config, variant, replace = LAUNCHES[name]
+    block = doc_block(name)
+    append = " ".join(tiny_train_overrides(data, save_dir, variant, steps=STEPS, **TINY))
+    if name == "cluster-torchrun":  # two nodes: the same command twice, one rendezvous
+        replace = {**replace, "HOST:29500": f"127.0.0.1:{free_port()}"}
+        nodes = [block.start(work, replace=replace, append=append) for _ in range(2)]
+        return "".join(block.finish(node, timeout=300).stderr for node in nodes)
+    env = {"cluster-mpirun": MPI_ENV, "cluster-deepspeed-hostfile": SSH_TO_THIS_MACHINE}.get(name, {})
+    return block.run(work, replace=replace, append=append, env=env, timeout=300).stderr
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_documented_launch_on_two_ranks_equals_one_process(name, tmp_path, tiny_corpus_data):
+    """Two data-parallel ranks find their rank (from the launcher's environment, mpi4py, or the c10d rendezvous)
+    and read different halves of every global batch: their per-step losses equal one process with the same
+    global batch at 1e-5. Two ranks reading the same data, or one rank training alone, would give other losses."""
+    config, variant, _ = LAUNCHES[name]
+    work = doc_workspace(tmp_path / "work")
+    (work / "hostfile").write_text("localhost slots=2\n")  # the deepspeed launcher's format
+    (work / "hosts").write_text("localhost slots=2\n")  # Open MPI's
     single = tmp_path / "single"
-    run_pretraining([*CONFIG, *tiny_train_overrides(
-        tiny_corpus_data, single, variant, steps=STEPS, **{**NO_DROPOUT, "train.micro_batch_size": "16"})])
+    run_pretraining(["--config", str(REPO / config), "--deepspeed_config", str(REPO / "ds_configs/zero1.json"),
+                     *tiny_train_overrides(tiny_corpus_data, single, variant, steps=STEPS,
+                                           **{**TINY, "train.micro_batch_size": "16"})])
     parallel = tmp_path / "dp2"
-    result = launch(launcher, 2, tiny_train_overrides(tiny_corpus_data, parallel, variant, steps=STEPS, **NO_DROPOUT))
+    stderr = launch(name, work, tiny_corpus_data, parallel)
     a, b = losses(single), losses(parallel)
-    assert len(a) == len(b) == STEPS
-    for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
-        assert abs(x - y) <= 1e-5, f"{launcher}/{variant} step {step}: one process {x!r}, two ranks {y!r}"
-    assert a[-1] < a[0], "the tiny run must learn"
-    records = [json.loads(line) for line in (parallel / "metrics.jsonl").read_text().splitlines()]
-    assert [r["consumed_samples"] for r in records] == [16 * step for step in range(1, STEPS + 1)]
-    assert "Traceback" not in result.stderr
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, f"{name} step {step}: one process {a[step]!r}, two ranks {b[step]!r}"
+    assert a[STEPS] < a[1], "the tiny run must learn"
+    assert [r["consumed_samples"] for r in records(parallel)] == [16 * step for step in range(1, STEPS + 1)]
+    assert "Traceback" not in stderr
+

@@ -118,7 +118,7 @@ LAYOUT_CHANGES = {
     "dp1_to_dp2_zero1": ("token_drop", "zero1.json", (1, {}), (2, {})),
     "dp2_to_dp1_zero2": ("narrow", "zero2.json", (2, {}), (1, {})),
     "dp1_to_dp2_zero2": ("narrow", "zero2.json", (1, {}), (2, {})),
-    "tp2_to_tp1_zero1_repadded": ("narrow", "zero1.json", (2, {"parallel.tensor_parallel": "2", **ODD_VOCAB}),
+    "tp2_to_tp1_zero1_repadded": ("token_drop", "zero1.json", (2, {"parallel.tensor_parallel": "2", **ODD_VOCAB}),
                                   (1, ODD_VOCAB)),
 }
 

@@ -20,3 +20,7 @@ PIP="python -m pip install --quiet --disable-pip-version-check"
 TORCH_PIN="${MEGATRON_NARROW_TORCH:-torch==2.13.0}"
 python -c "import torch" 2>/dev/null || $PIP "$TORCH_PIN"
 $PIP -e ".[test,hf,wandb]"
+
+# DeepSpeed JIT-compiles its CPU shared-memory collective the first time a process group starts (~30 s on
+# two cores, cached under ~/.cache/torch_extensions): build it here, once, rather than inside the first run.
+DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null

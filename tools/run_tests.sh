@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 python -m ruff check .
-python -m pytest -q tests --durations=15 "$@"
+python -m pytest -q tests --durations=25 "$@"
