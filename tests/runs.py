@@ -88,11 +88,12 @@ class WarmRun:
     def pid(self) -> int:
         return self.processes[0].pid
 
-    def send_signal(self, signum: int, *, group: bool = False) -> None:
-        """`signum` to every rank; with group=True to each rank's process group (its DataLoader workers too),
-        as a terminal's Ctrl-C or SLURM's --signal delivers it."""
-        for process in self.processes:
-            (os.killpg if group else os.kill)(process.pid, signum)
+    def send_signal(self, signum: int, *, group: bool = False, ranks: list[int] | None = None) -> None:
+        """`signum` to every rank (or to `ranks` only); with group=True to each rank's process group (its
+        DataLoader workers too), as a terminal's Ctrl-C or SLURM's --signal delivers it."""
+        for rank, process in enumerate(self.processes):
+            if ranks is None or rank in ranks:
+                (os.killpg if group else os.kill)(process.pid, signum)
 
     def poll(self) -> int | None:
         codes = [p.exitcode for p in self.processes]

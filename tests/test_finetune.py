@@ -300,8 +300,9 @@ def regression_examples(count: int, seed: int) -> list[dict]:
 
 def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_path):
     """task.kind=regression: one output and an MSE loss; Pearson/Spearman (and MSE) on the valid file, the export
-    a stock BertForSequenceClassification with problem_type regression, and the prediction tool its scores."""
-    from transformers import AutoModelForSequenceClassification
+    a stock BertForSequenceClassification with problem_type regression whose outputs are our scores, and the
+    prediction tool its scores."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root = tmp_path / "data"
     root.mkdir()
@@ -317,6 +318,14 @@ def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_
     assert hf.config.problem_type == "regression" and hf.config.num_labels == 1
     ours = [json.loads(line)["prediction"] for line in (save_dir / "valid_predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(p, float) for p in ours)
+    # stock transformers' outputs on the export are our model's scores, to fp32 rounding
+    texts = [json.loads(line)["sentence"] for line in files["valid"].read_text().splitlines()]
+    encoded = AutoTokenizer.from_pretrained(save_dir / "hf")(texts, padding=True, truncation=True, max_length=32,
+                                                              return_tensors="pt")
+    with torch.no_grad():
+        stock = hf.eval()(**encoded).logits[:, 0]
+    assert stock.tolist() == pytest.approx(ours, abs=1e-5)
+    assert max(ours) - min(ours) > 1.0, "the scores must spread over the 0-3 range, not sit at one value"
     output = tmp_path / "predictions.jsonl"
     tool = load_tool("predict")  # --text-field and --max-seq-len default to the fine-tuning run's (sentence, 32)
     assert tool.main(["--model", str(save_dir / "hf"), "--input", str(files["valid"]), "--output", str(output)]) == 0

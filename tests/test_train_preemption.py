@@ -1,4 +1,5 @@
-"""SIGTERM (cluster preemption) checkpoints and exits cleanly; a run can start from a Hugging Face directory."""
+"""SIGTERM (cluster preemption) and Ctrl-C checkpoint and exit cleanly, also when the signal reaches one rank only; a
+second Ctrl-C stops at once; a run can start from a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ from .conftest import REPO
 from .runs import STEPS, latest, losses, pretrain_argv, run_pretraining, start_pretraining
 
 
-def stop_mid_run(argv: list[str], save_dir, signum: int, *, group: bool) -> tuple[int, str, int]:
-    """Start a run, send `signum` once two steps are logged (to its whole process group, as a terminal's Ctrl-C
-    or SLURM's --signal does, or to the main process only); returns (exit code, output, last logged step)."""
-    process = start_pretraining(argv)
+def start_and_wait_for_two_steps(argv: list[str], save_dir, world: int = 1):
+    """A started run that has logged two steps."""
+    process = start_pretraining(argv, world=world)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 2:
             break
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before the signal"
+    return process
+
+
+def stop_mid_run(argv: list[str], save_dir, signum: int, *, group: bool) -> tuple[int, str, int]:
+    """Start a run, send `signum` once two steps are logged (to its whole process group, as a terminal's Ctrl-C
+    or SLURM's --signal does, or to the main process only); returns (exit code, output, last logged step)."""
+    process = start_and_wait_for_two_steps(argv, save_dir)
     process.send_signal(signum, group=group)
     code = process.wait()
     output = process.output()
@@ -50,6 +57,48 @@ def test_signal_checkpoints_then_the_rerun_equals_an_uninterrupted_run(tmp_path,
     output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **workers))
     assert f"resumed from step {stopped_at}" in output
     assert losses(save_dir) == losses(reference_runs("narrow"))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_corpus_data):
+    """Ctrl-C twice, as a user does (the second after the first was acknowledged): the first asks for a checkpoint
+    at the end of the step, the second exits 130 at once, before that step ends (long steps here: 8 micro-batches
+    of 64 rows), and no checkpoint is written."""
+    save_dir = tmp_path / "run"
+    process = start_and_wait_for_two_steps(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
+        "train.train_steps": "1000", "train.save_interval": "0", "train.micro_batch_size": "64",
+        "train.global_batch_size": "512"}), save_dir)
+    process.send_signal(signal.SIGINT, group=True)
+    deadline = time.monotonic() + 30
+    while "interrupt: saving a checkpoint" not in process.output():
+        assert time.monotonic() < deadline and process.poll() is None, process.output()[-2000:]
+        time.sleep(0.005)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT, group=True)
+    assert process.wait() == 130
+    assert time.monotonic() - sent < 2.0, "the second Ctrl-C must not wait for the step or the save"
+    output = process.output()
+    assert "second interrupt: stopping now, without a checkpoint" in output, output[-2000:]
+    assert "checkpoint saved" not in output and latest(save_dir) is None
+
+
+def test_sigterm_to_one_rank_checkpoints_every_rank(tmp_path, tiny_corpus_data):
+    """SIGTERM reaches rank 1 of two only (a node's agent signals its own processes): the ranks agree at the next
+    step boundary (an all-reduce of the flag), both write their part of one checkpoint (ZeRO-1: an optimizer
+    shard each) and exit 75; the rerun resumes from it and finishes."""
+    save_dir = tmp_path / "run"
+    argv = pretrain_argv(tiny_corpus_data, save_dir, "narrow", ds_config=str(REPO / "ds_configs/zero1.json"),
+                         **{"train.train_steps": "40", "train.save_interval": "0"})
+    process = start_and_wait_for_two_steps(argv, save_dir, world=2)
+    process.send_signal(signal.SIGTERM, ranks=[1])
+    assert process.wait() == 75 and [p.exitcode for p in process.processes] == [75, 75]
+    stopped_at = max(losses(save_dir))
+    assert f"signal on another rank: checkpoint saved at step {stopped_at}" in process.output(0), process.output(0)
+    tag = save_dir / "checkpoints" / f"step_{stopped_at:07d}"
+    assert latest(save_dir) == tag.name and (tag / "complete.json").is_file()
+    assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    output = run_pretraining(argv, world=2)
+    assert f"resumed from step {stopped_at}" in output and max(losses(save_dir)) == 40
 
 
 def test_init_from_hugging_face_starts_from_its_weights(tmp_path, tiny_corpus_data, reference_runs):
