@@ -85,14 +85,14 @@ def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "
 def reference_runs(tmp_path_factory, tiny_corpus_data):
     """Uninterrupted 10-step runs (checkpoints every 3 steps, the last two kept), one per variant, made once
     and shared: resume, preemption and conversion tests copy a run's save_dir and compare against it."""
-    from .runs import pretrain_argv, run_pretraining
+    from .runs import pretrain_argv, run_to_end
 
     made: dict[tuple[str, str], Path] = {}
 
     def get(variant: str, packing: str = "none") -> Path:
         if (variant, packing) not in made:
             save_dir = tmp_path_factory.mktemp(f"reference_{variant}_{packing}")
-            run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, variant, **{"data.packing": packing}))
+            run_to_end(pretrain_argv(tiny_corpus_data, save_dir, variant, **{"data.packing": packing}))
             made[variant, packing] = save_dir
         return made[variant, packing]
 

@@ -1,10 +1,14 @@
-"""Start pretraining the way the tests need it, and read what it wrote: one helper for every test.
+"""Start pretraining and fine-tuning runs, and the tools, the way the tests need them; read what they wrote. The
+one place tests start any of these:
 
-    run = start_pretraining(argv, world=2)          # warm ranks forked from the preloaded fork server
+    run = start_run(argv, world=2)          # warm ranks forked from the preloaded fork server
     assert run.wait() == 0, run.output()
+    output = run_to_end(argv, entry="finetune", world=2)
+    code = run_in_this_process(argv, monkeypatch)  # refusals: no rank process, no process group allowed
+    code = run_tool("verify_data", [str(data_dir)])
     losses(save_dir), records(save_dir), latest(save_dir)
 
-`start_pretraining` forks each rank from the fork server of tests/distributed.py, which has torch, torch._dynamo
+`start_run` forks each rank from the fork server of tests/distributed.py, which has torch, torch._dynamo
 and deepspeed imported already: a run costs its work, not ~4 s of imports. Every rank is a real process
 running the entry point's `main(argv)` with the environment a launcher gives it (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR/PORT), so tests can signal or kill it, and it exits with the entry point's exit code. The
@@ -13,6 +17,8 @@ launchers themselves (deepspeed, mpirun, torchrun) are tested in test_train_laun
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +56,8 @@ def allow_fp16_on_this_cpu() -> None:
     CPU_Accelerator.is_fp16_supported = lambda self: True
 
 
-def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str, fp16_on_cpu: bool) -> None:
+def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str,
+               before_main: Callable[[], None] | None) -> None:
     """A rank: the caller's environment, output to a file, then the entry point as `python entry.py argv` runs it."""
     os.environ.clear()
     os.environ.update(env)
@@ -64,16 +72,18 @@ def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str, fp16_
     import torch
 
     torch.set_num_threads(1)
-    if fp16_on_cpu:
-        allow_fp16_on_this_cpu()
-    if entry == "finetune":
-        from megatron_narrow import finetune as module
-    else:
-        from megatron_narrow import pretrain as module
+    if before_main is not None:
+        before_main()
     from megatron_narrow.pretrain import exit_now
 
     sys.argv = [f"{entry}.py", *argv]
-    exit_now(module.main(argv))
+    exit_now(entry_point(entry).main(argv))
+
+
+def entry_point(entry: str):
+    """megatron_narrow.pretrain or megatron_narrow.finetune."""
+    assert entry in ("pretrain", "finetune"), entry
+    return importlib.import_module(f"megatron_narrow.{entry}")
 
 
 @dataclass
@@ -120,10 +130,10 @@ class WarmRun:
         return self.logs[rank].read_text(errors="replace") if self.logs[rank].exists() else ""
 
 
-def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None,
-                      entry: str = "pretrain", fp16_on_cpu: bool = False) -> WarmRun:
-    """Start `world` ranks of megatron_narrow/{entry}.py with `argv`, as a launcher would, from warm processes
-    (with fp16_on_cpu: see allow_fp16_on_this_cpu)."""
+def start_run(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None, entry: str = "pretrain",
+              before_main: Callable[[], None] | None = None) -> WarmRun:
+    """Start `world` ranks of megatron_narrow/{entry}.py with `argv`, as a launcher would, from warm processes.
+    `before_main`, a module-level function, runs in each rank first (allow_fp16_on_this_cpu, say)."""
     workdir = Path(tempfile.mkdtemp(prefix="warm_run_"))
     base = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
@@ -135,7 +145,7 @@ def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | 
     for rank in range(world):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         log = workdir / f"rank{rank}.log"
-        process = ctx.Process(target=_rank_main, args=(entry, argv, rank_env, str(log), fp16_on_cpu),
+        process = ctx.Process(target=_rank_main, args=(entry, argv, rank_env, str(log), before_main),
                               name=f"rank{rank}")
         process.start()
         run.processes.append(process)
@@ -143,16 +153,59 @@ def start_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | 
     return run
 
 
-def run_pretraining(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None, expect: int = 0,
-                    entry: str = "pretrain", timeout: float = 300, fp16_on_cpu: bool = False) -> str:
+def run_to_end(argv: list[str], *, world: int = 1, env: dict[str, str] | None = None, expect: int = 0,
+               entry: str = "pretrain", timeout: float = 300, before_main: Callable[[], None] | None = None) -> str:
     """Run to the end; assert the exit code and return rank 0's output."""
-    run = start_pretraining(argv, world=world, env=env, entry=entry, fp16_on_cpu=fp16_on_cpu)
+    run = start_run(argv, world=world, env=env, entry=entry, before_main=before_main)
     code = run.wait(timeout)
     output = run.output()
     assert code == expect, f"exit code {code}, expected {expect}; rank 0 output:\n{output[-4000:]}" + (
         f"\nrank 1:\n{run.output(1)[-3000:]}" if world > 1 else "")
     shutil.rmtree(run.workdir, ignore_errors=True)
     return output
+
+
+def run_in_this_process(argv: list[str], monkeypatch, *, entry: str = "pretrain", world: int = 1) -> int:
+    """The entry point's exit code for `argv`, called in this process as rank 0 of `world`, for runs that must be
+    refused before they start: any process-group work fails the test (a refusal comes first)."""
+    import torch.distributed
+
+    from megatron_narrow.training import loop
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("process-group work began before the run was refused")
+
+    monkeypatch.setattr(loop, "init_distributed", no_process_group)
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_process_group)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for variable in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    return entry_point(entry).main(argv)
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    """tools/NAME.py's exit code for `argv`, run in this process (its main(argv) is the command line)."""
+    module = sys.modules.get(f"tool_{name}")
+    if module is None:
+        spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module
+    return module.main(argv)
+
+
+def kill_once_checkpointed(argv: list[str], save_dir: Path, step: int, *, world: int = 1) -> int:
+    """Start a run and SIGKILL every rank (and its DataLoader workers) once checkpoint `step` is the latest;
+    returns the step of the latest checkpoint left behind (`step`, or a later one on a machine slow to kill)."""
+    run = start_run(argv, world=world)
+    deadline = time.monotonic() + 300
+    while latest(save_dir) != f"step_{step:07d}" and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "training ended before it could be killed"
+    run.send_signal(signal.SIGKILL, group=True)
+    run.wait()
+    return int(latest(save_dir).removeprefix("step_"))
 
 
 def records(save_dir: Path) -> list[dict]:

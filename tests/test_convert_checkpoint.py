@@ -5,10 +5,6 @@ logits equal those of our TP=2 model on the checkpoint's own shards, with a work
 from __future__ import annotations
 
 import json
-import os
-import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 
 from .conftest import REPO, run_fresh_python, tiny_train_overrides
 from .distributed import run_distributed
-from .runs import run_pretraining
+from .runs import run_to_end, run_tool
 
 TOL = 1e-5
 VOCAB = 1000
@@ -43,12 +39,6 @@ def _ds_config(tmp: Path, name: str) -> Path:
     return path
 
 
-def convert(save_dir: Path, output: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--checkpoint",
-                           str(save_dir), "--output", str(output)], env=env, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_corpus_data) -> dict[str, tuple[Path, Path]]:
     """name -> (save_dir, converted HF directory) for every run in RUNS: 2 steps each, dropout off."""
@@ -62,12 +52,8 @@ def converted(tmp_path_factory, tiny_corpus_data) -> dict[str, tuple[Path, Path]
             "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "parallel.tensor_parallel": str(tp)})
         argv = ["--config", str(REPO / "examples/configs/tiny_cpu.yaml"), "--deepspeed_config",
                 str(_ds_config(root, ds_name)), *overrides]
-        run_pretraining(argv, world=2, timeout=240)
-        if name == "bert_tp2":  # the command-line tool, as users run it
-            result = convert(save_dir, root / f"hf_{name}")
-            assert result.returncode == 0, result.stderr[-3000:]
-        else:  # the same function in-process (saves a process start)
-            convert_checkpoint(save_dir, root / f"hf_{name}")
+        run_to_end(argv, world=2, timeout=240)
+        convert_checkpoint(save_dir, root / f"hf_{name}")  # the command line: tests/test_doc_commands.py
         out[name] = (save_dir, root / f"hf_{name}")
     return out
 
@@ -238,8 +224,7 @@ def test_step_directory_and_errors(converted, tmp_path, capsys):
     assert read_checkpoint_info(converted["bert_dp2_zero3"][0]).zero_stage == 3
     with pytest.raises(CheckpointError, match="neither"):
         resolve_checkpoint(tmp_path)
-    tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
-    assert tool["main"](["--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert run_tool("convert_checkpoint_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "neither a checkpoint directory" in capsys.readouterr().err
 
 
@@ -251,13 +236,12 @@ def test_missing_optimizer_shard_is_one_line_naming_the_checkpoint(converted, tm
 
     step = shutil.copytree(step_dir(converted["bert_dp2_zero2"][0]), tmp_path / "step_0000002")
     (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
     capsys.readouterr()
-    assert tool["main"](["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
+    assert run_tool("convert_checkpoint_to_hf", ["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in err[0], err
     (step / "complete.json").unlink()
-    assert tool["main"](["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
+    assert run_tool("convert_checkpoint_to_hf", ["--checkpoint", str(step), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # DeepSpeed's loading progress bar may come first
     assert [line for line in err if line.startswith("error:")] == err[-1:], err
     assert str(step) in err[-1] and "optimizer shards" in err[-1] and "/tmp/mp_rank_" not in err[-1], err

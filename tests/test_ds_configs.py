@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
-from .runs import pretrain_argv, run_pretraining
+from .runs import allow_fp16_on_this_cpu, pretrain_argv, run_to_end
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 IDS = [path.stem for path in CONFIGS]
@@ -100,12 +100,12 @@ def test_deepspeed_parses_the_completed_config(path, precision, data_parallel, m
             assert offload is None or offload.device == "none"
 
 
-def train(save_dir: Path, data, config: Path, precision: str, ranks: int) -> list[dict]:
-    """STEPS optimizer steps on the CPU; the records of metrics.jsonl."""
-    run_pretraining(pretrain_argv(data, save_dir, ds_config=str(config), **{
+def train(save_dir: Path, data, config: Path, precision: str, ranks: int, **extra: str) -> list[dict]:
+    """STEPS optimizer steps on the CPU, dropout off; the records of metrics.jsonl."""
+    run_to_end(pretrain_argv(data, save_dir, ds_config=str(config), **{
         "train.train_steps": str(STEPS), "train.precision": precision, "train.save_interval": "0",
-        "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0"}), world=ranks,
-        fp16_on_cpu=precision == "fp16")
+        "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", **extra}), world=ranks,
+        before_main=allow_fp16_on_this_cpu if precision == "fp16" else None)
     return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -167,6 +167,16 @@ def test_config_trains_on_the_cpu(path, precision, ranks, tmp_path_factory, tiny
             f"{path.name} step {step}: bf16 {got!r}, fp32 {expected!r}")
 
 
+def test_activation_checkpointing_under_zero2_equals_keeping_everything(tmp_path, tiny_corpus_data,
+                                                                         tmp_path_factory):
+    """train.activation_checkpointing=full with ZeRO-2 on two ranks (gradients of recomputed layers reduced and
+    partitioned): the per-step losses equal the run that keeps every activation, bit for bit."""
+    kept = losses_of(tmp_path_factory, tiny_corpus_data, "zero2", "fp32", 2)
+    records = train(tmp_path / "full", tiny_corpus_data, REPO / "ds_configs/zero2.json", "fp32", 2,
+                    **{"train.activation_checkpointing": "full"})
+    assert [r["loss"] for r in records if "loss" in r] == kept
+
+
 def test_lamb_run_follows_the_update_rule_step_by_step(tmp_path, tiny_corpus_data):
     """train.optimizer=lamb in a real run (ZeRO-0, fp32, checkpoints after every step): for each of steps 2-4 the
     saved weights equal LAMB's rule (tests/test_lamb.py's by-hand form, here in float64 over every tensor)
@@ -180,7 +190,7 @@ def test_lamb_run_follows_the_update_rule_step_by_step(tmp_path, tiny_corpus_dat
     from megatron_narrow.training.optim import lr_multiplier, parameter_groups
 
     save_dir = tmp_path / "lamb"
-    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, ds_config=str(REPO / "ds_configs/zero0.json"), **{
+    run_to_end(pretrain_argv(tiny_corpus_data, save_dir, ds_config=str(REPO / "ds_configs/zero0.json"), **{
         "train.train_steps": str(STEPS), "train.optimizer": "lamb", "train.lr": "0.05", "train.save_interval": "1",
         "train.keep_last": "10"}), world=1)
     states = [torch.load(save_dir / f"checkpoints/step_{step:07d}/mp_rank_00_model_states.pt", map_location="cpu",

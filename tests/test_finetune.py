@@ -20,7 +20,7 @@ from megatron_narrow.tasks.predict import load_classifier
 
 from .conftest import REPO, run_fresh_python
 from .doc_commands import doc_block, doc_workspace
-from .runs import pretrain_argv, run_pretraining
+from .runs import pretrain_argv, run_in_this_process, run_to_end, run_tool
 
 FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
           "default", "path", "module", "class", "method", "number", "time", "line", "is", "of", "to", "a", "in"]
@@ -61,16 +61,6 @@ def ner_examples(count: int, seed: int) -> list[dict]:
     return out
 
 
-def load_tool(name: str):
-    """A tools/NAME.py script as a module (its main(argv) is the command line)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_conll(path: Path, examples: list[dict]) -> Path:
     path.write_text("-DOCSTART- O\n\n" + "".join(
         "".join(f"{w} {t}\n" for w, t in zip(e["tokens"], e["tags"], strict=True)) + "\n" for e in examples))
@@ -102,7 +92,7 @@ def finetune(save_dir: Path, init_from: Path, **settings: str) -> dict:
                  "train.lr": "1.0e-3", "train.warmup_steps": "10", "train.log_interval": "10",
                  "train.weight_decay": "0.0", **settings}
     argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *(f"{k}={v}" for k, v in overrides.items())]
-    run_pretraining(argv, world=2, entry="finetune", timeout=400)
+    run_to_end(argv, world=2, entry="finetune", timeout=400)
     return json.loads((save_dir / "eval_results.json").read_text())
 
 
@@ -160,10 +150,9 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
         assert result.stderr.strip() == "", result.stderr
 
     # the batch prediction tool reloads the export into our model code: the run's predictions again
-    tool = load_tool("predict")
     output = tmp_path / "predictions.jsonl"
-    assert tool.main(["--model", str(hf_dir), "--input", str(sentiment_files["valid"]), "--output", str(output),
-                      "--max-seq-len", "32"]) == 0
+    assert run_tool("predict", ["--model", str(hf_dir), "--input", str(sentiment_files["valid"]), "--output",
+                                str(output), "--max-seq-len", "32"]) == 0
     assert [json.loads(line)["prediction"] for line in output.read_text().splitlines()] == ours
 
 
@@ -209,7 +198,7 @@ def test_ner_learns_span_f1_and_exports(variant, tiny_hf_models, tmp_path):
     words_only = tmp_path / "words.conll"
     words_only.write_text("".join("".join(f"{w}\n" for w in e["tokens"]) + "\n" for e in valid_examples))
     output = tmp_path / "tags.jsonl"
-    assert load_tool("predict").main(["--model", str(hf_dir), "--input", str(words_only), "--output", str(output),
+    assert run_tool("predict", ["--model", str(hf_dir), "--input", str(words_only), "--output", str(output),
                                       "--max-seq-len", "40"]) == 0
     assert [json.loads(line)["predictions"] for line in output.read_text().splitlines()] == \
         [r["predictions"] for r in records]
@@ -223,7 +212,7 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     work = doc_workspace(tmp_path / "work")
-    run_pretraining(pretrain_argv(tiny_corpus_data, work / "runs/narrowbert_base", "token_drop",
+    run_to_end(pretrain_argv(tiny_corpus_data, work / "runs/narrowbert_base", "token_drop",
                                   ds_config=str(REPO / "ds_configs/zero1.json"),
                                   **{"train.train_steps": "2", "train.save_interval": "0"}))
     rng = random.Random(3)
@@ -274,13 +263,10 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
     ({"model.init_from": "{tmp}", "task.train_file": "{tmp}/config.json"}, "config.json lacks ['vocab_size'"),
 ])
 def test_bad_finetune_runs_are_refused_in_one_line(overrides, expected, tmp_path, capsys, monkeypatch):
-    from megatron_narrow import finetune as entry
-
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
             *(f"{k}={v.format(tmp=tmp_path)}" for k, v in overrides.items())]
     (tmp_path / "config.json").write_text("{}")  # an HF directory that is never reached
-    assert entry.main(argv) == 2
+    assert run_in_this_process(argv, monkeypatch, entry="finetune") == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
@@ -327,10 +313,11 @@ def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_
     assert stock.tolist() == pytest.approx(ours, abs=1e-5)
     assert max(ours) - min(ours) > 1.0, "the scores must spread over the 0-3 range, not sit at one value"
     output = tmp_path / "predictions.jsonl"
-    tool = load_tool("predict")  # --text-field and --max-seq-len default to the fine-tuning run's (sentence, 32)
-    assert tool.main(["--model", str(save_dir / "hf"), "--input", str(files["valid"]), "--output", str(output)]) == 0
+    # --text-field and --max-seq-len default to the fine-tuning run's (sentence, 32)
+    assert run_tool("predict", ["--model", str(save_dir / "hf"), "--input", str(files["valid"]), "--output",
+                                str(output)]) == 0
     predicted = [json.loads(line)["prediction"] for line in output.read_text().splitlines()]
     assert predicted == pytest.approx(ours, abs=1e-5)
     (tmp_path / "pretraining" / "checkpoints").mkdir(parents=True)  # a pretraining save_dir, not an export
-    assert tool.main(["--model", str(tmp_path / "pretraining"), "--input", str(files["valid"]), "--output",
+    assert run_tool("predict", ["--model", str(tmp_path / "pretraining"), "--input", str(files["valid"]), "--output",
                       str(output)]) == 2

@@ -138,18 +138,16 @@ def test_a_changed_dataset_changes_the_key(tiny_corpus_data, documents, tmp_path
 
 
 def test_build_index_tool_builds_what_a_run_opens(tiny_corpus_data, tmp_path, monkeypatch, capsys):
-    import runpy
-
     from megatron_narrow.config import load_run_config
     from megatron_narrow.training.data import build_datasets
 
     from .conftest import REPO, tiny_train_overrides
+    from .runs import run_tool
 
     overrides = tiny_train_overrides(tiny_corpus_data, tmp_path / "run", **{
         "data.packing": "segments", "data.index_cache_dir": str(tmp_path / "cache")})
     config = str(REPO / "examples/configs/tiny_cpu.yaml")
-    tool = runpy.run_path(str(REPO / "tools/build_index.py"))
-    assert tool["main"](["--config", config, *overrides]) == 0
+    assert run_tool("build_index", ["--config", config, *overrides]) == 0
     out = capsys.readouterr().out
     assert "train:" in out and "segments packing" in out and str(tmp_path / "cache") in out
 
@@ -159,7 +157,7 @@ def test_build_index_tool_builds_what_a_run_opens(tiny_corpus_data, tmp_path, mo
     data = build_datasets(run.data, run.model, run.train, 10)
     assert built == [], "a run after build_index must open the cache, not build"
     assert data.train.cache_entry.parent == tmp_path / "cache" and len(data.train) > 0
-    assert tool["main"](["--config", config, *overrides, "data.max_predictions=9"]) == 2
+    assert run_tool("build_index", ["--config", config, *overrides, "data.max_predictions=9"]) == 2
     assert "too small for data.packing=segments" in capsys.readouterr().err
 
 

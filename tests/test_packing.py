@@ -246,12 +246,9 @@ def test_real_token_fraction_is_what_the_rows_hold(documents, packing):
 
 
 def test_data_stats_tool_prints_each_mode(tiny_corpus_data, documents, capsys):
-    import runpy
+    from .runs import run_tool
 
-    from .conftest import REPO
-
-    tool = runpy.run_path(str(REPO / "tools/data_stats.py"))
-    assert tool["main"]([str(tiny_corpus_data["data"]), "--seq-len", str(SEQ)]) == 0
+    assert run_tool("data_stats", [str(tiny_corpus_data["data"]), "--seq-len", str(SEQ)]) == 0
     out = capsys.readouterr().out
     assert f"{len(documents):,} documents" in out and "p50" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["none"], ["concat"],
@@ -259,5 +256,5 @@ def test_data_stats_tool_prints_each_mode(tiny_corpus_data, documents, capsys):
     for packing in ("none", "concat", "segments"):
         ds = dataset(documents, packing)
         assert rows[packing][1] == f"{len(ds):,}" and rows[packing][2] == f"{ds.real_token_fraction():.1%}"
-    assert tool["main"]([str(tiny_corpus_data["root"] / "nowhere")]) == 1
+    assert run_tool("data_stats", [str(tiny_corpus_data["root"] / "nowhere")]) == 1
     assert capsys.readouterr().err.startswith("error:")

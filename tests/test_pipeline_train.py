@@ -5,8 +5,6 @@ after SIGKILL; a TP=2 x PP=2 checkpoint converts to Hugging Face with the single
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +15,12 @@ from .runs import (
     SAVE_EVERY,
     STEPS,
     assert_same_weights,
+    kill_once_checkpointed,
     latest,
     losses,
     pretrain_argv,
     records,
-    run_pretraining,
-    start_pretraining,
+    run_to_end,
 )
 
 TOL = 1e-5
@@ -41,7 +39,7 @@ def argv(data, save_dir: Path, variant: str, pipeline: int, tensor: int, **extra
 def train(data, save_dir: Path, variant: str, pipeline: int, tensor: int, world: int | None = None,
           **extra: str) -> dict[int, float]:
     """Run to the end on pipeline x tensor ranks (or `world`); its per-step losses."""
-    run_pretraining(argv(data, save_dir, variant, pipeline, tensor, **extra), world=world or pipeline * tensor)
+    run_to_end(argv(data, save_dir, variant, pipeline, tensor, **extra), world=world or pipeline * tensor)
     return losses(save_dir)
 
 
@@ -100,17 +98,12 @@ def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
     """SIGKILL both ranks of a PP=2 run (and their process groups) once step 6 is checkpointed; the resumed
     run says where it resumed and its losses equal the uninterrupted PP=2 run's bit for bit."""
     save_dir = runs["pp2"].parent / f"{runs['pp2'].name}_killed"
-    run = start_pretraining(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), world=2)
-    deadline = time.monotonic() + 300
-    while latest(save_dir) != f"step_{KILL_AFTER:07d}" and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert run.poll() is None, "training ended before it could be killed"
-    run.send_signal(signal.SIGKILL, group=True)
-    run.wait()
-    resume_from = int(latest(save_dir).removeprefix("step_"))  # 6, or 9 on a machine slow to deliver the kill
+    # 6, or 9 on a machine slow to deliver the kill
+    resume_from = kill_once_checkpointed(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), save_dir,
+                                         KILL_AFTER, world=2)
     assert resume_from in (KILL_AFTER, KILL_AFTER + SAVE_EVERY) and max(losses(save_dir)) < STEPS
 
-    output = run_pretraining(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), world=2)
+    output = run_to_end(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), world=2)
     assert f"resumed from step {resume_from}" in output
     expected, resumed = losses(runs["pp2"]), losses(save_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
@@ -254,7 +247,7 @@ def test_pipeline_checkpoint_resumes_without_a_pipeline(variant, pipeline_runs, 
     reference = pipeline_runs(variant, "pp2")  # keep_last 2: steps 9 and 10
 
     resumed = resume_from(reference, tmp_path / "resumed", 3 * SAVE_EVERY)
-    output = run_pretraining(argv(tiny_corpus_data, resumed, variant, 1, 1))
+    output = run_to_end(argv(tiny_corpus_data, resumed, variant, 1, 1))
     assert "converting it to a universal checkpoint" in output and "resumed from step 9" in output, output[-2000:]
     assert abs(losses(resumed)[STEPS] - losses(reference)[STEPS]) <= TOL
     ours, theirs = (load_merged_model(read_checkpoint_info(d)).state_dict() for d in (resumed, reference))

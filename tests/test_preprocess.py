@@ -20,6 +20,7 @@ from megatron_narrow.data.shards import DataError, IndexedDocuments
 from megatron_narrow.data.tokenizer import load_tokenizer
 
 from .conftest import REPO, write_jsonl
+from .runs import run_tool
 
 
 def run_preprocess(inputs, out, vocab, **overrides) -> dict:
@@ -171,32 +172,28 @@ def small_dataset(tmp_path, corpus, minilm_dir) -> Path:
     return out
 
 
-def verify(data_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools/verify_data.py"), str(data_dir)],
-                          capture_output=True, text=True)
-
-
-def test_flipped_byte_is_detected_and_names_the_shard(small_dataset):
-    assert verify(small_dataset).returncode == 0
+def test_flipped_byte_is_detected_and_names_the_shard(small_dataset, capsys):
+    assert run_tool("verify_data", [str(small_dataset)]) == 0
     shard = sorted(small_dataset.glob("shard_*.arrow"))[2]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    result = verify(small_dataset)
-    assert result.returncode == 1
-    assert shard.name in result.stderr and "checksum" in result.stderr
+    capsys.readouterr()
+    assert run_tool("verify_data", [str(small_dataset)]) == 1
+    err = capsys.readouterr().err
+    assert shard.name in err and "checksum" in err
     with pytest.raises(DataError, match=shard.name):
         IndexedDocuments(small_dataset, verify_checksums=True)
 
 
-def test_truncated_or_missing_shard_is_refused_at_open(small_dataset):
+def test_truncated_or_missing_shard_is_refused_at_open(small_dataset, capsys):
     shard = sorted(small_dataset.glob("shard_*.arrow"))[1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
     with pytest.raises(DataError, match=f"shard {shard.name} .*truncated"):
         IndexedDocuments(small_dataset)
-    result = verify(small_dataset)
-    assert result.returncode == 1 and shard.name in result.stderr
+    capsys.readouterr()
+    assert run_tool("verify_data", [str(small_dataset)]) == 1 and shard.name in capsys.readouterr().err
     shard.unlink()
     with pytest.raises(DataError, match=f"missing: {shard.name}"):
         IndexedDocuments(small_dataset)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -28,22 +27,10 @@ from megatron_narrow.data.shards import DataError, IndexedDocuments, is_temp_fil
 from megatron_narrow.data.tokenizer import load_tokenizer
 
 from .conftest import REPO, write_jsonl
+from .runs import run_tool
 from .test_preprocess import run_preprocess as preprocess_with_wordpiece
 
 KILL_SHARD_MB = 0.25
-
-
-def load_tool(name: str):
-    """A tools/NAME.py script as a module: its main(argv) is the command line, run in-process."""
-    spec = importlib.util.spec_from_file_location(f"reliability_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def tools() -> dict:
-    return {name: load_tool(name) for name in ("preprocess_data", "verify_data", "train_tokenizer")}
 
 
 @pytest.fixture(scope="session")
@@ -118,9 +105,9 @@ def test_a_byte_order_mark_does_not_cost_the_first_document(tmp_path, vocab, std
 
 # --- 2. zero valid documents ---------------------------------------------------------------------------------
 
-def test_zero_valid_documents_is_an_error_and_writes_no_manifest(tmp_path, tools, small_corpus, vocab, capsys):
+def test_zero_valid_documents_is_an_error_and_writes_no_manifest(tmp_path, small_corpus, vocab, capsys):
     out = tmp_path / "out"
-    code = tools["preprocess_data"].main(["--input", str(small_corpus), "--output-dir", str(out), "--tokenizer-type",
+    code = run_tool("preprocess_data", ["--input", str(small_corpus), "--output-dir", str(out), "--tokenizer-type",
                                           "wordpiece", "--tokenizer-model", str(vocab), "--json-keys", "body",
                                           "--quiet"])
     line = error_line(capsys.readouterr().err)
@@ -129,7 +116,7 @@ def test_zero_valid_documents_is_an_error_and_writes_no_manifest(tmp_path, tools
     assert not (out / "index.json").exists()
 
 
-def test_an_old_dataset_of_zero_documents_fails_verification(tmp_path, tools, vocab, capsys, monkeypatch):
+def test_an_old_dataset_of_zero_documents_fails_verification(tmp_path, vocab, capsys, monkeypatch):
     corpus = write_jsonl(tmp_path / "docs.jsonl", ["one document", "another"])
     out = tmp_path / "old"
     monkeypatch.setattr(preprocess_module, "_refuse_empty", lambda config, results: None)  # as before the fix
@@ -137,7 +124,7 @@ def test_an_old_dataset_of_zero_documents_fails_verification(tmp_path, tools, vo
     monkeypatch.undo()
     assert json.loads((out / "index.json").read_text())["totals"]["documents"] == 0
 
-    assert tools["verify_data"].main([str(out)]) == 1
+    assert run_tool("verify_data", [str(out)]) == 1
     line = error_line(capsys.readouterr().err)
     assert str(out) in line and "0 documents" in line and "missing_key 2" in line
     with pytest.raises(DataError, match="holds 0 documents"):
@@ -225,7 +212,7 @@ def test_sigkill_of_the_main_process_kills_its_workers_and_the_rerun_is_identica
     assert tree_bytes(out) == kill_reference  # every file, index.json included; no .lock, .progress or temp file
 
 
-def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path, tools, small_corpus, vocab,
+def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path, small_corpus, vocab,
                                                                           capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -237,12 +224,12 @@ def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_pat
             "--tokenizer-model", str(vocab), "--shard-size-mb", "0.05", "--quiet"]
     with output_lock(out):
         assert (out / ".lock").read_text() == f"{os.getpid()}\n"
-        assert tools["preprocess_data"].main(argv) == 2
+        assert run_tool("preprocess_data", argv) == 2
     line = error_line(capsys.readouterr().err)
     assert f"pid {os.getpid()}" in line and str(out) in line
     assert all(path.exists() for path in stale), "the refused run must not touch the directory"
 
-    assert tools["preprocess_data"].main(argv) == 0  # the lock is released, not left stale
+    assert run_tool("preprocess_data", argv) == 0  # the lock is released, not left stale
     assert not any(path.exists() for path in stale) and not (out / ".lock").exists()
     assert len(IndexedDocuments(out)) == 200
 
@@ -272,7 +259,7 @@ def corrupt_one_token_id(data_dir: Path, shard_index: int, token: int) -> tuple[
     return shard, 0x7F000000 | int(ids[token])
 
 
-def test_an_out_of_range_token_id_is_refused_at_open_naming_the_shard(dataset_copy, tools, capsys):
+def test_an_out_of_range_token_id_is_refused_at_open_naming_the_shard(dataset_copy, capsys):
     shard, bad_id = corrupt_one_token_id(dataset_copy, 1, token=5)
     with pytest.raises(DataError) as raised:
         IndexedDocuments(dataset_copy)
@@ -281,14 +268,14 @@ def test_an_out_of_range_token_id_is_refused_at_open_naming_the_shard(dataset_co
     assert f"shard {shard.name}" in message and f"token id {bad_id} (at token 5; 1 ids out of range)" in message
     assert "30522" in message and "tools/verify_data.py" in message and "preprocess" in message
 
-    assert tools["verify_data"].main([str(dataset_copy)]) == 1
+    assert run_tool("verify_data", [str(dataset_copy)]) == 1
     assert shard.name in error_line(capsys.readouterr().err)
 
     # a shard corrupted before its checksum was taken: verify_data still names it, for its ids
     manifest = json.loads((dataset_copy / "index.json").read_text())
     manifest["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
     (dataset_copy / "index.json").write_text(json.dumps(manifest))
-    assert tools["verify_data"].main([str(dataset_copy)]) == 1
+    assert run_tool("verify_data", [str(dataset_copy)]) == 1
     line = error_line(capsys.readouterr().err)
     assert f"shard {shard.name}" in line and f"token id {bad_id}" in line
 
@@ -368,9 +355,9 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize(("tool", "make_argv", "code", "expected"), [case[1:] for case in ERROR_CASES],
                          ids=[case[0] for case in ERROR_CASES])
-def test_bad_files_give_one_error_line_naming_the_file(tool, make_argv, code, expected, tools, bad_files, tmp_path,
+def test_bad_files_give_one_error_line_naming_the_file(tool, make_argv, code, expected, bad_files, tmp_path,
                                                        capsys):
-    assert tools[tool].main(make_argv(bad_files, tmp_path)) == code
+    assert run_tool(tool, make_argv(bad_files, tmp_path)) == code
     line = error_line(capsys.readouterr().err)
     for pattern in expected:
         assert (pattern.search(line) if isinstance(pattern, re.Pattern) else pattern in line), (pattern, line)
@@ -380,22 +367,22 @@ def test_bad_files_give_one_error_line_naming_the_file(tool, make_argv, code, ex
 
 
 @pytest.mark.parametrize("tool", ["preprocess_data", "train_tokenizer", "verify_data"])
-def test_debug_shows_the_traceback(tool, tools, bad_files, tmp_path, capsys):
+def test_debug_shows_the_traceback(tool, bad_files, tmp_path, capsys):
     argv = {"preprocess_data": preprocess_argv(bad_files, tmp_path / "out", input_key="dir"),
             "train_tokenizer": ["--input", str(bad_files["dir"]), "--model-prefix", "unused"],
             "verify_data": [str(bad_files["invalid_json"])]}[tool]
-    assert tools[tool].main([*argv, "--debug"]) in (1, 2)
+    assert run_tool(tool, [*argv, "--debug"]) in (1, 2)
     stderr = capsys.readouterr().err
     assert stderr.startswith("Traceback") and stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_verify_data_checks_every_directory_and_reports_each_bad_one(tmp_path, tools, small_dataset, bad_files,
+def test_verify_data_checks_every_directory_and_reports_each_bad_one(tmp_path, small_dataset, bad_files,
                                                                       capsys):
     truncated = Path(shutil.copytree(small_dataset, tmp_path / "truncated"))
     shard = sorted(truncated.glob("shard_*.arrow"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])
     dirs = [bad_files["invalid_json"], small_dataset, truncated, tmp_path / "missing"]
-    assert tools["verify_data"].main([str(d) for d in dirs]) == 1
+    assert run_tool("verify_data", [str(d) for d in dirs]) == 1
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 1 and captured.out.startswith(f"OK {small_dataset}: ")
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
@@ -403,6 +390,6 @@ def test_verify_data_checks_every_directory_and_reports_each_bad_one(tmp_path, t
     assert "invalid_json/index.json is not valid JSON" in errors[0]
     assert f"shard {shard.name} in {truncated}" in errors[1] and "truncated" in errors[1]
     assert f"{tmp_path / 'missing' / 'index.json'} does not exist" in errors[2]
-    assert tools["verify_data"].main([str(small_dataset), str(small_dataset)]) == 0
+    assert run_tool("verify_data", [str(small_dataset), str(small_dataset)]) == 0
     assert capsys.readouterr().out.count("OK ") == 2
 

@@ -13,6 +13,7 @@ import re
 from .conftest import REPO, write_jsonl
 from .distributed import free_port
 from .doc_commands import doc_block
+from .runs import run_tool
 
 
 def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
@@ -51,10 +52,7 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
 
 def test_make_offline_corpus_writes_the_stdlib_docstrings(tmp_path, stdlib_documents):
     """The quickstart's default corpus (step 2, skipped above by --input): the same documents as the fixture."""
-    import runpy
-
-    tool = runpy.run_path(str(REPO / "tools/make_offline_corpus.py"))
     out = tmp_path / "corpus.jsonl"
-    assert tool["main"](["--output", str(out), "--max-documents", "50", "--repeat", "2"]) == 0
+    assert run_tool("make_offline_corpus", ["--output", str(out), "--max-documents", "50", "--repeat", "2"]) == 0
     texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert texts == stdlib_documents[:50] * 2

@@ -18,7 +18,7 @@ import pytest
 from .conftest import REPO
 from .distributed import free_port
 from .doc_commands import doc_block
-from .runs import losses, pretrain_argv, start_pretraining
+from .runs import losses, pretrain_argv, start_run
 from .slurm_cluster import LocalSlurm, slurm_installed
 
 STEPS = 300  # ~0.03 s each: the job is signalled once two steps are logged
@@ -35,7 +35,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(tmp_path, tin
             pytest.fail("slurm-wlm is not installed: tools/install.sh installs it")
         pytest.skip("slurm-wlm is not installed (tools/install.sh installs it)")
     reference_dir = tmp_path / "reference"
-    reference = start_pretraining(argv(tiny_corpus_data, reference_dir))  # uninterrupted, beside the job
+    reference = start_run(argv(tiny_corpus_data, reference_dir))  # uninterrupted, beside the job
 
     save_dir, log = tmp_path / "slurm_run", tmp_path / "job.log"
     job_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),

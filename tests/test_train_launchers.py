@@ -13,7 +13,7 @@ import pytest
 from .conftest import REPO, tiny_train_overrides
 from .distributed import free_port
 from .doc_commands import doc_block, doc_workspace
-from .runs import losses, records, run_pretraining
+from .runs import losses, records, run_to_end
 
 STEPS = 6
 TINY = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "train.global_batch_size": "16",
@@ -57,7 +57,7 @@ def test_documented_launch_on_two_ranks_equals_one_process(name, tmp_path, tiny_
     (work / "hostfile").write_text("localhost slots=2\n")  # the deepspeed launcher's format
     (work / "hosts").write_text("localhost slots=2\n")  # Open MPI's
     single = tmp_path / "single"
-    run_pretraining(["--config", str(REPO / config), "--deepspeed_config", str(REPO / "ds_configs/zero1.json"),
+    run_to_end(["--config", str(REPO / config), "--deepspeed_config", str(REPO / "ds_configs/zero1.json"),
                      *tiny_train_overrides(tiny_corpus_data, single, variant, steps=STEPS,
                                            **{**TINY, "train.micro_batch_size": "16"})])
     parallel = tmp_path / "dp2"

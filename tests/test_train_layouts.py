@@ -14,7 +14,16 @@ import json
 import pytest
 
 from .conftest import REPO
-from .runs import STEPS, assert_same_weights, losses, pretrain_argv, records, resume_from, run_pretraining
+from .runs import (
+    STEPS,
+    allow_fp16_on_this_cpu,
+    assert_same_weights,
+    losses,
+    pretrain_argv,
+    records,
+    resume_from,
+    run_to_end,
+)
 
 NO_DROPOUT = {"model.hidden_dropout": "0.0", "model.attention_dropout": "0.0"}
 # name -> (ranks, DeepSpeed config, overrides); checkpoints every 3 steps, all kept
@@ -49,8 +58,9 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
     reference = tmp_path / "reference"
     ds_config = ds_config_for(name, ds_name, tmp_path)
     fp16 = extra.get("train.precision") == "fp16"
-    run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", ds_config=ds_config, **settings),
-                    world=ranks, fp16_on_cpu=fp16)
+    before_main = allow_fp16_on_this_cpu if fp16 else None
+    run_to_end(pretrain_argv(tiny_corpus_data, reference, "token_drop", ds_config=ds_config, **settings),
+                    world=ranks, before_main=before_main)
     expected = losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1)) and expected[STEPS] < expected[1]
     skipped = [r["skipped_steps"] for r in records(reference)]
@@ -58,8 +68,8 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
         assert 0 < skipped[5] < 6, f"the loss scale must have overflowed before step 6: {skipped}"
 
     resumed = resume_from(reference, tmp_path / "resumed", 6)
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", ds_config=ds_config, **settings),
-                             world=ranks, fp16_on_cpu=fp16)
+    output = run_to_end(pretrain_argv(tiny_corpus_data, resumed, "token_drop", ds_config=ds_config, **settings),
+                             world=ranks, before_main=before_main)
     assert "resumed from step 6" in output
     assert losses(resumed) == expected, f"{name}: the steps after the resume differ from the uninterrupted run"
     for key in ("consumed_samples", "skipped_steps"):
@@ -70,9 +80,9 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
 def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data):
     """Four ranks as TP=2 x DP=2: each step's loss equals one process with the same global batch of 16."""
     single, parallel = tmp_path / "single", tmp_path / "tp2_dp2"
-    run_pretraining(pretrain_argv(tiny_corpus_data, single, "narrow", **{
+    run_to_end(pretrain_argv(tiny_corpus_data, single, "narrow", **{
         **NO_DROPOUT, "train.train_steps": "4", "train.micro_batch_size": "16", "train.save_interval": "0"}))
-    run_pretraining(pretrain_argv(tiny_corpus_data, parallel, "narrow", **{
+    run_to_end(pretrain_argv(tiny_corpus_data, parallel, "narrow", **{
         **NO_DROPOUT, "train.train_steps": "4", "parallel.tensor_parallel": "2", "train.save_interval": "0"}), world=4)
     a, b = losses(single), losses(parallel)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -136,11 +146,11 @@ def test_resume_on_another_layout_equals_the_uninterrupted_run(change, tmp_path,
     common = {**NO_DROPOUT, "train.keep_last": "10", "train.global_batch_size": "16"}
     ds_config = str(REPO / "ds_configs" / ds_name)
     reference = tmp_path / "reference"
-    run_pretraining(pretrain_argv(tiny_corpus_data, reference, variant, ds_config=ds_config,
+    run_to_end(pretrain_argv(tiny_corpus_data, reference, variant, ds_config=ds_config,
                                   **common, **saved_extra), world=saved_ranks)
     expected = losses(reference)
     resumed = resume_from(reference, tmp_path / "resumed", 6)
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, variant, ds_config=ds_config,
+    output = run_to_end(pretrain_argv(tiny_corpus_data, resumed, variant, ds_config=ds_config,
                                            **common, **resumed_extra), world=resumed_ranks)
     assert "converting it to a universal checkpoint" in output and "resumed from step 6" in output, output[-2000:]
     got = losses(resumed)

@@ -4,19 +4,18 @@ second Ctrl-C stops at once; a run can start from a Hugging Face directory."""
 from __future__ import annotations
 
 import json
-import runpy
 import signal
 import time
 
 import pytest
 
 from .conftest import REPO
-from .runs import STEPS, latest, losses, pretrain_argv, run_pretraining, start_pretraining
+from .runs import STEPS, latest, losses, pretrain_argv, run_to_end, run_tool, start_run
 
 
 def start_and_wait_for_two_steps(argv: list[str], save_dir, world: int = 1):
     """A started run that has logged two steps."""
-    process = start_pretraining(argv, world=world)
+    process = start_run(argv, world=world)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 2:
@@ -54,7 +53,7 @@ def test_signal_checkpoints_then_the_rerun_equals_an_uninterrupted_run(tmp_path,
     assert f"{signal.Signals(signum).name}: checkpoint saved at step {stopped_at}" in output
     assert latest(save_dir) == f"step_{stopped_at:07d}"
 
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **workers))
+    output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **workers))
     assert f"resumed from step {stopped_at}" in output
     assert losses(save_dir) == losses(reference_runs("narrow"))
 
@@ -97,7 +96,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank(tmp_path, tiny_corpus_data):
     assert latest(save_dir) == tag.name and (tag / "complete.json").is_file()
     assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    output = run_pretraining(argv, world=2)
+    output = run_to_end(argv, world=2)
     assert f"resumed from step {stopped_at}" in output and max(losses(save_dir)) == 40
 
 
@@ -106,18 +105,18 @@ def test_init_from_hugging_face_starts_from_its_weights(tmp_path, tiny_corpus_da
     far below a fresh model's."""
     trained = reference_runs("bert")
     hf_dir = tmp_path / "hf"
-    tool = runpy.run_path(str(REPO / "tools/convert_checkpoint_to_hf.py"))
-    assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir)]) == 0
+    convert = ["--checkpoint", str(trained), "--output", str(hf_dir)]
+    assert run_tool("convert_checkpoint_to_hf", convert) == 0
     assert json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 1000
     (hf_dir / "stale.bin").write_bytes(b"from another model")  # converting again: refused, then replaced
-    assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir)]) == 2
+    assert run_tool("convert_checkpoint_to_hf", convert) == 2
     assert (hf_dir / "stale.bin").is_file()
-    assert tool["main"](["--checkpoint", str(trained), "--output", str(hf_dir), "--overwrite"]) == 0
+    assert run_tool("convert_checkpoint_to_hf", [*convert, "--overwrite"]) == 0
     assert not (hf_dir / "stale.bin").exists() and (hf_dir / "model.safetensors").is_file()
 
     fresh = losses(trained)[1]
     continued = tmp_path / "continued"
-    run_pretraining(pretrain_argv(tiny_corpus_data, continued, "bert", **{"train.init_from_hf": str(hf_dir)}))
+    run_to_end(pretrain_argv(tiny_corpus_data, continued, "bert", **{"train.init_from_hf": str(hf_dir)}))
     first = losses(continued)[1]
     assert first < fresh - 0.5, f"continued pretraining starts at {first:.3f}, a fresh model at {fresh:.3f}"
     assert first < losses(trained)[10] + 0.3, "it must start about where the trained run ended"

@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import REPO, tiny_train_overrides
 from .distributed import free_port
-from .runs import pretrain_argv, run_pretraining
+from .runs import pretrain_argv, records, run_in_this_process, run_to_end
 
 SCRIPT = str(REPO / "megatron_narrow/pretrain.py")
 TINY = str(REPO / "examples/configs/tiny_cpu.yaml")
@@ -107,25 +107,9 @@ def case_argv(name: str, data, tmp_path: Path, other_tokenizer: Path) -> tuple[l
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_refused_before_process_group_work(name, tiny_corpus_data, other_tokenizer, tmp_path, monkeypatch, capsys):
-    import torch.distributed
-
-    from megatron_narrow import pretrain
-    from megatron_narrow.training import loop
-
     argv, world, expected = case_argv(name, tiny_corpus_data, tmp_path, other_tokenizer)
-
-    def no_process_group(*args, **kwargs):
-        raise AssertionError("process-group work began before the run was refused")
-
-    monkeypatch.setattr(loop, "init_distributed", no_process_group)
-    monkeypatch.setattr(torch.distributed, "init_process_group", no_process_group)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for variable in ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", str(world))
     capsys.readouterr()
-
-    assert pretrain.main(argv) == 2
+    assert run_in_this_process(argv, monkeypatch, world=world) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert expected in lines[0], lines[0]
@@ -156,13 +140,9 @@ def test_command_line_refusal_is_one_line_and_exit_code_2(name, tiny_corpus_data
 def run_nonfinite(data, save_dir: Path, policy: str, ds_config: Path, variant: str = "narrow",
                   expect: int = 0, save_interval: int = 0) -> str:
     """An absurd learning rate: step 1 (finite loss) throws the weights to ~1e29, so every later loss is NaN."""
-    return run_pretraining(pretrain_argv(data, save_dir, variant, ds_config=str(ds_config), **{
+    return run_to_end(pretrain_argv(data, save_dir, variant, ds_config=str(ds_config), **{
         "train.train_steps": "3", "train.save_interval": str(save_interval), "train.keep_last": "3",
         "train.lr": "1.0e+30", "train.nonfinite_loss": policy}), expect=expect)
-
-
-def records(save_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_nonfinite_loss_stop_ends_the_run_with_one_line(tiny_corpus_data, tmp_path):
@@ -209,23 +189,21 @@ def test_nonfinite_loss_skip_continues_counts_and_applies_nothing(ds_name, tiny_
     ("invalid_ds_json", "is not valid JSON (Expecting"),
 ])
 def test_bad_config_files_are_one_line_naming_the_file(name, expected, tmp_path, monkeypatch, capsys):
-    from megatron_narrow import pretrain
-
     config, ds = tmp_path / "run.yaml", tmp_path / "ds.json"
     config.write_text({"invalid_yaml": "model:\n  hidden_size: [64\n", "yaml_not_a_mapping": "- a\n- b\n"}
                       .get(name, "train:\n  train_steps: 1\n"))
     ds.write_text('{"zero_optimization": {"stage": 0},}' if name == "invalid_ds_json" else "{}")
     if name == "missing_yaml":
         config.unlink()
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     capsys.readouterr()
-    assert pretrain.main(["--config", str(config), "--deepspeed_config", str(ds)]) == 2
+    argv = ["--config", str(config), "--deepspeed_config", str(ds)]
+    assert run_in_this_process(argv, monkeypatch) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     named = ds if name == "invalid_ds_json" else config
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0] and expected in lines[0], lines
 
     monkeypatch.setenv("MEGATRON_NARROW_DEBUG", "1")  # the traceback stays available
-    assert pretrain.main(["--config", str(config), "--deepspeed_config", str(ds)]) == 2
+    assert run_in_this_process(argv, monkeypatch) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.strip().splitlines()[-1] == lines[0]
 

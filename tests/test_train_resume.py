@@ -5,8 +5,6 @@ the schedule is a pure function of the step and the current config."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,13 @@ from .runs import (
     STEPS,
     assert_same_weights,
     copy_run_dir,
+    kill_once_checkpointed,
     latest,
     losses,
     pretrain_argv,
     records,
     resume_from,
-    run_pretraining,
-    start_pretraining,
+    run_to_end,
 )
 
 
@@ -35,17 +33,11 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path, tiny_corpus_data, 
 
     killed = tmp_path / "killed"
     argv = pretrain_argv(tiny_corpus_data, killed, variant, **{"data.packing": packing})
-    process = start_pretraining(argv)
-    deadline = time.monotonic() + 300
-    while latest(killed) != f"step_{KILL_AFTER:07d}" and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert process.poll() is None, "training ended before it could be killed"
-    process.send_signal(signal.SIGKILL, group=True)
-    process.wait()
+    assert kill_once_checkpointed(argv, killed, KILL_AFTER) == KILL_AFTER
     killed_at = max(losses(killed))
     assert KILL_AFTER <= killed_at < STEPS, (killed_at, latest(killed))
 
-    output = run_pretraining(argv)
+    output = run_to_end(argv)
     assert f"resumed from step {KILL_AFTER}" in output
     resumed = losses(killed)
     assert sorted(resumed) == list(range(1, STEPS + 1)), "metrics.jsonl must hold each step once"
@@ -65,7 +57,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tm
     victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
+    output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and newest.name in warnings[0] and victim.name in warnings[0], output
     assert "resuming from step_0000009" in warnings[0]
@@ -76,7 +68,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_bit_exact(tm
     # `latest` naming a tag that is not there (a partial rsync): the newest complete tag resumes, nothing is
     # pruned, and no step is trained twice
     (save_dir / "checkpoints" / "latest").write_text("step_0000099\n")
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
+    output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
         "train.train_steps": "2", "train.save_interval": "1", "train.keep_last": "1"}))
     assert "step_0000099: named by latest, but it does not exist" in output
     assert f"resumed from step {STEPS}" in output
@@ -90,7 +82,7 @@ def test_extending_a_run_and_changing_lr_follow_the_new_schedule(tmp_path, tiny_
     rate for step 11 (never 0, never the old schedule's), and the change is reported in one line."""
     save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
     new_lr, warmup, steps = 1.0e-3, 2, 12  # tiny_train_overrides: warmup 2; linear decay to min_lr 0
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
+    output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **{
         "train.train_steps": str(steps), "train.lr": str(new_lr)}))
     changed = [line for line in output.splitlines() if line.startswith("config changed")]
     assert len(changed) == 1, output
@@ -180,6 +172,6 @@ def test_a_checkpoint_from_before_packing_and_backends_resumes_and_converts(tmp_
         checkpoint.write_completion_marker(checkpoint.checkpoint_root(save_dir) / tag)  # the file sizes changed
     hf_dir = convert_checkpoint(save_dir, tmp_path / "hf")
     assert (hf_dir / "config.json").is_file()
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
+    output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))
     assert "resumed from step 9" in output
     assert losses(save_dir) == losses(reference_runs("narrow"))

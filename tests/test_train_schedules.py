@@ -9,7 +9,7 @@ import pytest
 from megatron_narrow.config import RunConfig
 from megatron_narrow.training.batch_schedule import BatchSchedule
 
-from .runs import assert_same_weights, losses, pretrain_argv, records, resume_from, run_pretraining
+from .runs import assert_same_weights, losses, pretrain_argv, records, resume_from, run_to_end
 
 
 def megatron_ramp(consumed: int, start: int, increment: int, samples: int, final: int) -> int:
@@ -77,7 +77,7 @@ def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_pa
     batch ramps 4 -> 8 -> 12 over the first 16 samples. Resumed from step 3, before both ends, the losses, the
     samples and the weights equal the uninterrupted run's bit for bit."""
     reference = tmp_path / "reference"
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, reference, "token_drop", **SCHEDULE))
+    output = run_to_end(pretrain_argv(tiny_corpus_data, reference, "token_drop", **SCHEDULE))
     assert "phase 1/2 from step 1 to step 4: seq_len 128, max_predictions 20, micro batch 4" in output, output[-2000:]
     assert "phase 2/2 from step 5: seq_len 512, max_predictions 80, micro batch 2" in output
     logged = [r for r in records(reference) if "loss" in r]
@@ -92,7 +92,7 @@ def test_a_run_crosses_its_phase_and_ramp_and_resumes_across_them_exactly(tmp_pa
     assert expected[STEPS_HERE] < expected[1]
 
     resumed = resume_from(reference, tmp_path / "resumed", 3)
-    output = run_pretraining(pretrain_argv(tiny_corpus_data, resumed, "token_drop", **SCHEDULE))
+    output = run_to_end(pretrain_argv(tiny_corpus_data, resumed, "token_drop", **SCHEDULE))
     assert "resumed from step 3 (16 samples consumed)" in output
     assert "phase 1/2 from step 4 to step 4" in output and "phase 2/2 from step 5" in output
     assert losses(resumed) == expected

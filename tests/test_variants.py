@@ -11,7 +11,7 @@ from megatron_narrow.model.costs import layer_costs
 from megatron_narrow.model.encoder import state_fields
 from megatron_narrow.variants import VARIANTS, VariantSpec, layer_roles, variant_spec
 
-from .runs import losses, pretrain_argv, run_pretraining
+from .runs import losses, pretrain_argv, run_to_end
 
 
 def _late_narrow_roles(config: ModelConfig) -> tuple[str, ...]:
@@ -41,27 +41,22 @@ def test_a_registered_variant_is_known_everywhere(monkeypatch):
     assert [state_fields(ours, i) for i in range(5)] == [state_fields(same, i) for i in range(5)]
 
 
-def _train_registered(rank: int, world_size: int, argv: list[str]) -> int:
-    """A rank that knows the extra variant (registered in this process only), then runs the entry point."""
+def register_late_narrow() -> None:
+    """In a rank, before the entry point: the extra variant is known there (registered in that process only)."""
     from megatron_narrow import variants
-    from megatron_narrow.pretrain import main
 
     variants.VARIANTS[LATE_NARROW.name] = LATE_NARROW
-    return main(argv)
 
 
 def test_a_variant_added_through_the_registry_alone_trains_under_pp2(tmp_path, tiny_corpus_data):
     from .conftest import REPO
-    from .distributed import run_distributed
 
     settings = {"parallel.pipeline_parallel": "2", "train.train_steps": "2", "train.global_batch_size": "16",
                 "model.hidden_dropout": "0.0", "model.attention_dropout": "0.0", "train.save_interval": "0"}
     zero1 = str(REPO / "ds_configs/zero1.json")
-    run_pretraining(pretrain_argv(tiny_corpus_data, tmp_path / "narrow", "narrow", ds_config=zero1, **settings,
-                                  **{"model.full_length_layers": "3"}), world=2)
-    codes = run_distributed(_train_registered, 2,
-                            pretrain_argv(tiny_corpus_data, tmp_path / "late", "late_narrow", ds_config=zero1,
-                                          **settings), init_process_group=False, timeout=300)
-    assert codes == [0, 0]
+    run_to_end(pretrain_argv(tiny_corpus_data, tmp_path / "narrow", "narrow", ds_config=zero1, **settings,
+                             **{"model.full_length_layers": "3"}), world=2)
+    run_to_end(pretrain_argv(tiny_corpus_data, tmp_path / "late", "late_narrow", ds_config=zero1, **settings),
+               world=2, before_main=register_late_narrow)
     expected, got = losses(tmp_path / "narrow"), losses(tmp_path / "late")
     assert sorted(got) == [1, 2] and got == expected

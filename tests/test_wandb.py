@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .runs import pretrain_argv, records, run_pretraining
+from .runs import pretrain_argv, records, run_to_end
 
 
 def test_wandb_offline_logs_the_records_and_the_config_and_resumes_the_same_run(tmp_path, tiny_corpus_data):
@@ -13,9 +13,9 @@ def test_wandb_offline_logs_the_records_and_the_config_and_resumes_the_same_run(
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
     settings = {"train.wandb_project": "megatron_narrow_tests", "train.save_interval": "2",
                 "train.eval_interval": "2", "train.eval_steps": "1"}
-    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "token_drop", **settings, **{"train.train_steps": "2"}),
+    run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "token_drop", **settings, **{"train.train_steps": "2"}),
                     env=env)
-    run_pretraining(pretrain_argv(tiny_corpus_data, save_dir, "token_drop", **settings, **{"train.train_steps": "4"}),
+    run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "token_drop", **settings, **{"train.train_steps": "4"}),
                     env=env)  # resumes from step 2
 
     run_id = (save_dir / "wandb_run_id").read_text().strip()
