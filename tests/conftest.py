@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -38,6 +39,20 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def write_corpus(directory: Path, documents: list[str], parts: int, suffix: str = ".jsonl.gz") -> list[Path]:
+    """`documents` as `parts` JSONL files of growing sizes (gzipped for a .gz suffix)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = [len(documents) * i * (i + 1) // (parts * (parts + 1)) for i in range(parts + 1)]
+    paths = []
+    for index, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        path = directory / f"part{index}{suffix}"
+        opener = gzip.open if suffix.endswith(".gz") else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": text}) + "\n" for text in documents[lo:hi])
+        paths.append(path)
+    return paths
 
 
 def build_tiny_corpus(root: Path, documents: list[str], vocab_size: int) -> dict[str, Path]:

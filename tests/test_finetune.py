@@ -19,6 +19,7 @@ from megatron_narrow.tasks.loop import encode_examples, task_logits
 from megatron_narrow.tasks.predict import load_classifier
 
 from .conftest import REPO, run_fresh_python
+from .distributed import free_port
 from .doc_commands import doc_block, doc_workspace
 from .runs import pretrain_argv, run_in_this_process, run_to_end, run_tool
 
@@ -115,8 +116,8 @@ def test_sequence_classification_learns_and_exports(variant, tiny_hf_models, sen
     save_dir = tmp_path / "run"
     results = finetune(save_dir, tiny_hf_models[variant], **{
         "task.kind": "sequence", "task.train_file": sentiment_files["train"],
-        "task.valid_file": sentiment_files["valid"], "task.max_seq_len": "32", "train.train_steps": "150",
-        "train.eval_interval": "50"})
+        "task.valid_file": sentiment_files["valid"], "task.max_seq_len": "32", "train.train_steps": "80",
+        "train.eval_interval": "40"})  # measured: 0.985 after 40 steps, 1.0 after 100
     assert results["accuracy"] >= 0.9, results
     hf_dir = save_dir / "hf"
     remote = variant == "narrow"
@@ -223,7 +224,8 @@ def test_pairs_from_a_token_drop_pretraining_checkpoint(tmp_path, tiny_corpus_da
     (work / "data/mnli").mkdir(parents=True)
     train = write_jsonl_records(work / "data/mnli/train.jsonl", pairs)
     shutil.copy(train, work / "data/mnli/dev_matched.jsonl")
-    doc_block("readme-finetune").run(work, replace={"--num_gpus 8": "--num_gpus 2"}, append=(
+    two_ranks = {"deepspeed --num_gpus 8": f"deepspeed --master_port {free_port()} --num_gpus 2"}
+    doc_block("readme-finetune").run(work, replace=two_ranks, append=(
         "task.max_seq_len=48 train.train_steps=6 train.micro_batch_size=16 train.lr=1.0e-3 train.warmup_steps=0 "
         "train.precision=fp32"), timeout=400)
     save_dir = work / "runs/finetune_mnli"
@@ -298,7 +300,7 @@ def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_
     results = finetune(save_dir, tiny_hf_models["bert"], **{
         "task.kind": "regression", "task.train_file": files["train"], "task.valid_file": files["valid"],
         "task.text_field": "sentence", "task.label_field": "score", "task.metrics": "[pearson, spearman, mse]",
-        "task.max_seq_len": "32", "train.train_steps": "150"})
+        "task.max_seq_len": "32", "train.train_steps": "80"})  # measured: Pearson 0.99 after 150 steps
     assert set(results) == {"pearson", "spearman", "mse"} and results["pearson"] >= 0.8, results
     hf = AutoModelForSequenceClassification.from_pretrained(save_dir / "hf")
     assert hf.config.problem_type == "regression" and hf.config.num_labels == 1

@@ -78,10 +78,12 @@ def test_pipeline_losses_equal_one_process(runs):
         print(f"{runs['variant']} {name}: largest per-step loss difference {worst:.2e}")
 
 
-@pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
-def test_packed_segments_under_tp2_pp2_equal_one_process(variant, pipeline_runs):
+def test_packed_segments_under_tp2_pp2_equal_one_process(pipeline_runs):
     """data.packing=segments: segment and position ids travel through the pipeline and the TP layers; the
-    per-step losses of TP=2 x PP=2 equal one process's, and packing did pack (rows of several segments)."""
+    per-step losses of TP=2 x PP=2 equal one process's, and packing did pack (rows of several segments). NarrowBERT,
+    whose narrow layers take the segments as keys and their targets as queries; every variant's packed rows equal
+    their segments run one by one in tests/test_packing.py."""
+    variant = "narrow"
     reference = losses(pipeline_runs(variant, "single", "segments"))
     got = losses(pipeline_runs(variant, "tp2_pp2", "segments"))
     assert sorted(reference) == sorted(got) == list(range(1, STEPS + 1))
@@ -94,9 +96,11 @@ def test_packed_segments_under_tp2_pp2_equal_one_process(variant, pipeline_runs)
     assert sum(fractions) / len(fractions) > 0.85 > 0.75 > sum(unpacked) / len(unpacked), (fractions, unpacked)
 
 
-def test_pipeline_resume_after_sigkill_is_bit_exact(runs, tiny_corpus_data):
+def test_pipeline_resume_after_sigkill_is_bit_exact(pipeline_runs, tiny_corpus_data):
     """SIGKILL both ranks of a PP=2 run (and their process groups) once step 6 is checkpointed; the resumed
-    run says where it resumed and its losses equal the uninterrupted PP=2 run's bit for bit."""
+    run says where it resumed and its losses equal the uninterrupted PP=2 run's bit for bit. token_drop, whose
+    stage files also carry the importance vector (every variant resumes bit for bit in test_train_resume.py)."""
+    runs = {"variant": "token_drop", "pp2": pipeline_runs("token_drop", "pp2")}
     save_dir = runs["pp2"].parent / f"{runs['pp2'].name}_killed"
     # 6, or 9 on a machine slow to deliver the kill
     resume_from = kill_once_checkpointed(argv(tiny_corpus_data, save_dir, runs["variant"], 2, 1), save_dir,
@@ -222,10 +226,12 @@ def test_pipeline_starts_from_hugging_face_weights(tmp_path, tiny_corpus_data):
     assert abs(values["fresh"][1] - values["pp2"][1]) > 1e-3, "the Hugging Face weights were not loaded"
 
 
-@pytest.mark.parametrize("variant", ["bert", "narrow", "token_drop"])
-def test_activation_checkpointing_under_pp2_equals_keeping_everything(variant, tmp_path, tiny_corpus_data):
+def test_activation_checkpointing_under_pp2_equals_keeping_everything(tmp_path, tiny_corpus_data):
     """PP=2 with dropout on: train.activation_checkpointing=full recomputes each layer inside its stage and
-    draws every dropout mask again identically, so the per-step losses equal the unchecked run's exactly."""
+    draws every dropout mask again identically, so the per-step losses equal the unchecked run's exactly.
+    NarrowBERT (its stages hold both kinds of layer); every variant is compared bit for bit in one process and
+    under TP=2 in tests/test_recompute.py."""
+    variant = "narrow"
     dropout = {"model.hidden_dropout": "0.1", "model.attention_dropout": "0.1", "train.save_interval": "0"}
     kept = train(tiny_corpus_data, tmp_path / "none", variant, 2, 1, **dropout)
     recomputed = train(tiny_corpus_data, tmp_path / "full", variant, 2, 1, **dropout,

@@ -74,7 +74,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_corpu
     sent = time.monotonic()
     process.send_signal(signal.SIGINT, group=True)
     assert process.wait() == 130
-    assert time.monotonic() - sent < 2.0, "the second Ctrl-C must not wait for the step or the save"
+    assert time.monotonic() - sent < 5.0, "the second Ctrl-C must not wait for the step or the save"
     output = process.output()
     assert "second interrupt: stopping now, without a checkpoint" in output, output[-2000:]
     assert "checkpoint saved" not in output and latest(save_dir) is None
