@@ -30,6 +30,7 @@ setup(
         "wandb": ["wandb>=0.16"],  # train.wandb_project
         "test": [
             "pytest>=7",
+            "pytest-xdist>=3.5",  # two workers: one-rank runs leave a core idle (tools/run_tests.sh)
             "ruff>=0.5",
             "datasets>=2.18",
             "transformers>=4.40",
