@@ -25,7 +25,7 @@ from .runs import losses, pretrain_argv, start_run
 from .slurm_cluster import LocalSlurm, slurm_installed
 from .test_preprocess import tree_bytes
 
-STEPS = 300  # ~0.03 s each: the job is signalled once two steps are logged
+STEPS = 100  # ~0.03 s each: the job is signalled once two steps are logged
 
 
 @pytest.fixture(scope="module")
