@@ -185,7 +185,8 @@ def run_in_this_process(argv: list[str], monkeypatch, *, entry: str = "pretrain"
 
 
 def run_tool(name: str, argv: list[str]) -> int:
-    """tools/NAME.py's exit code for `argv`, run in this process (its main(argv) is the command line)."""
+    """tools/NAME.py's exit code for `argv`, run in this process (its main(argv) is the command line). A test that
+    kills a tool starts it as a process of its own; the documents' commands run in tests/doc_commands.py."""
     module = sys.modules.get(f"tool_{name}")
     if module is None:
         spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
