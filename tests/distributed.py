@@ -35,7 +35,7 @@ from typing import Any
 # Imported once by the fork server. torch.distributed.tensor pulls in sympy (0.5-1 s), which the first
 # torch.testing.assert_close call in a child would otherwise import again in every rank.
 _PRELOAD = ["__main__", "torch", "torch.distributed", "torch.distributed.tensor", "torch.nn.functional",
-            "torch._dynamo", "deepspeed", "megatron_narrow.training.loop"]
+            "torch._dynamo", "deepspeed", "megatron_narrow.training.loop", "tests.rank_preload"]
 _GRACE_S = 2.0  # how long the other ranks may take to finish once one rank has failed
 _SLOW_S = 30.0  # a rank still running after this long dumps its stacks into its log, and a run that took
 # longer warns with them (an intermittent stall of ~120 s in 4-rank gloo tests has been seen twice)
