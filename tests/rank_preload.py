@@ -1,8 +1,10 @@
-"""Imported once by the fork server of tests/distributed.py, so that no rank forked from it pays for these again:
-what a training or fine-tuning run would otherwise import or probe for itself, ~0.3 s of every run (tensorboard's
-writer, which brings boto3 along; the fine-tuning entry point; DeepSpeed's probe of its ops and its CPU shared-memory
-collective, loaded from the cache tools/install.sh filled). Only a speed-up: anything that fails here is left to the
-rank, which then does it as it would anyway."""
+"""Imported once by the fork server of tests/distributed.py, so that no rank forked from it pays for these again.
+
+What a training or fine-tuning run would otherwise import or probe for itself: ~0.3 s of every run (tensorboard's
+writer, which brings boto3 along; DeepSpeed's probe of its ops and its CPU shared-memory collective, loaded from the
+cache tools/install.sh filled) and ~2 s of every fine-tuning rank (transformers, for the tokenizer and the export).
+Only a speed-up: anything that fails here is left to the rank, which then does it as it would anyway.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import io
 def _preload() -> None:
     with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
         import torch.utils.tensorboard  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
 
+        import megatron_narrow.convert.export  # noqa: F401
         import megatron_narrow.finetune  # noqa: F401
         import megatron_narrow.pretrain  # noqa: F401
 
