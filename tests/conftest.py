@@ -14,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the fork server preloads deepspeed
 
 REPO = Path(__file__).resolve().parents[1]
+# The longest modules first (tools/run_tests.sh gives each of two workers whole modules): the short ones then fill
+# the end of both workers' queues instead of one worker finishing a long module alone.
+LONGEST_FIRST = ("test_quickstart.py", "test_slurm.py", "test_pipeline_train.py", "test_finetune.py",
+                 "test_train_layouts.py", "test_train_launchers.py", "test_ds_configs.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
