@@ -196,14 +196,20 @@ def run_tool(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
+def start_run_until(argv: list[str], ready: Callable[[], bool], *, world: int = 1, timeout: float = 300) -> WarmRun:
+    """Start a run and return it, still running, once `ready()` holds (to signal or kill it at that moment)."""
+    run = start_run(argv, world=world)
+    deadline = time.monotonic() + timeout
+    while not ready() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, f"the run ended before the moment it was started for:\n{run.output()[-2000:]}"
+    return run
+
+
 def kill_once_checkpointed(argv: list[str], save_dir: Path, step: int, *, world: int = 1) -> int:
     """Start a run and SIGKILL every rank (and its DataLoader workers) once checkpoint `step` is the latest;
     returns the step of the latest checkpoint left behind (`step`, or a later one on a machine slow to kill)."""
-    run = start_run(argv, world=world)
-    deadline = time.monotonic() + 300
-    while latest(save_dir) != f"step_{step:07d}" and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert run.poll() is None, "training ended before it could be killed"
+    run = start_run_until(argv, lambda: latest(save_dir) == f"step_{step:07d}", world=world)
     run.send_signal(signal.SIGKILL, group=True)
     run.wait()
     return int(latest(save_dir).removeprefix("step_"))

@@ -1,14 +1,14 @@
 """A real one-node SLURM cluster for tests: munged, slurmctld and slurmd from Debian's slurm-wlm, on this machine.
 
     with LocalSlurm(tmp_path) as slurm:
-        job = slurm.sbatch(["--time=1", "script.sbatch"])
-        slurm.wait_for(job, lambda info: info["JobState"] == "COMPLETED", timeout=120)
+        subprocess.run(["sbatch", "--parsable", "script.sbatch"], env={**os.environ, **slurm.env}, ...)
+        slurm.wait_for(job_id, lambda info: info["JobState"] == "COMPLETED", timeout=120)
 
 Everything lives under the given directory (its own slurm.conf, state, spool, logs, free ports); the
 daemons run as root and are stopped, with every job, when the context exits. The system's munged is used
 if one runs; otherwise one is started (and stopped) with the package's key, created if missing.
-slurmctld checks time limits (and sends `--signal` warnings) every 30 s counted from its start, so a test
-that needs a signal at a known moment submits right after `start()`.
+slurmctld checks time limits (and sends `--signal` warnings) only every 30 s: a test that needs a signal at a
+known moment sends it with `scancel --signal`.
 """
 
 from __future__ import annotations
@@ -134,11 +134,6 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=check, timeout=60)
-
-    def sbatch(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-        result = subprocess.run(["sbatch", "--parsable", *argv], env={**(env or os.environ), **self.env},
-                                capture_output=True, text=True, check=True, cwd=cwd, timeout=60)
-        return result.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""

@@ -101,8 +101,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(tmp_path, tin
                               or info["JobState"] in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), timeout=120)
     assert requeued.get("Restarts") == "1", (requeued, log.read_text()[-3000:])
     # SLURM holds a requeued job for two minutes: release it, and again whenever the settling requeue holds it
-    # back. Not
-    # before the node is idle and a few seconds have passed: slurmd refuses to start a job whose previous
+    # back. Not before the node is idle and a few seconds have passed: slurmd refuses to start a job whose previous
     # run it is still cleaning up, or that it revoked within the same seconds ("Job credential revoked").
     deadline = time.monotonic() + 30
     while slurm.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() != "idle":

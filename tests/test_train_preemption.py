@@ -10,19 +10,13 @@ import time
 import pytest
 
 from .conftest import REPO
-from .runs import STEPS, latest, losses, pretrain_argv, run_to_end, run_tool, start_run
+from .runs import STEPS, latest, losses, pretrain_argv, run_to_end, run_tool, start_run_until
 
 
 def start_and_wait_for_two_steps(argv: list[str], save_dir, world: int = 1):
     """A started run that has logged two steps."""
-    process = start_run(argv, world=world)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 2:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before the signal"
-    return process
+    return start_run_until(argv, lambda: (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 2,
+                           world=world)
 
 
 def stop_mid_run(argv: list[str], save_dir, signum: int, *, group: bool) -> tuple[int, str, int]:
