@@ -424,8 +424,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Gradient-norm clipping (0 disables)."""
 
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Our switch over the DeepSpeed config's bf16/fp16 sections."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """Our switch over the DeepSpeed config's bf16/fp16 sections. auto: bf16 on CUDA devices with bf16 tensor
+    cores and on CPUs with AMX or AVX512-BF16, fp32 elsewhere (training/precision.py); the run's first line
+    says which and why."""
 
     nonfinite_loss: Literal["skip", "stop"] = "stop"
     """A non-finite loss: skip the step and count it (fp16 loss scaling does this itself), or stop."""
@@ -488,8 +490,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if self.lr_decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"train.lr_decay must be linear, cosine or constant, got {self.lr_decay!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(f"train.activation_checkpointing must be none, full or selective, got "
                              f"{self.activation_checkpointing!r}")

@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import re
 
+import torch
+
+from megatron_narrow.training.precision import fast_bf16
+
 from .conftest import REPO, write_jsonl
 from .distributed import free_port
 from .doc_commands import doc_block
@@ -24,6 +28,8 @@ def test_quickstart_runs_end_to_end(tmp_path, stdlib_documents):
             "train.warmup_steps=30", "train.log_interval=50", "train.eval_interval=300"]
     result = doc_block("quickstart").run(REPO, append=" ".join(args), env={"MASTER_PORT": str(free_port())})
     stages = re.findall(r"^== (\d)/8", result.stdout, flags=re.M)
+    fast, why = fast_bf16(torch.device("cpu"))  # tiny_cpu.yaml trains with train.precision=auto
+    assert f"\nprecision {'bf16' if fast else 'fp32'} (train.precision=auto: {why})\n" in result.stdout
     assert stages == [str(i) for i in range(1, 9)], stages
     summary = re.search(r"^done: step 300 \(300 this run, [\d.]+ min\) \| last loss [\d.]+ \| last validation loss "
                         r"[\d.]+\n  checkpoint  (\S+)", result.stdout, flags=re.M)

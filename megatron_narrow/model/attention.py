@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention_backends import attention_backend
+from megatron_narrow.model.dropout import Dropout, dropout
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.model.recompute import recomputed
 from megatron_narrow.parallel import (
@@ -87,7 +87,7 @@ class BertSelfAttention(nn.Module):
         if dropout_p > 0:
             fork = self.tracker.fork() if self.tracker is not None else contextlib.nullcontext()
             with fork:
-                probs = F.dropout(probs, dropout_p)
+                probs = dropout(probs, dropout_p)
         mixed = torch.einsum("bhqs,bsk->bhqk", probs, context)  # (B, h, Q, H)
         out = torch.einsum("bhqk,hdk->bqhd", mixed, self.value.weight.view(heads, d, hidden))  # (B, Q, h, d)
         # sum_j p_j b_V: b_V itself without dropout; with it the kept probabilities need not sum to one
@@ -136,7 +136,7 @@ class BertSelfOutput(nn.Module):
         self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, group=groups.tensor,
                                        init_std=config.initializer_range, generator=generator)
         self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(self, attention: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(attention)) + residual)

@@ -2,7 +2,10 @@
 
     q (B, h, Q, d), k and v (B, h, S, d), mask broadcastable to (B, h, Q, S) bool (True = may attend)
 
-- `sdpa` (default): torch's scaled_dot_product_attention, which picks the best kernel the inputs allow.
+- `sdpa` (default): torch's scaled_dot_product_attention, which picks the best kernel the inputs allow. On
+  the CPU with dropout it has no fused kernel and falls back to its math path, which computes bf16 inputs
+  in fp32 and draws bernoulli_ masks; there `math` runs instead (same maths, the inputs' dtype, the
+  cheaper masks of model/dropout.py).
 - `math`: the readable reference, softmax(q k^T / sqrt(d) + mask) v written out; the other backends are
   tested against it.
 A backend that this machine cannot run is refused by `attention_backend(name)` in one line. NarrowBERT's
@@ -17,11 +20,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from megatron_narrow.model.dropout import dropout
+
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                    dropout_p: float) -> torch.Tensor:
+    if dropout_p > 0 and q.device.type == "cpu":
+        return math_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -30,7 +37,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
+        probs = dropout(probs, dropout_p)
     return probs @ v
 
 

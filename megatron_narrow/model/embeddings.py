@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.dropout import Dropout
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.parallel import ProcessGroups, VocabParallelEmbedding
 
@@ -26,7 +27,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = _embedding(config.max_position_embeddings, config.hidden_size, std, generator)
         self.token_type_embeddings = _embedding(config.type_vocab_size, config.hidden_size, std, generator)
         self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

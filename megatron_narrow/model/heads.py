@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.model.dropout import Dropout
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.parallel import GroupInfo, vocab_parallel_logits, vocab_shard
 from megatron_narrow.parallel.layers import mark_tensor_parallel
@@ -46,15 +47,18 @@ class BertLMPredictionHead(nn.Module):
         start, end, _ = vocab_shard(config.vocab_size, group)
         self.bias = nn.Parameter(torch.zeros(end - start))
         mark_tensor_parallel(self.bias, 0)
-        self.first_padding_column = min(max(config.vocab_size - start, 0), end - start)  # local, = end - start: none
+        first_padding_column = min(max(config.vocab_size - start, 0), end - start)  # local; = end - start: none
+        # the padding rows (zero) of the table would take a share of the softmax: -inf is added to their bias.
+        # A buffer, not the parameter (AdamW's decay of -inf is NaN), not persistent (checkpoints stay as HF's)
+        padding = torch.zeros(end - start)
+        padding[first_padding_column:] = float("-inf")
+        self.register_buffer("padding_bias", padding if first_padding_column < end - start else None,
+                             persistent=False)
 
     def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
-        logits = vocab_parallel_logits(self.transform(x), decoder_weight, self.bias, self.group)
-        # the padding rows (zero) would take a share of the softmax: -inf, in place on the fresh GEMM output
-        # (linear does not save it), written to the padding columns only (they trail the shard)
-        logits[..., self.first_padding_column:] = float("-inf")
-        return logits
+        bias = self.bias if self.padding_bias is None else self.bias + self.padding_bias.to(self.bias.dtype)
+        return vocab_parallel_logits(self.transform(x), decoder_weight, bias, self.group)
 
 
 class BertPooler(nn.Module):
@@ -72,7 +76,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: ModelConfig, num_labels: int, generator: torch.Generator) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
         self.classifier = _linear(config.hidden_size, num_labels, config.initializer_range, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import BertAttention
+from megatron_narrow.model.dropout import Dropout
 from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.model.recompute import recomputed
 from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
@@ -29,7 +30,7 @@ class BertOutput(nn.Module):
         self.dense = RowParallelLinear(config.intermediate_size, config.hidden_size, group=groups.tensor,
                                        init_std=config.initializer_range, generator=generator)
         self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

@@ -172,6 +172,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     from megatron_narrow.training.engine import agree_finite, build_engine, training_device
     from megatron_narrow.training.metrics import MetricsLogger
     from megatron_narrow.training.optim import set_learning_rate
+    from megatron_narrow.training.precision import with_resolved_precision
     from megatron_narrow.training.setup import (
         DeepSpeedMPU,
         check_wandb,
@@ -180,6 +181,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
         world_size_from_env,
     )
 
+    run, precision_line = with_resolved_precision(run, training_device())  # train.precision=auto decided here
     with refusing():  # the config, the pretrained model and the task files; errors later are bugs
         run.validate()
         check_wandb(run.train)
@@ -200,6 +202,8 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     init_distributed()
     groups = ProcessGroups.from_world(ParallelConfig())
     is_rank0 = dist.get_rank() == 0
+    if is_rank0:
+        print(precision_line, flush=True)
     device = training_device()
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
     with refusing():  # pretrained weights that lack part of the encoder

@@ -45,6 +45,7 @@ from megatron_narrow.training.pipeline import (
     pipeline_evaluate,
     pipeline_train_step,
 )
+from megatron_narrow.training.precision import with_resolved_precision
 from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
 from megatron_narrow.training.stop import RunStopped, StopSignal
 
@@ -97,12 +98,14 @@ def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.opti
 def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None) -> list[dict]:
     """Train (or resume) to run.train.train_steps; returns the records logged by rank 0. Raises RunStopped
     after checkpointing when `stop` (installed here if not given) sees SIGTERM or Ctrl-C."""
+    device = training_device()
+    run, precision_line = with_resolved_precision(run, device)  # train.precision=auto decided here
     with refusing():
         ds_config = validate_run(run, ds_config_path)  # every check that needs no process group
     init_distributed()
     train = run.train
     is_rank0 = dist.get_rank() == 0
-    device = training_device()
+    rank0_print(is_rank0)(precision_line)
     pair_head = run.data.pair_head
     if train.restart:
         if is_rank0 and (moved := checkpoint.move_aside(train.save_dir)) is not None:
