@@ -4,8 +4,8 @@
 
 - `sdpa` (default): torch's scaled_dot_product_attention, which picks the best kernel the inputs allow. On
   the CPU with dropout it has no fused kernel and falls back to its math path, which computes bf16 inputs
-  in fp32 and draws bernoulli_ masks; there `math` runs instead (same maths, the inputs' dtype, the
-  cheaper masks of model/dropout.py).
+  in fp32 and draws bernoulli_ masks; there `cpu_training_attention` runs instead (math's maths in the
+  inputs' dtype, fewer passes over the scores, the cheaper masks of model/dropout.py).
 - `math`: the readable reference, softmax(q k^T / sqrt(d) + mask) v written out; the other backends are
   tested against it.
 A backend that this machine cannot run is refused by `attention_backend(name)` in one line. NarrowBERT's
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron_narrow.model.dropout import dropout
+from megatron_narrow.model.dropout import dropout, dropout_unscaled
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -28,8 +28,24 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                    dropout_p: float) -> torch.Tensor:
     if dropout_p > 0 and q.device.type == "cpu":
-        return math_attention(q, k, v, mask, dropout_p)
+        return cpu_training_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def cpu_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           dropout_p: float) -> torch.Tensor:
+    """math_attention's maths with fewer passes over the B x h x Q x S scores, for training on the CPU (where
+    SDPA has no fused dropout): the key mask becomes an additive bias that the batched GEMM adds, and the
+    1/sqrt(d) scale its alpha, as it writes the scores (baddbmm); dropout's 1/(1-p) scales v (S x d), not
+    the probabilities. The dropout mask is the one math_attention draws from the same generator state."""
+    b, h, queries, d = q.shape
+    keys = k.shape[-2]
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.expand(b, h, mask.shape[-2], keys).reshape(b * h, mask.shape[-2], keys)
+    scores = torch.baddbmm(bias, q.reshape(b * h, queries, d), k.reshape(b * h, keys, d).transpose(1, 2),
+                           alpha=d ** -0.5)
+    probs, scale = dropout_unscaled(scores.softmax(dim=-1), dropout_p)
+    return torch.bmm(probs, (v * scale).reshape(b * h, keys, d)).view(b, h, queries, d)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -41,12 +41,14 @@ class _ApplyMask(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(dropped)
         ctx.scale = scale
-        return x.masked_fill(dropped, 0).mul_(scale)
+        out = x.masked_fill(dropped, 0)
+        return out if scale == 1.0 else out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dropped,) = ctx.saved_tensors
-        return grad.masked_fill(dropped, 0).mul_(ctx.scale), None, None
+        out = grad.masked_fill(dropped, 0)
+        return (out if ctx.scale == 1.0 else out.mul_(ctx.scale)), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -57,6 +59,18 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return F.dropout(x, p, training)
     dropped, scale = drop_mask(x.shape, p, x.device)
     return _ApplyMask.apply(x, dropped, scale)
+
+
+def dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(x with the dropped elements zeroed but the kept ones not scaled, the scale 1 / keep probability), for a
+    caller that applies the scale to a smaller tensor: attention scales the values (S x d), not the
+    probabilities (Q x S). The same mask as `dropout` draws from the same generator state."""
+    if p == 0:
+        return x, 1.0
+    if x.device.type != "cpu":
+        return F.dropout(x, p), 1.0
+    dropped, scale = drop_mask(x.shape, p, x.device)
+    return _ApplyMask.apply(x, dropped, 1.0), scale
 
 
 class Dropout(nn.Module):
