@@ -247,6 +247,9 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from throughput import add_shape_arguments
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official-dir", required=True, help="a clone of lihaoxin2020/narrowbert")
@@ -254,16 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", default=str(DEFAULT_VENV), help=f"the official code's venv (default {DEFAULT_VENV})")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--repeats", type=int, default=2, help="back-to-back calls a turn; the turn keeps the fastest")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=30522)
+    add_shape_arguments(parser)  # --batch --layers --hidden --heads --seq --vocab --seed --threads
     parser.add_argument("--max-predictions", type=int, default=80)
     parser.add_argument("--valid-targets", type=int, default=77)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
     parser.add_argument("--force-bf16", action="store_true",
                         help="time the bf16 measures even where bf16 matrix products are emulated")
     parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
