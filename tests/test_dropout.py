@@ -7,18 +7,19 @@ import math
 import pytest
 import torch
 
-from megatron_narrow.model.dropout import LANE_STATES, Dropout, drop_mask, dropout
+from megatron_narrow.model.dropout import LANE_STATES, Dropout, dropout, keep_mask
 
 N = 1 << 22  # 4M elements: the drop fraction's standard error at p = 0.1 is 1.5e-4
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
 def test_each_element_is_dropped_with_probability_p_independently(p):
-    """The drop fraction is k / 32768 (k = round(p * 32768)) within 5 standard errors, overall, in each of the four
-    lanes a 64-bit draw is cut into (lane 3 has one bit less) and along a row; neighbours are uncorrelated
-    (lag 1 inside a draw, lag 4 across draws) within 5 standard errors of a zero correlation."""
+    """The drop fraction is k / 65536 (k = round(p * 65536)) within 5 standard errors, overall, in each of the four
+    lanes a 64-bit draw is cut into and along a row; neighbours are uncorrelated (lag 1 inside a draw, lag 4
+    across draws) within 5 standard errors of a zero correlation."""
     torch.manual_seed(0)
-    dropped, scale = drop_mask(torch.Size((N // 512, 512)), p, torch.device("cpu"))
+    kept, scale = keep_mask(torch.Size((N // 512, 512)), p, torch.device("cpu"))
+    dropped = ~kept
     q = round(p * LANE_STATES) / LANE_STATES
     assert abs(q - p) <= 0.5 / LANE_STATES and scale == 1 / (1 - q)
     flat = dropped.reshape(-1).double()
@@ -36,14 +37,19 @@ def test_each_element_is_dropped_with_probability_p_independently(p):
         assert abs(correlation) <= 5 / math.sqrt(N), f"lag {lag}: {correlation}"
 
 
-def test_output_and_gradient_are_the_input_masked_and_scaled_exactly():
-    """Kept elements are x / (1 - q) bit for bit, dropped ones 0; the gradient is the same mask and scale applied to
-    the incoming gradient; the mean of dropout(ones) is 1 within its standard error bound."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_output_and_gradient_are_the_input_masked_and_scaled_exactly(dtype):
+    """Kept elements are x / (1 - q) bit for bit (one rounding in bf16, as masked_fill then mul_), dropped ones 0;
+    the gradient is the same mask and scale applied to the incoming gradient; the mean of dropout(ones) is 1
+    within its standard error bound."""
     torch.manual_seed(1)
-    x = torch.randn(64, 4, 100, 300, dtype=torch.float64, requires_grad=True)  # numel not a multiple of 4 draws
+    x = torch.randn(63, 5, 101, 301, dtype=dtype, requires_grad=True)  # numel not a multiple of 4 draws
+    state = torch.get_rng_state()
     out = dropout(x, 0.1)
-    kept = out != 0
-    scale = LANE_STATES / (LANE_STATES - round(0.1 * LANE_STATES))
+    torch.set_rng_state(state)
+    kept, scale = keep_mask(x.shape, 0.1, x.device)
+    assert scale == LANE_STATES / (LANE_STATES - round(0.1 * LANE_STATES))
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
     assert torch.equal(out[kept], x[kept] * scale)
     grad = torch.randn_like(x)
     out.backward(grad)

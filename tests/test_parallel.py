@@ -437,12 +437,20 @@ def test_vocab_parallel_cross_entropy_tp1():
 
 
 def test_vocab_parallel_cross_entropy_keeps_low_precision_grad_dtype():
-    logits, _ = _ce_data()
-    logits = logits.bfloat16().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(logits, CE_TARGETS, GroupInfo.trivial())
+    """bf16 logits: the loss is fp32 maths on them (fp32 rounding only), the gradient the fp32 gradient rounded
+    once to bf16 (within half a bf16 ulp of it, plus the fp32 difference of exp(x - lse) against softmax)."""
+    g = generator(12)
+    logits = (4.0 * torch.randn(3, 100, 5000, generator=g)).bfloat16().requires_grad_(True)  # rows span chunks
+    targets = torch.randint(0, 5000, (3, 100), generator=g)
+    grad_loss = torch.rand(3, 100, generator=g) + 0.5
+    loss = vocab_parallel_cross_entropy(logits, targets, GroupInfo.trivial())
     assert loss.dtype == torch.float32  # computed in fp32
-    loss.sum().backward()
+    (loss * grad_loss).sum().backward()
     assert logits.grad.dtype == torch.bfloat16
+    loss_ref, grad_ref = _ce_reference(logits.detach().float(), grad_loss, targets)
+    close(loss.detach(), loss_ref, dict(rtol=2**-22, atol=0))
+    half_ulp = torch.where(grad_ref == 0, 0.0, 2.0 ** (torch.floor(torch.log2(grad_ref.abs())) - 8))
+    assert ((logits.grad.float() - grad_ref).abs() <= half_ulp * (1 + 2**-10)).all()
 
 
 def _ce_tp2(rank: int, world_size: int) -> None:
