@@ -129,23 +129,28 @@ def adamw(model_or_params) -> torch.optim.AdamW:
 
 class MasterWeightAdamW:
     """DeepSpeed's bf16 mode in small: the model's parameters (bf16) run forward and backward; fp32 master copies
-    take their gradients, AdamW updates the masters, and the result is copied back into the parameters."""
+    take their gradients (copied into fp32 buffers made once, as DeepSpeed's flat gradient partition), AdamW
+    updates the masters, and the result is copied back into the parameters."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.masters = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+        self.master_grads = [torch.zeros_like(master) for master in self.masters]
         self.inner = adamw(self.masters)
         self.defaults = self.inner.defaults
 
     def step(self) -> None:
-        for param, master in zip(self.params, self.masters, strict=True):
-            master.grad = param.grad.float() if param.grad is not None else None
+        with torch.no_grad():
+            for param, master, buffer in zip(self.params, self.masters, self.master_grads, strict=True):
+                master.grad = None if param.grad is None else buffer  # no gradient: AdamW skips it, as before
+            pairs = [(m.grad, p.grad) for p, m in zip(self.params, self.masters, strict=True) if p.grad is not None]
+            torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
         self.inner.step()
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.masters)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in (*self.params, *self.masters):
+        for param in self.params:
             param.grad = None
 
 

@@ -100,6 +100,7 @@ def tiny_train_overrides(data: dict[str, Path], save_dir: Path, variant: str = "
         "train.warmup_steps": "2", "train.log_interval": "1", "train.eval_interval": "0",
         "train.save_interval": "0", "train.save_dir": str(save_dir), "train.tokenizer_type": "sentencepiece",
         "train.tokenizer_model": str(data["tokenizer"]), "train.num_workers": "0",
+        "train.precision": "fp32",  # tiny_cpu.yaml says auto, bf16 on some CPUs: tests compare fp32 unless they ask
     }
     settings.update(extra)
     return [f"{key}={value}" for key, value in settings.items()]

@@ -77,17 +77,41 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(name, tmp_path, tiny_corp
     assert_same_weights(resumed, reference)  # the last update too, which no logged loss shows
 
 
-def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data):
+SINGLE_NO_DROPOUT = {**NO_DROPOUT, "train.train_steps": "4", "train.micro_batch_size": "16",
+                     "train.save_interval": "0"}
+
+
+@pytest.fixture(scope="module")
+def single_no_dropout(tmp_path_factory, tiny_corpus_data) -> dict[int, float]:
+    """Losses of a 4-step narrow run in one eager fp32 process without dropout, global batch 16: the reference
+    of the layout and compile tests below."""
+    save_dir = tmp_path_factory.mktemp("single_no_dropout")
+    run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow", **SINGLE_NO_DROPOUT))
+    return losses(save_dir)
+
+
+def test_tensor_and_data_parallel_equal_one_process(tmp_path, tiny_corpus_data, single_no_dropout):
     """Four ranks as TP=2 x DP=2: each step's loss equals one process with the same global batch of 16."""
-    single, parallel = tmp_path / "single", tmp_path / "tp2_dp2"
-    run_to_end(pretrain_argv(tiny_corpus_data, single, "narrow", **{
-        **NO_DROPOUT, "train.train_steps": "4", "train.micro_batch_size": "16", "train.save_interval": "0"}))
+    parallel = tmp_path / "tp2_dp2"
     run_to_end(pretrain_argv(tiny_corpus_data, parallel, "narrow", **{
         **NO_DROPOUT, "train.train_steps": "4", "parallel.tensor_parallel": "2", "train.save_interval": "0"}), world=4)
-    a, b = losses(single), losses(parallel)
+    a, b = single_no_dropout, losses(parallel)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5, f"step {step}: one process {a[step]!r}, TP2 x DP2 {b[step]!r}"
+
+
+def test_compiled_model_trains_to_the_eager_losses(tmp_path, tiny_corpus_data, single_no_dropout):
+    """model.compile=true (DeepSpeed's engine.compile, inductor): the same four fp32 losses as eager within 1e-5
+    (inductor fuses and reorders elementwise work: not bit for bit)."""
+    compiled = tmp_path / "compiled"
+    output = run_to_end(pretrain_argv(tiny_corpus_data, compiled, "narrow", **{
+        **SINGLE_NO_DROPOUT, "model.compile": "true"}))
+    assert "model.compile=true: torch.compile" in output, output[-2000:]
+    a, b = single_no_dropout, losses(compiled)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, f"step {step}: eager {a[step]!r}, compiled {b[step]!r}"
 
 
 def test_tensorboard_events_hold_the_logged_metrics(reference_runs):

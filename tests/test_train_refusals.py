@@ -85,6 +85,9 @@ CASES = {
                                         "data.seq_len_schedule": "[{{until_step: 1, seq_len: 32}}]"},
                                        {"zero_optimization": {"stage": 1}}, 2,
                                        "data.seq_len_schedule with parallel.pipeline_parallel > 1"),
+    "compile_with_pipeline": ({"parallel.pipeline_parallel": "2", "model.compile": "true"},
+                              {"zero_optimization": {"stage": 1}}, 2,
+                              "model.compile=true with parallel.pipeline_parallel > 1"),
     "seq_len_phase_drops_targets": ({"model.variant": "token_drop", "model.token_drop_keep_tokens": "10",
                                      "data.seq_len_schedule": "[{{until_step: 1, seq_len: 32, max_predictions: 9}}]"},
                                     None, 1, "model token_drop keeps 10 of 32 tokens but every sample forces up to "

@@ -35,8 +35,9 @@ def agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> 
     return finite
 
 
-def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, mpu=None):
-    """(engine, our AdamW) for `model`: DeepSpeed wraps the optimizer as the ZeRO stage and precision ask.
+def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, mpu=None, compile_model: bool = False):
+    """(engine, our AdamW) for `model`: DeepSpeed wraps the optimizer as the ZeRO stage and precision ask, and
+    compiles the module (engine.compile: torch.compile with the accelerator's backend) when `compile_model`.
 
     ZeRO-0 fp16/bf16: DeepSpeed's FP16 wrappers take one zero-gradient step of our AdamW to create its state,
     which would start Adam's bias correction at step 2 (first update ~0.74 lr); that state is dropped here
@@ -49,6 +50,8 @@ def build_engine(model: nn.Module, train: TrainConfig, ds_config: dict, mpu=None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         optimizer.state.clear()
+    if compile_model:
+        engine.compile()
     return engine, optimizer
 
 

@@ -151,7 +151,10 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
             universal_tag = _prepare_layout_change(train.save_dir, layout, run.model, is_rank0)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
-    engine, optimizer = build_engine(model, train, ds_config, mpu)
+    engine, optimizer = build_engine(model, train, ds_config, mpu, compile_model=run.model.compile)
+    if engine.is_compiled:
+        rank0_print(is_rank0)("model.compile=true: torch.compile through DeepSpeed's engine.compile; the first step "
+                              "(and the first at each new sequence length) compiles")
     step, consumed, skipped = 0, 0, 0
     with refusing():  # no usable checkpoint after all (all ranks agree)
         loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0),

@@ -46,6 +46,9 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
         check_packed_targets(data)
     if layout.pipeline_parallel > 1:
         _validate_pipeline(run, layout.pipeline_parallel, layout.pipeline_partition)
+        if run.model.compile:
+            raise ValueError("model.compile=true with parallel.pipeline_parallel > 1: DeepSpeed's pipeline engine "
+                             "runs its stages eagerly; set model.compile=false or train without pipelining")
         if run.data.seq_len_schedule:
             raise ValueError("data.seq_len_schedule with parallel.pipeline_parallel > 1: DeepSpeed's pipeline engine "
                              "fixes the shapes stages exchange; train the short phase without pipelining, or "
