@@ -58,6 +58,14 @@ ROWS_BYTES = 1 << 21
 """fp32 bytes of logits handled at once on a single rank: a few rows, in cache, below the mmap ceiling."""
 
 
+def _shift_into(out: torch.Tensor, rows: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """out = rows - row_max in fp32: one pass for fp32 rows; bf16/fp16 rows are first copied into `out` (a
+    mixed-dtype subtraction would cast them into a fresh temporary)."""
+    if rows.dtype == out.dtype:
+        return torch.sub(rows, row_max, out=out)
+    return out.copy_(rows).sub_(row_max)
+
+
 class _RowChunkedCrossEntropy(torch.autograd.Function):
     """Single-rank cross-entropy in fp32, a few rows at a time in one reused buffer (see the module docstring).
     Each row's max m and the log-sum-exp l of x - m are kept: the backward is exp(x - m - l) * dloss minus the
@@ -72,7 +80,7 @@ class _RowChunkedCrossEntropy(torch.autograd.Function):
             end = min(start + len(buffer), rows)
             chunk, shifted = logits[start:end], buffer[:end - start]
             row_max[start:end] = chunk.amax(dim=-1, keepdim=True)
-            shifted.copy_(chunk).sub_(row_max[start:end])  # as log_softmax: no cancellation at large logits
+            _shift_into(shifted, chunk, row_max[start:end])  # as log_softmax: no cancellation at large logits
             target_shifted = shifted.gather(-1, target[start:end, None])
             torch.log(shifted.exp_().sum(dim=-1, keepdim=True), out=log_sum[start:end])
             torch.sub(log_sum[start:end], target_shifted, out=loss[start:end])
@@ -86,13 +94,15 @@ class _RowChunkedCrossEntropy(torch.autograd.Function):
         buffer = torch.empty(max(1, min(rows, ROWS_BYTES // (4 * vocab))), vocab, device=logits.device)
         grad = torch.empty_like(logits)
         weight = grad_loss.float()
+        in_place = grad.dtype == buffer.dtype  # fp32 logits: the gradient is computed where it is returned
         for start in range(0, rows, len(buffer)):
             end = min(start + len(buffer), rows)
-            probs = buffer[:end - start]
-            probs.copy_(logits[start:end]).sub_(row_max[start:end]).sub_(log_sum[start:end]).exp_()
+            probs = grad[start:end] if in_place else buffer[:end - start]
+            _shift_into(probs, logits[start:end], row_max[start:end]).sub_(log_sum[start:end]).exp_()
             probs.mul_(weight[start:end, None])
             probs[torch.arange(end - start, device=probs.device), target[start:end]] -= weight[start:end]
-            grad[start:end].copy_(probs)
+            if not in_place:
+                grad[start:end].copy_(probs)
         return grad, None
 
 
