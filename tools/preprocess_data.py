@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Tokenize raw corpora (JSONL or plain text, optionally gzipped) into sharded Arrow files + index.json.
+"""Tokenize raw corpora into sharded Arrow files + index.json.
 
-Example:
+Inputs, by name (--input-format overrides): JSONL (.jsonl/.json/.ndjson) or plain text, either optionally
+compressed (.gz, .zst, .xz, .bz2); Parquet (.parquet, e.g. FineWeb or Wikipedia from the Hub: the
+--json-keys columns are read a row group at a time); a directory written by datasets' save_to_disk, or an
+.arrow file of such a dataset. The same documents give the same shards in every form.
+
+Examples:
   python tools/preprocess_data.py --input corpus.jsonl.gz --output-dir data/corpus \\
       --tokenizer-type wordpiece --tokenizer-model vocab.txt --workers 8 --split-sentences
+  python tools/preprocess_data.py --input fineweb/data/CC-MAIN-2024-10/*.parquet --output-dir data/fineweb \\
+      --tokenizer-type wordpiece --tokenizer-model vocab.txt --workers 16
 
 The output is byte-identical for any --workers. Killed and rerun with the same arguments, it skips the
 shards it finished (its workers die with it). Bad records (invalid JSON or UTF-8, missing or non-string
@@ -12,7 +19,8 @@ keys, empty or oversized documents) are counted by kind in the summary and the m
 
 Errors are one `error:` line naming the file and the fix: exit 2 for a refused argument or file (a
 missing or corrupt tokenizer, a directory as --input, an --output-dir in use by another run), exit 1
-for bad data (a corrupt .gz, no valid documents). --debug shows the traceback.
+for bad data (a corrupt .gz/.zst/.xz/.bz2 stream or Parquet file, a missing column, no valid documents).
+--debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -30,15 +38,17 @@ from megatron_narrow.data.preprocess import PreprocessConfig, preprocess  # noqa
 def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="input files, read in the order given (.jsonl/.json/.ndjson are JSONL, others text)")
+                        help="input files (or datasets directories), read in the order given; see above for the "
+                             "formats")
     parser.add_argument("--output-dir", required=True, help="directory for index.json and shard_*.arrow")
     parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "wordpiece"])
     parser.add_argument("--tokenizer-model", required=True,
                         help="sentencepiece .model, or WordPiece vocab.txt / tokenizer.json")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="JSONL keys that form each document, joined as paragraphs (default: text)")
-    parser.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                        help="JSONL keys (Parquet/arrow columns) that form each document, joined as paragraphs "
+                             "(default: text)")
+    parser.add_argument("--input-format", choices=["auto", "jsonl", "text", "parquet", "arrow"], default="auto",
                         help="override detection by file extension")
     parser.add_argument("--text-mode", choices=["line", "block"], default="line",
                         help="plain text: one document per line, or per blank-line-separated block")

@@ -47,6 +47,7 @@ from megatron_narrow.data.raw_input import (
     check_input_files,
     chunk_records,
     document_text,
+    input_bytes,
     iter_chunks,
 )
 from megatron_narrow.data.shards import (
@@ -75,7 +76,8 @@ class PreprocessConfig:
     """Everything that decides the output bytes, plus the worker count and reject file (which do not)."""
 
     inputs: list[str]
-    """Input files: JSONL or plain text, optionally gzipped (.gz)."""
+    """Input files: JSONL or plain text (optionally .gz, .zst, .xz, .bz2), Parquet, or a `datasets` directory
+    (save_to_disk) or .arrow file."""
 
     output_dir: str
     """Directory for index.json and the shards."""
@@ -93,7 +95,8 @@ class PreprocessConfig:
     """JSONL keys whose string values form the document, in order, each starting a new paragraph."""
 
     input_format: InputFormat = "auto"
-    """auto: .jsonl/.json (optionally .gz) is JSONL, anything else plain text."""
+    """auto: by name: .jsonl/.json/.ndjson (optionally compressed) JSONL, .parquet Parquet, a `datasets`
+    directory or .arrow file arrow, anything else plain text."""
 
     text_mode: TextMode = "line"
     """Plain text: one document per line, or one per block of lines separated by blank lines."""
@@ -418,7 +421,7 @@ def _is_same_file(fd: int, path: Path) -> bool:
 def partition_inputs(inputs: list[str], index: int, count: int) -> list[str]:
     """Part `index` of `count` of the inputs: whole files, in order, cut where the running total of their sizes
     crosses index/count of all bytes. A pure function of the file list and sizes, so every node agrees."""
-    sizes = np.array([Path(p).stat().st_size for p in inputs], dtype=np.float64)
+    sizes = np.array([input_bytes(p) for p in inputs], dtype=np.float64)
     starts = np.concatenate([[0.0], np.cumsum(sizes)[:-1]]) / max(sizes.sum(), 1.0)
     part = np.minimum((starts * count).astype(np.int64), count - 1)
     return [path for path, owner in zip(inputs, part, strict=True) if owner == index]
@@ -426,7 +429,7 @@ def partition_inputs(inputs: list[str], index: int, count: int) -> list[str]:
 
 def input_list(paths: list[str]) -> list[dict]:
     """The manifest's record of the inputs: names and sizes (paths differ between machines)."""
-    return [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in paths]
+    return [{"name": Path(p).name, "bytes": input_bytes(p)} for p in paths]
 
 
 def fingerprint_of(settings: dict, tokenizer_identity: str, inputs: list[dict]) -> str:
@@ -489,10 +492,10 @@ def preprocess(config: PreprocessConfig) -> dict:
 def _run(config: PreprocessConfig, description: dict, fingerprint: str) -> dict:
     """Tokenize every shard's work chunks (or reuse an earlier run's shard), then write the manifest."""
     mine = config.my_inputs
-    total_bytes = sum(Path(p).stat().st_size for p in mine)
+    total_bytes = sum(input_bytes(p) for p in mine)
     position = [0]
     chunks = iter_chunks(mine, chunk_bytes=config.chunk_bytes, input_format=config.input_format,
-                         text_mode=config.text_mode, position=position)
+                         text_mode=config.text_mode, json_keys=config.json_keys, position=position)
     meter = _Progress(total_bytes, enabled=config.progress)
     results: list[ShardResult] = []
 

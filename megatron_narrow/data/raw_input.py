@@ -5,25 +5,35 @@ record boundary (a newline; a blank line in block mode), so it does C-speed work
 their chunk into records and decode them. Chunks never span files, and where a cut falls depends on
 the bytes alone, never on the worker count. A UTF-8 byte order mark at the start of a file (editors on
 Windows write one) is dropped, so it cannot spoil the first record.
+
+JSONL and text may be compressed (.gz, .zst, .xz, .bz2: decompressed as a stream). Parquet files and
+`datasets` directories / .arrow files become the JSONL bytes of their --json-keys columns
+(data/columnar_input.py), cut by the same rule, so a corpus gives the same chunks in every form.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
+import io
 import json
+import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
+from megatron_narrow.data.columnar_input import is_datasets_directory, iter_jsonl_records
 from megatron_narrow.data.shards import DataError
 
 REJECT_KINDS = ("invalid_json", "missing_key", "not_a_string", "invalid_utf8", "empty", "too_large")
 UTF8_BOM = b"\xef\xbb\xbf"
+COMPRESSION_NAMES = {".gz": "gzip", ".zst": "zstd", ".xz": "xz", ".bz2": "bzip2"}
+COMPRESSED_SUFFIXES = tuple(COMPRESSION_NAMES)
 
-InputFormat = Literal["auto", "jsonl", "text"]
+InputFormat = Literal["auto", "jsonl", "text", "parquet", "arrow"]
 TextMode = Literal["line", "block"]
 
 
@@ -53,25 +63,62 @@ class Chunk:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def input_format_of(path: str, configured: InputFormat) -> Literal["jsonl", "text"]:
+def compression_of(path: str) -> str | None:
+    """The compression suffix of `path` (.gz, .zst, .xz, .bz2), if any."""
+    return next((suffix for suffix in COMPRESSED_SUFFIXES if path.endswith(suffix)), None)
+
+
+def input_format_of(path: str, configured: InputFormat) -> Literal["jsonl", "text", "parquet", "arrow"]:
+    """The format of one input: the configured one, or by name (a `datasets` directory is arrow)."""
     if configured != "auto":
         return configured
-    name = path[:-3] if path.endswith(".gz") else path
+    if is_datasets_directory(path):
+        return "arrow"
+    suffix = compression_of(path)
+    name = path[:-len(suffix)] if suffix else path
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
     return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
 
 
+def input_bytes(path: str) -> int:
+    """On-disk size of an input: the file's, or the files' of a `datasets` directory."""
+    if Path(path).is_dir():
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return Path(path).stat().st_size
+
+
 def check_input_files(paths: list[str]) -> None:
-    """Refuse a missing input or a directory (a common slip: `--input data/` for the files in it)."""
+    """Refuse a missing input or a directory other than a `datasets` one (a common slip: `--input data/` for
+    the files in it)."""
     for path in paths:
-        if Path(path).is_dir():
-            raise ValueError(f"--input {path} is a directory; give the files in it "
-                             f"(e.g. --input {Path(path) / '*.jsonl'})")
-        if not Path(path).is_file():
+        if Path(path).is_dir() and not is_datasets_directory(path):
+            raise ValueError(f"--input {path} is a directory; give the files in it (e.g. --input "
+                             f"{Path(path) / '*.jsonl'}), or a directory written by datasets' save_to_disk")
+        if not Path(path).exists():
             raise ValueError(f"input {path} does not exist")
 
 
+def _decompressed(path: str, raw: BinaryIO) -> BinaryIO:
+    """A readable binary stream of `path`'s uncompressed bytes (raw itself when it is not compressed)."""
+    suffix = compression_of(path)
+    if suffix == ".gz":
+        return gzip.open(raw, "rb")
+    if suffix == ".xz":
+        return lzma.open(raw, "rb")
+    if suffix == ".bz2":
+        return bz2.open(raw, "rb")
+    if suffix == ".zst":
+        import pyarrow as pa
+
+        return io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd"), 1 << 20)
+    return raw
+
+
 def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat, text_mode: TextMode,
-                position: list[int] | None = None) -> Iterator[Chunk]:
+                json_keys: list[str], position: list[int] | None = None) -> Iterator[Chunk]:
     """Cut every input into chunks of about `chunk_bytes` at record boundaries, in order.
 
     `position[0]` is kept at the on-disk bytes consumed so far (compressed bytes for .gz), for an ETA.
@@ -79,10 +126,20 @@ def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat
     position = position if position is not None else [0]
     index, done_bytes = 0, 0
     for source, path in enumerate(paths):
-        is_json = input_format_of(path, input_format) == "jsonl"
+        fmt = input_format_of(path, input_format)
+        if fmt in ("parquet", "arrow"):
+            size = input_bytes(path)
+            for chunk in _columnar_chunks(path, fmt, json_keys, chunk_bytes, index, source):
+                position[0] = done_bytes + int(size * chunk.done)
+                yield chunk.chunk
+                index += 1
+            done_bytes += size
+            position[0] = done_bytes
+            continue
+        is_json = fmt == "jsonl"
         block_mode = not is_json and text_mode == "block"
         first_line, at_start = 1, True
-        with open(path, "rb") as raw, (gzip.open(raw, "rb") if path.endswith(".gz") else raw) as f:
+        with open(path, "rb") as raw, _decompressed(path, raw) as f:
             try:
                 while data := f.read(chunk_bytes):
                     parts = [data]
@@ -101,17 +158,42 @@ def iter_chunks(paths: list[str], *, chunk_bytes: int, input_format: InputFormat
                     yield Chunk(index, source, first_line, data, is_json, block_mode)
                     index += 1
                     first_line += data.count(b"\n")
-            except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-                raise _gzip_error(path, error) from None
+            except (EOFError, OSError, zlib.error, lzma.LZMAError) as error:
+                if compression_of(path) is None:
+                    raise
+                raise _decompression_error(path, error) from None
         done_bytes += Path(path).stat().st_size
         position[0] = done_bytes
 
 
-def _gzip_error(path: str, error: Exception) -> DataError:
-    """A .gz input that cannot be decompressed, as a DataError naming the file and what to do."""
+@dataclass(frozen=True, slots=True)
+class _ColumnarChunk:
+    chunk: Chunk
+    done: float  # fraction of the input read
+
+
+def _columnar_chunks(path: str, fmt: str, json_keys: list[str], chunk_bytes: int, index: int,
+                     source: int) -> Iterator[_ColumnarChunk]:
+    """Chunks of a columnar input's canonical JSONL lines, cut as iter_chunks cuts a JSONL file: at the first
+    line end at or past `chunk_bytes`."""
+    lines: list[bytes] = []
+    size, first_line, done = 0, 1, 0.0
+    for line, done in iter_jsonl_records(path, fmt, json_keys):
+        lines.append(line)
+        size += len(line)
+        if size >= chunk_bytes:
+            yield _ColumnarChunk(Chunk(index, source, first_line, b"".join(lines), True, False), done)
+            index, first_line, lines, size = index + 1, first_line + len(lines), [], 0
+    if lines:
+        yield _ColumnarChunk(Chunk(index, source, first_line, b"".join(lines), True, False), done)
+
+
+def _decompression_error(path: str, error: Exception) -> DataError:
+    """A compressed input that cannot be decompressed, as a DataError naming the file and what to do."""
     if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped file"):
         return DataError(f"input {path} is not gzip-compressed ({error}); rename it without .gz if it is plain text")
-    return DataError(f"input {path} is a truncated or corrupt gzip file ({error}); download or compress it again")
+    kind = COMPRESSION_NAMES.get(compression_of(path) or "", "compressed")
+    return DataError(f"input {path} is a truncated or corrupt {kind} file ({error}); download or compress it again")
 
 
 def _last_line(data: bytes) -> bytes:
@@ -189,7 +271,8 @@ def document_text(record: Record, *, is_json: bool, json_keys: list[str], max_by
 def iter_documents(paths: list[str], *, json_keys: list[str], input_format: InputFormat = "auto",
                    text_mode: TextMode = "line", max_bytes: int = 10_000_000) -> Iterator[str]:
     """The valid documents of the inputs in order, skipping bad records exactly as preprocessing does."""
-    for chunk in iter_chunks(paths, chunk_bytes=1 << 24, input_format=input_format, text_mode=text_mode):
+    for chunk in iter_chunks(paths, chunk_bytes=1 << 24, input_format=input_format, text_mode=text_mode,
+                             json_keys=json_keys):
         for record in chunk_records(chunk):
             try:
                 yield document_text(record, is_json=chunk.is_json, json_keys=json_keys, max_bytes=max_bytes)
