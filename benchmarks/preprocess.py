@@ -4,6 +4,8 @@
 - preprocess_vs_raw_tokenizer: tokens/s of tools/preprocess_data.py's pipeline with 2 workers (JSONL
   parsing, validation, tokenization, Arrow shards, checksums, manifest) over tokens/s of a bare
   `tokenizers` batch-encode of the same documents (all cores, no I/O). Target >= 0.7.
+- parquet_vs_jsonl: the same pipeline's tokens/s from the same documents as Parquet (row groups of 1024
+  rows, an extra column) over from JSONL, interleaved. Target >= 0.9; parquet_vs_raw_tokenizer >= 0.7.
 - reader_samples_per_s: masked BERT samples (seq 512) per second that the memory-mapped reader and
   sample builder yield in one process. Target >= 2000.
 - two_vs_one_worker: wall-clock speed-up of tools/preprocess_data.py's pipeline with 2 workers over 1 on a
@@ -25,6 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from megatron_narrow.config import DataConfig  # noqa: E402
 from megatron_narrow.data.offline_corpus import iter_stdlib_docstrings  # noqa: E402
@@ -90,13 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-        raw_rates, pipeline_rates, reader_rates = [], [], []
-        for _ in range(args.rounds):
+        parquet = Path(tmp) / "corpus.parquet"
+        pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), parquet, row_group_size=1024)
+        raw_rates, pipeline_rates, parquet_rates, reader_rates = [], [], [], []
+        for round_index in range(args.rounds):
             seconds, tokens = time_raw_tokenizer(texts, vocab)
             raw_rates.append(tokens / seconds)
-            seconds, tokens = time_preprocess(corpus, vocab, Path(tmp) / "data")
-            pipeline_rates.append(tokens / seconds)
-            reader_rates.append(time_reader(Path(tmp) / "data", args.reader_samples))
+            for source in ((corpus, parquet) if round_index % 2 == 0 else (parquet, corpus)):
+                seconds, tokens = time_preprocess(source, vocab, Path(tmp) / f"data_{source.suffix[1:]}")
+                (pipeline_rates if source == corpus else parquet_rates).append(tokens / seconds)
+            reader_rates.append(time_reader(Path(tmp) / "data_jsonl", args.reader_samples))
+        same_shards = all((Path(tmp) / "data_jsonl" / f.name).read_bytes() == f.read_bytes()
+                          for f in (Path(tmp) / "data_parquet").glob("shard_*.arrow"))
         corpus_mb = corpus.stat().st_size / 2**20
 
         big = Path(tmp) / "big.jsonl"
@@ -112,12 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         big_mb = big.stat().st_size / 2**20
 
     raw, pipeline = statistics.median(raw_rates), statistics.median(pipeline_rates)
+    from_parquet = statistics.median(parquet_rates)
     results = {
         "corpus_mib": round(corpus_mb, 2),
         "tokens": tokens,
         "raw_tokenizer_tokens_per_s": round(raw),
         "preprocess_tokens_per_s": round(pipeline),
         "preprocess_vs_raw_tokenizer": round(pipeline / raw, 3),
+        "parquet_tokens_per_s": round(from_parquet),
+        "parquet_vs_jsonl": round(from_parquet / pipeline, 3),
+        "parquet_vs_raw_tokenizer": round(from_parquet / raw, 3),
+        "parquet_shards_equal_jsonl": same_shards,
         "reader_samples_per_s": round(statistics.median(reader_rates)),
         "scaling_corpus_mib": round(big_mb, 2),
         "one_worker_s": round(statistics.median(walls[1]), 2),
@@ -130,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'raw tokenizers tokens/s':<34}{raw:>16,.0f}")
     print(f"{'preprocess (2 workers) tokens/s':<34}{pipeline:>16,.0f}")
     print(f"{'preprocess_vs_raw_tokenizer':<34}{results['preprocess_vs_raw_tokenizer']:>16.3f}{'>= 0.7':>10}")
+    print(f"{'parquet_vs_jsonl':<34}{results['parquet_vs_jsonl']:>16.3f}{'>= 0.9':>10}"
+          f"  (shards equal to JSONL's: {same_shards})")
+    print(f"{'parquet_vs_raw_tokenizer':<34}{results['parquet_vs_raw_tokenizer']:>16.3f}{'>= 0.7':>10}")
     print(f"{'reader_samples_per_s (seq 512)':<34}{results['reader_samples_per_s']:>16,}{'>= 2000':>10}")
     label = f"two_vs_one_worker ({big_mb:.0f} MB)"
     print(f"{label:<34}{results['two_vs_one_worker']:>16.3f}{'>= 1.7':>10}"
