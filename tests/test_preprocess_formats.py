@@ -132,3 +132,19 @@ def test_null_and_non_string_column_values_are_rejected_as_in_jsonl(tmp_path, mi
     assert manifest["totals"]["documents"] == 2 and manifest["rejected"]["not_a_string"] == 1
     with pytest.raises(DataError, match=r"no valid documents in .*nulls.parquet \(rejected records: not_a_string 3\)"):
         run_preprocess([tmp_path / "nulls.parquet"], tmp_path / "b", minilm_dir / "vocab.txt", json_keys=["text", "n"])
+
+
+def test_partitions_of_parquet_and_datasets_inputs_merge_into_the_single_node_dataset(tmp_path, forms, minilm_dir):
+    """--partition I/N splits columnar inputs by their on-disk size as it splits files (a `datasets` directory
+    counts the bytes of its files); the merged parts are the single-node dataset, byte for byte."""
+    from megatron_narrow.data.merge import merge_partitions
+
+    inputs = [forms["parquet"], forms["datasets"], forms["zst"]]
+    vocab = minilm_dir / "vocab.txt"
+    run_preprocess(inputs, tmp_path / "single", vocab, **SMALL_SHARDS)
+    parts = [tmp_path / f"part{index}" for index in range(2)]
+    for index, part in enumerate(parts):
+        run_preprocess(inputs, part, vocab, partition=(index, 2), **SMALL_SHARDS)
+    merge_partitions(parts, tmp_path / "merged")
+    assert tree_bytes(tmp_path / "merged") == tree_bytes(tmp_path / "single")
+    assert tree_bytes(parts[0]) != tree_bytes(parts[1])
