@@ -453,6 +453,10 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep; older ones are deleted (never one newer than the checkpoint being saved)."""
 
+    trust_checkpoint: bool = False
+    """Load checkpoint files without checking what their pickles call (megatron_narrow/file_safety.py): only for
+    a checkpoint you trust that names a global outside the allowlist, which a refusal names."""
+
     restart: bool = False
     """Start fresh even though train.save_dir holds checkpoints: they are moved aside to
     checkpoints.before_restart_N, never deleted. Pass it once on the command line, not in a YAML that a

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="Hugging Face output directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what an existing, non-empty --output holds (it is emptied first)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load the checkpoint's files without checking what their pickles call; only for a "
+                             "checkpoint you trust that was refused for naming an unexpected global")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--output {output} is not empty: files of another model would stay beside this "
                                  "one; choose a new directory or pass --overwrite to replace its contents")
             shutil.rmtree(output)
-        print(f"wrote {convert_checkpoint(args.checkpoint, output)}")
+        print(f"wrote {convert_checkpoint(args.checkpoint, output, trust=args.trust_checkpoint)}")
 
     return run_cli(convert, argv)
 

@@ -38,6 +38,7 @@ import torch
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, VOCAB_ROWS, merge_tensor_parallel, tensor_parallel_dims
+from megatron_narrow.file_safety import check_checkpoint_directory, load_checkpoint_file
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.parallel import refit_vocab_rows
 from megatron_narrow.training.checkpoint import (
@@ -72,6 +73,8 @@ class CheckpointInfo:
     step: int | None = None
     consumed_samples: int | None = None
     ds_config: dict = field(default_factory=dict)
+    trust: bool = False
+    """Load its files without the pickle check (file_safety.py): --trust-checkpoint."""
 
     @property
     def model_config(self) -> ModelConfig:
@@ -110,9 +113,12 @@ def _model_state_files(step_dir: Path) -> dict[int, list[Path]]:
     return files
 
 
-def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """Resolve `path` (see resolve_checkpoint) and read its run config, layout and training progress."""
+def read_checkpoint_info(path: str | Path, trust: bool = False) -> CheckpointInfo:
+    """Resolve `path` (see resolve_checkpoint) and read its run config, layout and training progress. Every
+    checkpoint file of it is checked first (file_safety.py), since DeepSpeed's readers unpickle them as they
+    are; `trust` skips that."""
     step_dir = resolve_checkpoint(path)
+    check_checkpoint_directory(step_dir, trust=trust)
     run_config = json.loads((step_dir / CONFIG_NAME).read_text())
     if "model" not in run_config:
         raise CheckpointError(f"{step_dir / CONFIG_NAME} has no model section")
@@ -124,7 +130,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     if sorted(files) != list(range(tp * pp)):  # a pipeline's model-parallel ranks are its stages x TP ranks
         raise CheckpointError(f"{step_dir}: run_config.json says tensor_parallel={tp} x pipeline_parallel={pp} but "
                               f"the model-parallel ranks on disk are {sorted(files)}")
-    first = torch.load(files[0][0], map_location="cpu", weights_only=False, mmap=True)
+    first = load_checkpoint_file(files[0][0], trust=trust, mmap=True)
     ds_config = first.get("ds_config") or {}
     zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     if first.get("mp_world_size", tp * pp) != tp * pp:
@@ -134,7 +140,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     step = ours.get("step", first.get("global_steps"))
     return CheckpointInfo(path=step_dir, run_config=run_config, zero_stage=zero_stage, tensor_parallel=tp,
                           pipeline_parallel=pp, step=step, consumed_samples=ours.get("consumed_samples"),
-                          ds_config=ds_config)
+                          ds_config=ds_config, trust=trust)
 
 
 def _has_master_weights(step_dir: Path, mp_rank: int) -> bool:
@@ -148,7 +154,7 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
         return _pipeline_tensor_parallel_shard(info, mp_rank)
     if info.zero_stage == 0:
         files = _model_state_files(step_dir)[mp_rank]
-        module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        module = load_checkpoint_file(files[0], trust=info.trust)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if not _has_master_weights(step_dir, mp_rank):
         raise CheckpointError(f"{step_dir}: ZeRO-{info.zero_stage} checkpoint without optimizer states for "
@@ -176,7 +182,7 @@ def tensor_parallel_shard(info: CheckpointInfo, mp_rank: int) -> dict[str, torch
 def _pipeline_tensor_parallel_shard(info: CheckpointInfo, tp_rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's state dict from a pipeline checkpoint's per-item files, under BertForPreTraining's names."""
     state = {key: value.float() if value.is_floating_point() else value
-             for key, value in pipeline_state_dict(info.path, info.model_config, tp_rank).items()}
+             for key, value in pipeline_state_dict(info.path, info.model_config, tp_rank, info.trust).items()}
     if not state:
         raise CheckpointError(f"{info.path}: pipeline checkpoint without layer_*-model_{tp_rank:02d}-model_states.pt "
                               f"files for tensor-parallel rank {tp_rank}")
@@ -383,12 +389,13 @@ def model_card(info: CheckpointInfo, files: list[str], path: str = ".") -> str:
 # --- the whole conversion --------------------------------------------------------------------------------
 
 
-def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path) -> Path:
+def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, trust: bool = False) -> Path:
     """Convert a checkpoint (a save_dir: its latest; or a step_ directory) to `output_dir`, which stock
-    transformers loads with AutoModelForMaskedLM (narrow: trust_remote_code=True) and AutoTokenizer."""
+    transformers loads with AutoModelForMaskedLM (narrow: trust_remote_code=True) and AutoTokenizer.
+    `trust`: load its files without the pickle check (--trust-checkpoint)."""
     from megatron_narrow.convert.export import export_to_hf
 
-    info = read_checkpoint_info(checkpoint)
+    info = read_checkpoint_info(checkpoint, trust=trust)
     model = load_merged_model(info)
     output_dir = Path(output_dir)
     export_to_hf(model, output_dir)

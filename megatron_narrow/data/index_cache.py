@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_narrow.data.shards import temp_path
+from megatron_narrow.file_safety import confined
 
 FORMAT_VERSION = 1
 _COMPLETE = "complete.json"
@@ -42,16 +43,21 @@ def cache_key(fields: dict) -> str:
 
 
 def open_entry(entry: Path) -> dict[str, np.ndarray] | None:
-    """The entry's arrays, memory-mapped read-only; None if it is absent or does not match complete.json."""
+    """The entry's arrays, memory-mapped read-only; None if it is absent or does not match complete.json. A
+    complete.json naming a file outside the entry is refused (ValueError)."""
     marker = entry / _COMPLETE
     if not marker.is_file():
         return None
     try:
         files = json.loads(marker.read_text())["files"]
-        if any((entry / name).stat().st_size != size for name, size in files.items()):
-            return None
-        return {Path(name).stem: np.load(entry / name, mmap_mode="r") for name in files}
     except (OSError, ValueError, KeyError):
+        return None
+    paths = {name: confined(entry, name, what=str(marker)) for name in files}
+    try:
+        if any(paths[name].stat().st_size != size for name, size in files.items()):
+            return None
+        return {Path(name).stem: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    except (OSError, ValueError):
         return None
 
 

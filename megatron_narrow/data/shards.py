@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from megatron_narrow.file_safety import confined
+
 FORMAT_NAME = "megatron_narrow.documents"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
@@ -117,6 +119,11 @@ def load_manifest(data_dir: str | Path) -> dict:
     missing = _missing_manifest_keys(manifest)
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing[:5])} (damaged or edited); {REPAIR_HINT}")
+    for shard in manifest["shards"]:
+        try:
+            confined(data_dir, str(shard["file"]), what=str(path))
+        except ValueError as error:
+            raise DataError(str(error)) from None
     return manifest
 
 

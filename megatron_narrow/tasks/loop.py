@@ -190,7 +190,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) >= 3:
             raise ValueError(f"{ds_config_path}: ZeRO stage 3 partitions the parameters, and the export at the end "
                              "of fine-tuning needs them whole on rank 0; use ZeRO stage 0-2")
-        pretrained = load_pretrained(run.model.init_from)
+        pretrained = load_pretrained(run.model.init_from, trust=run.train.trust_checkpoint)
         train_examples = read_examples(run.task.train_file, run.task)
         labels = label_set(run.task, train_examples)
         _, train_tensors, _ = encode(run, pretrained, train_examples, run.task.train_file, labels)

@@ -23,6 +23,7 @@ class Pretrained:
     tokenizer: Tokenizer
     source: Path
     is_hf_dir: bool
+    trust: bool = False
 
     def save_tokenizer(self, output_dir: Path) -> None:
         """Write the tokenizer as transformers loads it (AutoTokenizer) into output_dir."""
@@ -33,7 +34,7 @@ class Pretrained:
             return
         from megatron_narrow.convert.checkpoint import read_checkpoint_info, save_tokenizer
 
-        save_tokenizer(read_checkpoint_info(self.source), output_dir)
+        save_tokenizer(read_checkpoint_info(self.source, trust=self.trust), output_dir)
 
 
 def model_config_from_hf(config: dict, where: str = "config.json") -> ModelConfig:
@@ -66,8 +67,9 @@ def hf_tokenizer(directory: Path) -> Tokenizer:
     raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt")
 
 
-def load_pretrained(init_from: str | Path) -> Pretrained:
-    """Read a pretraining checkpoint (save_dir or step_ directory) or a Hugging Face BERT/NarrowBERT directory."""
+def load_pretrained(init_from: str | Path, trust: bool = False) -> Pretrained:
+    """Read a pretraining checkpoint (save_dir or step_ directory) or a Hugging Face BERT/NarrowBERT directory;
+    `trust`: a checkpoint's files without the pickle check (train.trust_checkpoint)."""
     from megatron_narrow.convert.hf_bert import check_official_narrow_layers, load_hf_state_dict
     from megatron_narrow.model import BertForPreTraining
 
@@ -95,7 +97,7 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
 
     from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info, tokenizer_source
 
-    info = read_checkpoint_info(path)
+    info = read_checkpoint_info(path, trust=trust)
     source = tokenizer_source(info)
     if source is None:
         raise ValueError(f"{info.path}: the pretraining run named no train.tokenizer_model, so its tokenizer is "
@@ -104,5 +106,5 @@ def load_pretrained(init_from: str | Path) -> Pretrained:
     config = replace(config, variant=variant_spec(config.variant).trained_model)  # token_drop trains BERT
     state = load_merged_model(info).state_dict()
     state.pop("bert.token_importance.importance", None)
-    return Pretrained(config, state, load_tokenizer(*source), info.path, is_hf_dir=False)
+    return Pretrained(config, state, load_tokenizer(*source), info.path, is_hf_dir=False, trust=trust)
 

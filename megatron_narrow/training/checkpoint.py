@@ -27,6 +27,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.file_safety import (
+    UnsafeCheckpoint,
+    check_checkpoint_directory,
+    confined,
+    load_checkpoint_file,
+)
 from megatron_narrow.parallel import RNGStatesTracker
 
 LATEST = "latest"
@@ -87,7 +93,7 @@ def incomplete_reason(path: Path) -> str | None:
     except (json.JSONDecodeError, KeyError, TypeError):
         return f"its {COMPLETE_NAME} is unreadable"
     for name, size in files.items():
-        file = path / name
+        file = confined(path, name, what=str(marker))
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
@@ -233,10 +239,13 @@ def _agree(ok: bool) -> bool:
     return flag.item() >= 1
 
 
-def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None) -> tuple[str, dict] | None:
+def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None,
+         trust: bool = False) -> tuple[str, dict] | None:
     """Load the newest usable checkpoint into the engine; returns (tag, client state), or None when the
     save directory holds no checkpoint. `report(line)` prints a warning once (rank 0). `only_tag`: load that
-    directory under SAVE_DIR/checkpoints and nothing else (a universal conversion of the newest tag)."""
+    directory under SAVE_DIR/checkpoints and nothing else (a universal conversion of the newest tag). Every
+    file of a tag is checked before DeepSpeed unpickles it (file_safety.py; `trust` skips the check): a file
+    that would call code is refused (UnsafeCheckpoint), an unreadable one makes the tag fail like a corrupt one."""
     plan = plan_resume(save_dir)
     if only_tag is not None:
         plan = ResumePlan(candidates=[only_tag], tags=plan.tags)
@@ -250,9 +259,12 @@ def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None) -
     failures = []
     for tag in plan.candidates:
         try:
+            check_checkpoint_directory(checkpoint_root(save_dir) / tag, trust=trust)
             _, client_state = engine.load_checkpoint(str(checkpoint_root(save_dir)), tag=tag,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
             error = None if client_state is not None else "DeepSpeed found no checkpoint files"
+        except UnsafeCheckpoint:
+            raise
         except Exception as exc:  # a corrupt file fails in torch.load or DeepSpeed; any rank may see it
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if _agree(error is None):
@@ -264,7 +276,8 @@ def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None) -
     return None
 
 
-def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int) -> dict[str, torch.Tensor]:
+def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int,
+                        trust: bool = False) -> dict[str, torch.Tensor]:
     """Parameters and buffers of a pipeline checkpoint's per-item files (one TP rank) under BertForPreTraining's
     names, as saved; empty when there are none."""
     from megatron_narrow.model.pipeline import model_key
@@ -272,6 +285,6 @@ def pipeline_state_dict(step_dir: Path, config: ModelConfig, tp_rank: int) -> di
     state: dict[str, torch.Tensor] = {}
     for file in sorted(step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
         item = int(PIPELINE_ITEM_FILE.search(file.name).group(1))
-        for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
+        for key, value in load_checkpoint_file(file, trust=trust).items():
             state[model_key(config, item, key)] = value
     return state

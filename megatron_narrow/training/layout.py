@@ -16,6 +16,7 @@ import re
 from argparse import Namespace
 from pathlib import Path
 
+from megatron_narrow.file_safety import check_checkpoint_directory, load_checkpoint_file
 from megatron_narrow.training.checkpoint import LAYOUT_NAME, UNIVERSAL_SUFFIX
 
 
@@ -87,14 +88,16 @@ def needs_conversion(saved: dict, current: dict) -> bool:
     return not (same_shards and saved["zero_stage"] == current["zero_stage"] == 0)
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """TAG_universal beside TAG (made once; a finished conversion leaves a marker)."""
+def convert_to_universal(tag_dir: Path, trust: bool = False) -> Path:
+    """TAG_universal beside TAG (made once; a finished conversion leaves a marker). TAG's files are checked
+    before DeepSpeed's converter unpickles them (file_safety.py)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     output = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
     marker = output / "converted.json"
     if marker.is_file():
         return output
+    check_checkpoint_directory(tag_dir, trust=trust)
     ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(output), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=False))
@@ -120,7 +123,7 @@ def repad_vocabulary_vectors(universal_dir: Path, vocab_size: int, padded_vocab_
         if not re.match(VOCABULARY_VECTORS, folder.name):
             continue
         for file in sorted(folder.glob("*.pt")):
-            state = torch.load(file, map_location="cpu", weights_only=False)
+            state = load_checkpoint_file(file)  # written by this run's own universal conversion
             if not isinstance(state, dict):  # step.pt: the optimizer's step count
                 continue
             tensor = state["param"]
@@ -151,7 +154,7 @@ def name_pipeline_parameters_as_the_model(universal_dir: Path, config) -> list[s
     return renamed
 
 
-def restore_buffers(module, tag_dir: Path, config) -> list[str]:
+def restore_buffers(module, tag_dir: Path, config, trust: bool = False) -> list[str]:
     """DeepSpeed's universal load restores parameters (and optimizer state) only, not the module's persistent
     buffers: copy them from the original checkpoint `tag_dir` (the token-drop importance vector; a pipeline
     checkpoint keeps them in its per-item files). Returns the names restored."""
@@ -159,9 +162,9 @@ def restore_buffers(module, tag_dir: Path, config) -> list[str]:
 
     from megatron_narrow.training.checkpoint import pipeline_state_dict
 
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt", trust=trust)["module"]
     if state is None:  # a pipeline checkpoint
-        state = pipeline_state_dict(tag_dir, config, tp_rank=0)
+        state = pipeline_state_dict(tag_dir, config, tp_rank=0, trust=trust)
     restored = []
     for name, buffer in module.named_buffers():
         if name in state:

@@ -148,7 +148,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     universal_tag = None
     if resuming:
         with refusing():  # a layout change that cannot be converted
-            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model, is_rank0)
+            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model, is_rank0,
+                                                   trust=train.trust_checkpoint)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
     engine, optimizer = build_engine(model, train, ds_config, mpu, compile_model=run.model.compile)
@@ -157,12 +158,12 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                               "(and the first at each new sequence length) compiles")
     step, consumed, skipped = 0, 0, 0
     with refusing():  # no usable checkpoint after all (all ranks agree)
-        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0),
-                                 only_tag=universal_tag) if resuming else None
+        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0), only_tag=universal_tag,
+                                 trust=train.trust_checkpoint) if resuming else None
     client = loaded[1] if loaded else None
     if loaded is not None and universal_tag is not None:
         restore_buffers(engine.module, checkpoint.checkpoint_root(train.save_dir) /
-                        universal_tag.removesuffix(UNIVERSAL_SUFFIX), run.model)
+                        universal_tag.removesuffix(UNIVERSAL_SUFFIX), run.model, trust=train.trust_checkpoint)
     if loaded is not None:
         ours = client["megatron_narrow"]
         step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
@@ -269,7 +270,8 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
     return records
 
 
-def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_rank0: bool) -> str | None:
+def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_rank0: bool,
+                           trust: bool = False) -> str | None:
     """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
     once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
     plan = checkpoint.plan_resume(save_dir)
@@ -287,7 +289,7 @@ def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_
         print(f"{tag} was saved with {describe(saved)}; this run is {describe(layout)}: converting it to a "
               f"universal checkpoint ({tag}{UNIVERSAL_SUFFIX}) and resuming from that", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # ds_to_universal narrates every file
-            universal = convert_to_universal(tag_dir)
+            universal = convert_to_universal(tag_dir, trust=trust)
         if saved["pipeline_parallel"] > 1:
             name_pipeline_parameters_as_the_model(universal, config)
         repad_vocabulary_vectors(universal, config.vocab_size,
