@@ -126,12 +126,16 @@ def test_broken_columnar_and_compressed_inputs_are_one_line_errors(tmp_path, for
 
 
 def test_null_and_non_string_column_values_are_rejected_as_in_jsonl(tmp_path, minilm_dir):
-    table = pa.table({"text": ["A first document.", None, "A third one."], "n": [1, 2, 3]})
+    table = pa.table({"text": ["A first document.", None, "A third one."], "n": [1, 2, 3],
+                      "raw": [b"bytes", b"are", b"no text"]})
     pq.write_table(table, tmp_path / "nulls.parquet")
     manifest = run_preprocess([tmp_path / "nulls.parquet"], tmp_path / "a", minilm_dir / "vocab.txt")
     assert manifest["totals"]["documents"] == 2 and manifest["rejected"]["not_a_string"] == 1
-    with pytest.raises(DataError, match=r"no valid documents in .*nulls.parquet \(rejected records: not_a_string 3\)"):
-        run_preprocess([tmp_path / "nulls.parquet"], tmp_path / "b", minilm_dir / "vocab.txt", json_keys=["text", "n"])
+    for key in ("n", "raw"):
+        with pytest.raises(DataError, match=r"no valid documents in .*nulls.parquet "
+                                            r"\(rejected records: not_a_string 3\)"):
+            run_preprocess([tmp_path / "nulls.parquet"], tmp_path / f"b_{key}", minilm_dir / "vocab.txt",
+                           json_keys=["text", key])
 
 
 def test_partitions_of_parquet_and_datasets_inputs_merge_into_the_single_node_dataset(tmp_path, forms, minilm_dir):

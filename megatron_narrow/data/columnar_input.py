@@ -4,8 +4,8 @@ Every later stage of preprocessing (work chunks, workers, rejects, shards, resum
 A columnar input is turned into the bytes a JSONL file of its `--json-keys` columns holds when written with
 Python's `json.dumps(row)` (its defaults: ASCII with escapes), one row a line: the same documents then give
 the same chunks, shards and manifests whether they arrive as JSONL, compressed JSONL, Parquet or Arrow,
-and a value that is not a string (a null, a number) is rejected as `not_a_string`, as in JSONL. Columns
-not named are never read.
+and a value that is not a string (a null, a number, bytes) is rejected as `not_a_string`, as in JSONL.
+Columns not named are never read.
 
 Parquet is read a row group at a time (bounded memory, the file's own unit); a `datasets` directory or
 .arrow file through `datasets` (memory-mapped), a record batch at a time.
@@ -29,9 +29,12 @@ def is_datasets_directory(path: str) -> bool:
 
 
 def _jsonl_lines(columns: dict[str, list], keys: list[str]) -> Iterator[bytes]:
-    """One canonical JSONL line per row of `columns` (each a list of the same length)."""
+    """One canonical JSONL line per row of `columns` (each a list of the same length). A value that is not a
+    string (a number, bytes, a struct, a timestamp: not all of them JSON) is written as null, which the workers
+    reject as not_a_string, as they reject any non-string JSONL value."""
     for values in zip(*(columns[key] for key in keys), strict=True):
-        yield (json.dumps(dict(zip(keys, values, strict=True))) + "\n").encode("ascii")
+        row = {key: value if isinstance(value, str) else None for key, value in zip(keys, values, strict=True)}
+        yield (json.dumps(row) + "\n").encode("ascii")
 
 
 def _missing_columns(path: str, keys: list[str], columns: list[str]) -> DataError | None:
