@@ -84,9 +84,11 @@ def unigram_counts(data_path: str, split: str, vocab_size: int, special: tuple[i
 
 
 @torch.no_grad()
-def mlm_report(save_dir: str | Path, *, samples: int = 128, examples: int = 3, batch_size: int = 16) -> MLMReport:
-    """Score the newest checkpoint of `save_dir` (or a step directory) on its run's validation split."""
-    info = read_checkpoint_info(save_dir)
+def mlm_report(save_dir: str | Path, *, samples: int = 128, examples: int = 3, batch_size: int = 16,
+               trust: bool = False) -> MLMReport:
+    """Score the newest checkpoint of `save_dir` (or a step directory) on its run's validation split; `trust`:
+    load its files without the pickle check (--trust-checkpoint)."""
+    info = read_checkpoint_info(save_dir, trust=trust)
     run = RunConfig.from_dict(info.run_config)
     data_config = run.data.phases()[-1]
     source = tokenizer_source(info)

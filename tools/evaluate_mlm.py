@@ -30,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="held-out samples to score (default 128)")
     parser.add_argument("--examples", type=int, default=3, help="fill-mask examples to show (default 3)")
     parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load the checkpoint's files without checking what their pickles call (only for a "
+                             "checkpoint you trust that was refused for naming an unexpected global)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megatron_narrow.mlm_report import mlm_report
 
     try:
-        report = mlm_report(args.checkpoint, samples=args.samples, examples=args.examples)
+        report = mlm_report(args.checkpoint, samples=args.samples, examples=args.examples,
+                            trust=args.trust_checkpoint)
     except ValueError as error:  # a missing checkpoint, data or tokenizer (CheckpointError included)
         print(f"error: {error}", file=sys.stderr)
         return 2
