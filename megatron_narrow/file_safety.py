@@ -90,15 +90,20 @@ def _extra_global_objects() -> list[Any]:
 
 
 def load_checkpoint_file(path: str | Path, *, trust: bool = False, mmap: bool = False) -> Any:
-    """torch.load(path) on the CPU after the check, with weights_only=True and the allowlist registered;
-    trust=True: an unrestricted load."""
+    """torch.load(path) on the CPU with weights_only=True and the allowlist registered (which refuses any other
+    global by itself; the check then names it in our one line); trust=True: an unrestricted load."""
+    import pickle
+
     import torch
 
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    check_checkpoint_files([path])
-    with torch.serialization.safe_globals(_extra_global_objects()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals(_extra_global_objects()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        check_checkpoint_files([path])  # raises UnsafeCheckpoint naming the global
+        raise
 
 
 def confined(directory: str | Path, name: str, *, what: str) -> Path:

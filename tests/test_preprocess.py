@@ -72,6 +72,22 @@ def test_documents_equal_tokenizer_output(tmp_path, corpus, minilm_dir, stdlib_d
         assert documents.tokens(index).tolist() == [t for ids in expected for t in ids]
 
 
+def sigkill_after_shards(command: list[str], out: Path, shards: int) -> Path:
+    """Start `command` (tools/preprocess_data.py writing `out`), SIGKILL its process group once `shards` shards
+    are finished (their progress records exist), check it left no manifest; returns the progress directory."""
+    process = subprocess.Popen(command, start_new_session=True)
+    progress, deadline = out / ".progress", time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_dir() and len(list(progress.glob("*.json"))) >= shards:
+            break
+        time.sleep(0.002)
+    assert process.poll() is None, "preprocessing finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "index.json").exists()
+    return progress
+
+
 def test_sigkill_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path, corpus, minilm_dir):
     vocab = minilm_dir / "vocab.txt"
     reference = tmp_path / "reference"
@@ -86,17 +102,7 @@ def test_sigkill_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path
                "--work-chunk-mb", str(4 / 1024), "--quiet"]
     survivors = {}
     for kill_after in (3, 30):  # kill twice, at different depths, before letting it finish
-        process = subprocess.Popen(command, start_new_session=True)
-        progress = out / ".progress"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if progress.is_dir() and len(list(progress.glob("*.json"))) >= kill_after + len(survivors):
-                break
-            time.sleep(0.002)
-        assert process.poll() is None, "preprocessing finished before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        assert not (out / "index.json").exists()
+        progress = sigkill_after_shards(command, out, kill_after + len(survivors))
         for record in progress.glob("*.json"):
             shard = out / record.name.removesuffix(".json")
             survivors[shard.name] = shard.stat().st_ino, shard.stat().st_mtime_ns

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import bz2
 import lzma
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +16,7 @@ import pytest
 from megatron_narrow.data.shards import DataError
 
 from .conftest import REPO, write_jsonl
-from .test_preprocess import run_preprocess, tree_bytes
+from .test_preprocess import run_preprocess, sigkill_after_shards, tree_bytes
 
 DOCUMENTS = 900
 SMALL_SHARDS = {"shard_size_bytes": 16 << 10, "work_chunk_bytes": 4 << 10}
@@ -74,16 +71,7 @@ def test_parquet_input_resumes_after_sigkill_byte_identical(tmp_path, forms, min
     command = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(forms["parquet"]),
                "--output-dir", str(out), "--tokenizer-type", "wordpiece", "--tokenizer-model", str(vocab),
                "--workers", "2", "--shard-size-mb", str(4 / 1024), "--work-chunk-mb", str(2 / 1024), "--quiet"]
-    process = subprocess.Popen(command, start_new_session=True)
-    progress, deadline = out / ".progress", time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.is_dir() and len(list(progress.glob("*.json"))) >= 5:
-            break
-        time.sleep(0.002)
-    assert process.poll() is None, "preprocessing finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (out / "index.json").exists()
+    progress = sigkill_after_shards(command, out, 5)
     finished = {record.name.removesuffix(".json") for record in progress.glob("*.json")}
     subprocess.run(command, check=True)
     assert tree_bytes(out) == tree_bytes(reference) and len(finished) >= 5

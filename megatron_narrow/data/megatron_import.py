@@ -145,10 +145,10 @@ def _write_shards(out: Path, index: MegatronIndex, tokens: np.ndarray, per_docum
     token_start = np.concatenate([[0], np.cumsum(per_document, dtype=np.int64)])
     kept = np.flatnonzero(per_document > 0)
     shards, first_document, begin = [], 0, 0
-    while begin < len(kept):
-        budget, end = shard_size_bytes // 4, begin
-        while end < len(kept) and (end == begin or token_start[kept[end] + 1] - token_start[kept[begin]] <= budget):
-            end += 1
+    kept_ends = token_start[kept + 1]  # where each kept document's tokens end
+    while begin < len(kept):  # a shard: the kept documents that end within the budget (at least one)
+        limit = token_start[kept[begin]] + shard_size_bytes // 4
+        end = max(begin + 1, int(np.searchsorted(kept_ends, limit, side="right")))
         documents = kept[begin:end]
         shard = _encode(index, tokens, token_start, documents)
         name = shard_name(len(shards))
