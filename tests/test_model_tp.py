@@ -34,10 +34,14 @@ def batch():
 
 
 def step(model: BertForPreTraining):
+    """(loss, logits, gradients). One rank trains through the fused loss, which makes no logits; TP=2 through
+    logits and the vocabulary-parallel loss: the comparison covers both. Logits come from a no-grad forward."""
     out = model(*batch())
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return out.loss.item(), out.logits.detach(), grads
+    with torch.no_grad():
+        logits = model(*batch()).logits
+    return out.loss.item(), logits, grads
 
 
 def _tp_rank(rank: int, world_size: int, variant: str):
@@ -79,3 +83,22 @@ def test_tp2_equals_tp1(variant):
             tp_grad = tp_grad[: grad.shape[0]]
         diff = (tp_grad - grad).abs().max().item()
         assert diff <= 1e-5, f"{variant}: gradient of {name} differs by {diff}"
+
+
+@pytest.mark.parametrize("variant", ["bert", "narrow"])
+def test_fused_loss_equals_the_logits_path(variant):
+    """One rank trains through the fused decoder + loss (no logits); with a pair head and gradient
+    accumulation's loss scale, its loss and every gradient equal the logits-then-cross-entropy path's."""
+    results = []
+    for return_logits in (False, True):
+        model = BertForPreTraining(config(variant), special_ids=SPECIAL, pair_head=True)
+        out = model(*batch(), pair_label=torch.tensor([0, 1, 1]), return_logits=return_logits)
+        (out.loss / 4).backward()
+        assert (out.logits is None) != return_logits
+        results.append((out.loss.detach(), out.target_losses,
+                        {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (fused_loss, fused_losses, fused_grads), (loss, losses, grads) = results
+    assert abs(fused_loss - loss) <= 1e-6 and (fused_losses - losses).abs().max() <= 1e-6
+    assert fused_grads.keys() == grads.keys() and "cls.seq_relationship.weight" in grads
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= 1e-6, name

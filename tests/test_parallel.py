@@ -23,6 +23,7 @@ from megatron_narrow.parallel import (
     column_parallel_projections,
     copy_to_tensor_region,
     gather_from_tensor_region,
+    linear_cross_entropy,
     padded_vocab_size,
     reduce_from_tensor_region,
     scatter_to_tensor_region,
@@ -451,6 +452,91 @@ def test_vocab_parallel_cross_entropy_keeps_low_precision_grad_dtype():
     close(loss.detach(), loss_ref, dict(rtol=2**-22, atol=0))
     half_ulp = torch.where(grad_ref == 0, 0.0, 2.0 ** (torch.floor(torch.log2(grad_ref.abs())) - 8))
     assert ((logits.grad.float() - grad_ref).abs() <= half_ulp * (1 + 2**-10)).all()
+
+
+def _linear_ce_case(dtype: torch.dtype):
+    """A tied decoder as the MLM head has it: x (2, 9, 16) from an embedding lookup of the same weight (so its
+    gradient has two parts), 40 vocabulary rows of which the last 4 are -inf padding in the bias."""
+    g = generator(13)
+    weight = (torch.randn(40, 16, generator=g) / 4).to(dtype)
+    bias = torch.randn(40, generator=g).to(dtype)
+    bias[36:] = float("-inf")
+    ids = torch.randint(0, 36, (2, 9), generator=g)
+    mix = torch.randn(16, 16, generator=g).to(dtype)
+    targets = torch.randint(0, 36, (2, 9), generator=g)
+    valid = torch.rand(2, 9, generator=g) > 0.2
+    return weight, bias, ids, mix, targets, valid
+
+
+def _linear_ce_run(dtype: torch.dtype, fused: bool) -> dict[str, torch.Tensor]:
+    weight, bias, ids, mix, targets, valid = _linear_ce_case(dtype)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    x = F.embedding(ids, weight) @ mix
+    denominator = valid.sum()
+    if fused:
+        loss, losses = linear_cross_entropy(x, weight, bias, targets, valid, denominator)
+    else:
+        logits = F.linear(x.float(), weight.float(), bias.float())
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape) * valid
+        loss = losses.sum() / denominator
+    (loss * 0.75).backward()  # a scale reaches backward, as DeepSpeed's gradient accumulation divides the loss
+    return {"loss": loss.detach(), "losses": losses.detach(), "weight": weight.grad.float(), "bias": bias.grad.float()}
+
+
+@pytest.mark.parametrize("chunk_rows", [18, 5, 1])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(monkeypatch, chunk_rows):
+    """fp32: loss, per-row losses and the gradients of x (through the embedding) and of the tied weight and the
+    bias equal torch's two steps to fp32 rounding, whether the 18 rows go in one chunk or several."""
+    from megatron_narrow.parallel import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "LOGITS_CHUNK_BYTES", chunk_rows * 40 * 4)
+    expected, actual = _linear_ce_run(torch.float32, fused=False), _linear_ce_run(torch.float32, fused=True)
+    for name, value in expected.items():
+        close(actual[name], value, {"atol": 2e-6, "rtol": 0.0})
+    assert actual["bias"][36:].abs().max() == 0  # the padding columns take no share
+
+
+def test_linear_cross_entropy_bf16_within_its_rounding(monkeypatch):
+    """bf16 x and weight, three chunks, against fp32 maths on the same bf16 values and the same bf16 logits: the
+    loss to fp32 rounding; each gradient entry is a sum of products of bf16 operands, off by roundings of 2^-9
+    of the sum of its terms' magnitudes: the softmax gradient's, each chunk's product's, the final sum's and the
+    backward scale's (4; the two-step path rounds the softmax gradient after the scale and has 2), and torch's
+    bf16 GEMMs at these small shapes add up to 2 (measured: 6 for the weight, 3 for x and the bias). Bound: 8."""
+    from megatron_narrow.parallel import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "LOGITS_CHUNK_BYTES", 7 * 40 * 2)
+    *_, targets, valid = _linear_ce_case(torch.bfloat16)
+    g = generator(14)  # few mantissa bits: every logit is exact in fp32, so both paths round it alike
+    x = (torch.randint(-2, 3, (2, 9, 16), generator=g) / 2).bfloat16()
+    weight = (torch.randint(-8, 9, (40, 16), generator=g) / 16).bfloat16()
+    bias = (torch.randint(-4, 5, (40,), generator=g) / 4).bfloat16()
+    bias[36:] = float("-inf")
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
+    loss, _ = linear_cross_entropy(*leaves, targets, valid, valid.sum())
+    (loss * 0.75).backward()
+    reference = [t.detach().float().requires_grad_(True) for t in (x, weight, bias)]
+    logits = F.linear(*reference).bfloat16().float()  # the bf16 logits both paths see
+    expected_losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") * valid.flatten()
+    expected = expected_losses.sum() / valid.sum()
+    (expected * 0.75).backward()
+    close(loss.detach(), expected.detach(), {"atol": 0.0, "rtol": 1e-6})
+    rows = (logits.detach().softmax(-1) + F.one_hot(targets, 40)).flatten(0, 1).abs() \
+        * (0.75 * valid.flatten()[:, None] / valid.sum())  # |w_r (p - onehot)| <= w_r (p + onehot)
+    x32, w32 = x.float().flatten(0, 1), weight.float()
+    for leaf, ref, magnitude in zip(leaves, reference, (rows @ w32.abs(), rows.t() @ x32.abs(), rows.sum(0)),
+                                    strict=True):
+        error = (leaf.grad.float().reshape(magnitude.shape) - ref.grad.reshape(magnitude.shape)).abs()
+        assert (error <= 2**-6 * magnitude + 1e-7).all(), (leaf.shape, (error / magnitude.clamp(min=1e-12)).max())
+
+
+def test_linear_cross_entropy_refuses_a_second_backward():
+    weight, bias, ids, mix, targets, valid = _linear_ce_case(torch.float32)
+    weight.requires_grad_(True)
+    loss, _ = linear_cross_entropy(F.embedding(ids, weight) @ mix, weight, bias, targets, valid, valid.sum())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
 
 
 def _ce_tp2(rank: int, world_size: int) -> None:

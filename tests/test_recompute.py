@@ -26,7 +26,7 @@ def config(variant: str) -> ModelConfig:
 
 
 def train_step(variant: str, mode: str, groups=None, tensor_rank: int = 0) -> tuple[dict, int]:
-    """(loss, logits and every gradient, bytes autograd kept for backward) of one forward/backward in training
+    """(loss and every gradient, bytes autograd kept for backward) of one forward/backward in training
     mode, dropout drawn from a fresh tracker seeded like a run's."""
     tracker = RNGStatesTracker.for_model(SEED, tensor_rank=tensor_rank)  # also seeds the global stream
     model = BertForPreTraining(config(variant), groups, special_ids=SPECIAL, tracker=tracker).train()
@@ -43,7 +43,7 @@ def train_step(variant: str, mode: str, groups=None, tensor_rank: int = 0) -> tu
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(*batch())
     out.loss.backward()
-    result = {"loss": out.loss.detach(), "logits": out.logits.detach()}
+    result = {"loss": out.loss.detach()}
     result.update({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})
     return result, sum(kept.values())
 

@@ -20,6 +20,7 @@ from megatron_narrow.parallel import (
     ProcessGroups,
     RNGStatesTracker,
     component_generator,
+    linear_cross_entropy,
     vocab_parallel_cross_entropy,
 )
 from megatron_narrow.variants import drops_tokens
@@ -74,8 +75,9 @@ class PretrainingOutput:
     """Mean MLM loss over valid targets (+ the pair-task loss, when there is one)."""
     target_losses: torch.Tensor
     """(B, M) per-target MLM loss (0 where invalid): feeds the token-drop importance update."""
-    logits: torch.Tensor
-    """(B, M, V_padded / tp) this rank's shard of the MLM logits at the target positions."""
+    logits: torch.Tensor | None
+    """(B, M, V_padded / tp) this rank's shard of the MLM logits at the target positions; None where the
+    single-rank training forward never made them (see BertForPreTraining.forward's return_logits)."""
     pair_logits: torch.Tensor | None = None
 
 
@@ -85,14 +87,32 @@ def with_cls_query(positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.
             torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1))
 
 
+def split_pair_query(hidden: torch.Tensor, pooler: BertPooler | None, seq_relationship: nn.Linear | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states at the queries -> (the MLM targets' states, pair logits (B, 2) or None). With a pair
+    head the first query is [CLS] (see with_cls_query)."""
+    if seq_relationship is None:
+        return hidden, None
+    return hidden[:, 1:], seq_relationship(pooler(hidden[:, 0]))
+
+
 def pretraining_logits(hidden: torch.Tensor, decoder_weight: torch.Tensor, predictions: BertLMPredictionHead,
                        pooler: BertPooler | None, seq_relationship: nn.Linear | None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states at the queries -> (MLM logits (B, M, V/tp), pair logits (B, 2) or None). With a pair
-    head the first query is [CLS] (see with_cls_query)."""
-    if seq_relationship is None:
-        return predictions(hidden, decoder_weight), None
-    return predictions(hidden[:, 1:], decoder_weight), seq_relationship(pooler(hidden[:, 0]))
+    """Hidden states at the queries -> (MLM logits (B, M, V/tp), pair logits (B, 2) or None)."""
+    targets, pair_logits = split_pair_query(hidden, pooler, seq_relationship)
+    return predictions(targets, decoder_weight), pair_logits
+
+
+def _mlm_denominator(target_valid: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:
+    return target_valid.sum().clamp(min=1) if num_targets is None else num_targets
+
+
+def _with_pair_loss(loss: torch.Tensor, pair_logits: torch.Tensor | None,
+                    pair_label: torch.Tensor | None) -> torch.Tensor:
+    if pair_logits is None or pair_label is None:
+        return loss
+    return loss + nn.functional.cross_entropy(pair_logits, pair_label.view(-1))
 
 
 def pretraining_loss(logits: torch.Tensor, pair_logits: torch.Tensor | None, target_ids: torch.Tensor,
@@ -101,11 +121,22 @@ def pretraining_loss(logits: torch.Tensor, pair_logits: torch.Tensor | None, tar
     """(loss, per-target MLM losses (B, M), 0 where invalid). `num_targets` replaces the batch's valid-target
     count as the MLM loss's denominator (see BertForPreTraining.forward)."""
     losses = vocab_parallel_cross_entropy(logits, target_ids, group) * target_valid
-    denominator = target_valid.sum().clamp(min=1) if num_targets is None else num_targets
-    loss = losses.sum() / denominator
-    if pair_logits is not None and pair_label is not None:
-        loss = loss + nn.functional.cross_entropy(pair_logits, pair_label.view(-1))
-    return loss, losses
+    loss = losses.sum() / _mlm_denominator(target_valid, num_targets)
+    return _with_pair_loss(loss, pair_logits, pair_label), losses
+
+
+def fused_pretraining_loss(hidden: torch.Tensor, decoder_weight: torch.Tensor, predictions: BertLMPredictionHead,
+                           pooler: BertPooler | None, seq_relationship: nn.Linear | None, target_ids: torch.Tensor,
+                           target_valid: torch.Tensor, *, pair_label: torch.Tensor | None = None,
+                           num_targets: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """pretraining_logits + pretraining_loss on a single rank without the logits: (loss, per-target losses,
+    pair logits). The decoder GEMM, the loss and its gradients are made a chunk of rows at a time
+    (parallel/cross_entropy.py: linear_cross_entropy); equal to the two-step path up to float rounding."""
+    targets, pair_logits = split_pair_query(hidden, pooler, seq_relationship)
+    loss, losses = linear_cross_entropy(predictions.transform(targets), decoder_weight, predictions.decoder_bias(),
+                                        target_ids, target_valid, _mlm_denominator(target_valid, num_targets))
+    return _with_pair_loss(loss, pair_logits, pair_label), losses, pair_logits
 
 
 class BertForPreTraining(nn.Module):
@@ -125,21 +156,35 @@ class BertForPreTraining(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 target_positions: torch.Tensor, target_ids: torch.Tensor, target_valid: torch.Tensor,
                 pair_label: torch.Tensor | None = None, num_targets: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-                ) -> PretrainingOutput:
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_logits: bool = False) -> PretrainingOutput:
         """MLM (+ pair) loss. `num_targets` replaces this batch's valid-target count as the MLM loss's
         denominator: the training loop passes the global batch's count (per rank and micro-batch), so
         that data parallelism and gradient accumulation reproduce one big batch exactly. segment_ids and
-        position_ids come with packed segments (data.packing=segments)."""
+        position_ids come with packed segments (data.packing=segments).
+
+        On a single rank with gradients enabled the loss is fused with the decoder GEMM and the logits are
+        never made (fused_pretraining_loss); `return_logits` asks for the two-step path and the logits.
+        Without gradients, tensor-parallel or in fp16 (whose unscaled gradients would underflow before the
+        loss scale reaches them), logits come back."""
         positions, valid = target_positions, target_valid
         if self.cls.seq_relationship is not None:
             positions, valid = with_cls_query(positions, valid)
         hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid, segment_ids=segment_ids,
                            position_ids=position_ids)
-        logits, pair_logits = pretraining_logits(hidden, self.bert.embeddings.word_embeddings.weight,
-                                                 self.cls.predictions, self.bert.pooler, self.cls.seq_relationship)
-        loss, losses = pretraining_loss(logits, pair_logits, target_ids, target_valid, self.groups.tensor,
-                                        pair_label=pair_label, num_targets=num_targets)
+        heads = (self.bert.embeddings.word_embeddings.weight, self.cls.predictions, self.bert.pooler,
+                 self.cls.seq_relationship)
+        fused = (self.groups.tensor.size == 1 and torch.is_grad_enabled() and not return_logits
+                 and heads[0].dtype != torch.float16  # fp16's loss scale must reach the gradient before rounding
+                 and not torch.compiler.is_compiling())  # inductor fuses the two-step path its own way
+        if fused:
+            logits = None
+            loss, losses, pair_logits = fused_pretraining_loss(hidden, *heads, target_ids, target_valid,
+                                                               pair_label=pair_label, num_targets=num_targets)
+        else:
+            logits, pair_logits = pretraining_logits(hidden, *heads)
+            loss, losses = pretraining_loss(logits, pair_logits, target_ids, target_valid, self.groups.tensor,
+                                            pair_label=pair_label, num_targets=num_targets)
         return PretrainingOutput(loss=loss, target_losses=losses.detach(), logits=logits, pair_logits=pair_logits)
 
     @torch.no_grad()

@@ -55,10 +55,13 @@ class BertLMPredictionHead(nn.Module):
         self.register_buffer("padding_bias", padding if first_padding_column < end - start else None,
                              persistent=False)
 
+    def decoder_bias(self) -> torch.Tensor:
+        """The decoder's bias over this rank's shard, -inf on padding columns."""
+        return self.bias if self.padding_bias is None else self.bias + self.padding_bias.to(self.bias.dtype)
+
     def forward(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V_padded / tp) logits of this rank's vocabulary shard."""
-        bias = self.bias if self.padding_bias is None else self.bias + self.padding_bias.to(self.bias.dtype)
-        return vocab_parallel_logits(self.transform(x), decoder_weight, bias, self.group)
+        return vocab_parallel_logits(self.transform(x), decoder_weight, self.decoder_bias(), self.group)
 
 
 class BertPooler(nn.Module):

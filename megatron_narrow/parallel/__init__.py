@@ -4,7 +4,7 @@ Knows nothing about BERT. Every function takes its process group explicitly; siz
 early, so TP=1 is the degenerate case of the same code and needs no torch.distributed at all.
 """
 
-from megatron_narrow.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_narrow.parallel.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from megatron_narrow.parallel.groups import GroupInfo, ProcessGroups
 from megatron_narrow.parallel.layers import (
     ColumnParallelLinear,
@@ -39,6 +39,7 @@ __all__ = [
     "refit_vocab_rows",
     "reduce_from_tensor_region",
     "scatter_to_tensor_region",
+    "linear_cross_entropy",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_logits",
     "vocab_shard",

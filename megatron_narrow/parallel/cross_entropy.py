@@ -9,6 +9,12 @@ ever made, only the gradient itself, in the logits' dtype. Fresh tensors of that
 CPU: an allocation above glibc's 32 MB mmap ceiling is faulted in page by page at every step (11 ms for 40
 MB on a 2-core EPYC, where a pass over memory already resident costs 0.4 ms). torch's cross_entropy on
 `logits.float()` makes four of them; this makes one in fp32 and none in bf16 (20 MB stays in the heap).
+
+Training on a single rank goes one step further (`linear_cross_entropy`): the decoder GEMM, the loss and the
+gradients of x, the decoder weight and its bias are made together, a chunk of rows at a time: one chunk of
+logits (LOGITS_CHUNK_BYTES at most) is made and overwritten by its own gradient, where the two-step path holds the
+[N, V] logits and their gradient (the approach of Liger-Kernel's fused linear cross-entropy). The decoder weight's
+gradient arrives contiguous and alone, so autograd adds the tied embedding's gradient into it in place.
 """
 
 from __future__ import annotations
@@ -104,6 +110,105 @@ class _RowChunkedCrossEntropy(torch.autograd.Function):
             if not in_place:
                 grad[start:end].copy_(probs)
         return grad, None
+
+
+LOGITS_CHUNK_BYTES = 64 << 20
+"""Logits (in the weight's dtype) that linear_cross_entropy makes at once: it bounds the loss's memory whatever
+the batch. Large, because on the CPU the decoder GEMMs lose to chunking: one 39 MB chunk measured faster than two
+of 20 MB in an fp32 NarrowBERT step (batch 4 x 80 targets, vocabulary 30592, 2-core EPYC)."""
+
+
+def _loss_and_gradient(logits: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor,
+                       losses: torch.Tensor) -> None:
+    """Per-row cross-entropy of `logits` (n, V) into `losses` (n,), and `logits` overwritten by its
+    gradient row_weight * (softmax - one-hot), both computed in fp32 a few rows at a time (in place for fp32
+    logits, through one small fp32 buffer otherwise)."""
+    rows, vocab = logits.shape
+    step = max(1, min(rows, ROWS_BYTES // (4 * vocab)))
+    buffer = None if logits.dtype == torch.float32 else torch.empty(step, vocab, device=logits.device)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        chunk = logits[start:end]
+        work = chunk if buffer is None else buffer[:end - start].copy_(chunk)
+        work.sub_(work.amax(dim=-1, keepdim=True))  # as log_softmax: no cancellation at large logits
+        target_shifted = work.gather(-1, target[start:end, None])
+        sum_exp = work.exp_().sum(dim=-1, keepdim=True)
+        torch.sub(sum_exp.log(), target_shifted, out=losses[start:end, None])
+        weight = row_weight[start:end, None]
+        work.mul_(weight / sum_exp)
+        work[torch.arange(end - start, device=work.device), target[start:end]] -= weight.squeeze(-1)
+        if buffer is not None:
+            chunk.copy_(work)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """(sum_r w_r CE(x_r W^T + b, t_r), the per-row losses) with every gradient made in forward, chunk by chunk.
+
+    The loss is linear in the row weights w, so the gradients of x, W and b are those of w-weighted rows times
+    the scalar that reaches backward: forward computes them, backward scales them. Weight and bias
+    gradients are sums over chunks; in bf16/fp16 they are summed in fp32 and rounded once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                valid: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, vocab = x.shape[0], weight.shape[0]
+        chunk = max(1, min(rows, LOGITS_CHUNK_BYTES // (vocab * weight.element_size())))
+        logits = torch.empty(chunk, vocab, dtype=weight.dtype, device=x.device)
+        valid = valid.to(torch.float32)
+        row_weight = valid / denominator
+        losses = torch.empty(rows, device=x.device)
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = None, None
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            rows_x, out = x[start:end], logits[:end - start]
+            if bias is None:
+                torch.mm(rows_x, weight.t(), out=out)
+            else:
+                torch.addmm(bias, rows_x, weight.t(), out=out)
+            _loss_and_gradient(out, target[start:end], row_weight[start:end], losses[start:end])
+            torch.mm(out, weight, out=grad_x[start:end])
+            if grad_weight is None:  # the first chunk; with one chunk the GEMM rounds the gradient once
+                grad_weight = out.t().mm(rows_x)
+                if end < rows and grad_weight.dtype != torch.float32:
+                    grad_weight = grad_weight.float()
+            elif grad_weight.dtype == out.dtype:
+                grad_weight.addmm_(out.t(), rows_x)
+            else:
+                grad_weight.add_(out.t().mm(rows_x))
+            if bias is not None:  # summed in the logits' dtype (torch accumulates in fp32): no fp32 copy of them
+                partial = out.sum(dim=0)
+                grad_bias = partial.float() if grad_bias is None else grad_bias.add_(partial)
+        losses.mul_(valid)
+        ctx.grads = (grad_x, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype))
+        ctx.mark_non_differentiable(losses)
+        return (losses.sum() / denominator), losses
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_losses: torch.Tensor | None):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy's gradients were already handed out: a second backward "
+                               "through it (retain_graph=True) is not supported")
+        grads, ctx.grads = ctx.grads, None  # handed over, not copied: a tied weight's other gradient adds in place
+        if not bool(grad_loss == 1):
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        grad_x, grad_weight, grad_bias = grads
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                         valid: torch.Tensor, denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single rank: (sum of the valid rows' losses / denominator, per-row losses [...] fp32, 0 where invalid) of
+    logits x W^T + b ([..., H] x [V, H]) against targets [...], without making the [N, V] logits (see the module
+    docstring). Equal to vocab_parallel_cross_entropy on F.linear(x, weight, bias) up to float rounding; only
+    the loss carries a gradient. fp32 and bf16: fp16 gradients made before the loss scale reaches them would
+    underflow."""
+    if weight.dtype == torch.float16:
+        raise ValueError("linear_cross_entropy takes fp32 or bf16 weights: in fp16 the gradients it makes before "
+                         "the loss scale reaches them underflow; use F.linear and vocab_parallel_cross_entropy")
+    total, losses = _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, bias, target.reshape(-1),
+                                              valid.reshape(-1), denominator)
+    return total, losses.view(target.shape)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: GroupInfo) -> torch.Tensor:
