@@ -1,39 +1,47 @@
 #!/usr/bin/env python
-"""Does it hold up? bert, narrow and token_drop pretrained on real English text with equal budgets, then
-fine-tuned on two downstream tasks, 3 seeds each, with this project's own tools.
+"""Does it hold up? bert, narrow and token_drop pretrained on real English text with equal budgets, past the
+unigram plateau, then fine-tuned on downstream tasks, with this project's own tools.
 
 Corpus: the docstrings of the Python standard library and of the installed packages (offline, real
 English prose: ~40 MB here once exact duplicates are dropped). Documents are split once: 90% pretrain
 (sentencepiece tokenizer, Arrow shards, packed rows of 128 tokens), 10% held out for the downstream
 tasks, so no downstream sentence was seen as such in pretraining.
 
-Pretraining: one single-process run per variant (gloo, CPU), the same model shape, data, batch, learning
-rate schedule and number of steps (`equal steps`), MLM validation loss every tenth of the run. Then
+Pretraining: for each pretraining seed, one single-process run per variant (gloo, CPU, `train.precision:
+auto`: bf16 where the CPU has it), the same model shape, data, batch, learning-rate schedule and number of
+steps (`equal steps`); dropout 0 (a short budget; ModernBERT pretrains without dropout too). Then
 `narrow_time`: NarrowBERT for as many steps as fit in bert's training time (`equal wall-clock`, from the
-measured step times; evaluation time is not counted for any run).
+measured step times; evaluation time is not counted). Each checkpoint is scored by tools/evaluate_mlm.py:
+held-out masked top-1 (`mlm_top1`) against the unigram baseline (`unigram_top1`, always the most frequent
+token); the study wants bert at 3x the baseline at least, so that the variants are compared off the plateau.
 
-Downstream (3 fine-tuning seeds per task and model; accuracy and span F1 in points):
-- `library` (sequence classification, 6 classes): which library a held-out documentation sentence comes
-  from (the six with the most held-out sentences, balanced). The library's own name is never in the
-  sentence (such sentences are dropped), so the label has to be read from what the sentence talks about:
-  tensors and devices, arrays and axes, tokenizers and checkpoints, e-mail headers and sockets.
-- `replaced_words` (token classification, BIO tags): 15% of a sentence's words replaced by words drawn
-  from the held-out text's own word frequencies; tag the replaced ones (ELECTRA's replaced-token
-  detection). A replacement is an ordinary word on its own; only its context gives it away.
-token_drop's checkpoint fine-tunes as plain BERT (token dropping is a pretraining method); narrow as
+Downstream (every pretrained checkpoint x --seeds fine-tuning seeds; accuracy and span F1 in points):
+- `library` (sentence, 6 classes): which library a held-out documentation sentence comes from (the six with
+  the most held-out sentences, balanced). The library's own name is never in the sentence.
+- `punctuation` (token, BIO tags): a held-out sentence with its commas removed; tag the words a comma
+  followed (punctuation restoration: a clause boundary, read from syntax).
+- `replaced_words` (token, BIO tags): 15% of a sentence's words replaced by words drawn from the held-out
+  text's own word frequencies; tag the replaced ones (ELECTRA's replaced-token detection).
+A task counts only when bert learns it: a sentence task when bert beats its majority baseline by 15 points, a
+token task when bert reaches span F1 50. Otherwise the study prints "not informative" for it and gives no
+verdict on it. token_drop fine-tunes as plain BERT (token dropping is a pretraining method); narrow as
 NarrowBERT.
 
-Writes OUT (every figure as JSON), OUT's stem + `.md` (the table, mean +- std over seeds) and
-`quality_loss_steps.png`, `quality_loss_seconds.png`, `quality_downstream.png` beside it.
-Budget: under an hour on two CPU cores at --scale 1 (measured 48 min: corpus 2, pretraining 30, fine-tuning 16);
+Every finished run leaves its result in --work-dir; a rerun (after a kill, or with more seeds) does only what
+is missing (--fresh starts over). Writes OUT (every figure as JSON), OUT's stem + `.md` (the tables, mean +-
+std and min-max over all runs) and `quality_loss_steps.png`, `quality_loss_seconds.png`,
+`quality_downstream.png` beside it. With --official-dir, a narrow checkpoint's Hugging Face export is also run
+through the official NarrowBERT code (benchmarks/vs_official.py --fidelity) and the figure is quoted.
 --scale multiplies the steps of every run and the downstream data.
 
-  python benchmarks/quality.py --json runs/quality/quality.json [--scale 1.0] [--work-dir runs/quality]
+  python benchmarks/quality.py --json runs/quality/quality.json [--scale 1.0] [--seeds 3] [--pretrain-seeds 2]
+      [--work-dir runs/quality] [--official-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -57,17 +65,28 @@ from megatron_narrow.data.offline_corpus import (  # noqa: E402
 
 VARIANTS = ("bert", "narrow", "token_drop")
 MODELS = (*VARIANTS, "narrow_time")  # narrow_time: NarrowBERT for bert's wall-clock
-TASKS = {"library": ("sequence", "accuracy"), "replaced_words": ("token", "span_f1")}
+TASKS = {"library": ("sequence", "accuracy", "sentence"), "punctuation": ("token", "span_f1", "token"),
+         "replaced_words": ("token", "span_f1", "token")}
+"""task -> (fine-tuning kind, metric, level: what makes it informative)"""
+SENTENCE_MARGIN = 15.0
+"""A sentence task is informative when bert beats its majority baseline by this many points."""
+TOKEN_F1 = 50.0
+"""A token task is informative when bert's span F1 reaches this."""
+MLM_FACTOR = 3.0
+"""bert's held-out masked top-1 must be this many times the unigram baseline's."""
 LIBRARIES = 6
 VOCAB_SIZE = 8000
 # model shape and pretraining recipe shared by every variant (NarrowBERT's paper: 2 full-length layers of 12;
 # here 2 of 6; token dropping keeps half the tokens in its middle layers, as the paper)
 MODEL = {"hidden_size": 128, "num_layers": 6, "num_heads": 4, "full_length_layers": 2,
-         "max_position_embeddings": 128, "token_drop_keep_ratio": 0.5, "vocab_size": VOCAB_SIZE}
-PRETRAIN_STEPS = 1000
+         "max_position_embeddings": 128, "token_drop_keep_ratio": 0.5, "vocab_size": VOCAB_SIZE,
+         "hidden_dropout": 0.0, "attention_dropout": 0.0}
+PRETRAIN_STEPS = 2500
 PRETRAIN_BATCH = 32
-FINETUNE_STEPS = 200
+FINETUNE_STEPS = 300
+FINETUNE_LR = {"sequence": 2e-4, "token": 5e-4}
 FINETUNE_EXAMPLES = (3000, 600)  # train, valid per task
+MLM_SAMPLES = 512
 
 
 def log(message: str) -> None:
@@ -141,6 +160,18 @@ def replaced(words: list[str], rng: random.Random, vocabulary: list[str]) -> tup
     return out, tags
 
 
+def comma_tagged(words: list[str]) -> tuple[list[str], list[str]] | None:
+    """The sentence without its commas, each word that a comma followed tagged B-COMMA (None: no comma)."""
+    out, tags = [], []
+    for word in words:
+        stripped = word.rstrip(",")
+        if not stripped:
+            continue
+        out.append(stripped)
+        tags.append("B-COMMA" if stripped != word else "O")
+    return (out, tags) if "B-COMMA" in tags else None
+
+
 def top_libraries(sentences: list[tuple[str, str]]) -> list[str]:
     """The LIBRARIES libraries with the most held-out sentences that do not name them (chosen once, on the
     whole held-out pool, so train and valid share the label set)."""
@@ -166,7 +197,7 @@ def library_examples(sentences: list[tuple[str, str]], libraries: list[str], cou
 
 def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, int], seed: int = 0
                 ) -> dict[str, dict]:
-    """The two downstream tasks' train/valid JSONL files; held-out sentences are split between train and valid
+    """The downstream tasks' train/valid JSONL files; held-out sentences are split between train and valid
     first, so no valid sentence is seen in fine-tuning."""
     rng = random.Random(seed)
     pool = sentences[:]
@@ -177,7 +208,12 @@ def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, 
     libraries = top_libraries(pool)
     files: dict[str, dict] = {task: {} for task in TASKS}
     for split, wanted in zip(("train", "valid"), sizes, strict=True):
-        tasks = {"library": library_examples(splits[split], libraries, wanted, rng), "replaced_words": []}
+        tasks: dict[str, list[dict]] = {"library": library_examples(splits[split], libraries, wanted, rng),
+                                        "punctuation": [], "replaced_words": []}
+        for _, sentence in splits[split]:
+            tagged = comma_tagged(sentence.split())
+            if tagged is not None and len(tasks["punctuation"]) < wanted:
+                tasks["punctuation"].append({"tokens": tagged[0], "tags": tagged[1]})
         for _, sentence in splits[split][:wanted]:
             tokens, tags = replaced(sentence.split(), rng, vocabulary)
             tasks["replaced_words"].append({"tokens": tokens, "tags": tags})
@@ -191,16 +227,25 @@ def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, 
     return files
 
 
+def majority_baseline(valid_file: str) -> float:
+    """Accuracy in points of always answering the most frequent label of a sequence task's valid split."""
+    labels = [json.loads(line)["label"] for line in Path(valid_file).read_text().splitlines() if line.strip()]
+    return 100.0 * max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def prepare_data(work: Path) -> tuple[Path, Path, list[tuple[str, str]]]:
-    """(tokenizer model, Arrow data directory, held-out sentences)."""
+    """(tokenizer model, Arrow data directory, held-out sentences), made once per work directory."""
+    tokenizer, data, held_out = work / "tokenizer" / "spm", work / "data", work / "held_out.json"
+    if held_out.exists():
+        log(f"corpus, tokenizer and shards from an earlier run in {work}")
+        return Path(f"{tokenizer}.model"), data, [tuple(pair) for pair in json.loads(held_out.read_text())]
     corpus, sentences = split_corpus(work)
-    tokenizer = work / "tokenizer" / "spm"
     run(["tools/train_tokenizer.py", "--input", str(corpus), "--model-prefix", str(tokenizer),
          "--vocab-size", str(VOCAB_SIZE)], work / "logs" / "tokenizer.log")
-    data = work / "data"
     run(["tools/preprocess_data.py", "--input", str(corpus), "--output-dir", str(data), "--tokenizer-type",
          "sentencepiece", "--tokenizer-model", f"{tokenizer}.model", "--workers", "2", "--split-sentences",
          "--overwrite"], work / "logs" / "preprocess.log")
+    held_out.write_text(json.dumps(sentences))  # written last: its presence says the data is complete
     log("tokenizer trained and corpus preprocessed")
     return Path(f"{tokenizer}.model"), data, sentences
 
@@ -212,22 +257,29 @@ def read_metrics(save_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def pretrain(model: str, steps: int, work: Path, tokenizer: Path, data: Path) -> dict:
-    """One pretraining run; returns its curve [(step, training seconds so far, validation MLM loss)]."""
+def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, data: Path) -> dict:
+    """One pretraining run and its MLM score: {steps, train_seconds, curve [(step, training seconds so far,
+    validation MLM loss)], mlm_top1, unigram_top1 (points), save_dir}. A finished run's result is reused."""
     variant = "narrow" if model == "narrow_time" else model
-    save_dir = work / "pretrain" / model
+    save_dir = work / "pretrain" / f"{model}_seed{seed}"
+    result_file = save_dir / "study_result.json"
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        if result["steps"] == steps:
+            log(f"pretrained {model} seed {seed}: from an earlier run ({steps} steps)")
+            return result
     shutil.rmtree(save_dir, ignore_errors=True)
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"model.variant={variant}", f"data.data_paths=[{data}]", "data.seq_len=128", "data.max_predictions=20",
-        "data.packing=concat", "data.split=98,2,0", f"train.micro_batch_size={PRETRAIN_BATCH}",
-        f"train.train_steps={steps}", "train.lr=1e-3", f"train.warmup_steps={max(1, steps // 20)}",
-        "train.lr_decay=linear", "train.log_interval=1", f"train.eval_interval={max(1, steps // 10)}",
-        "train.eval_steps=16", f"train.save_interval={steps}", f"train.save_dir={save_dir}",
-        "train.tokenizer_type=sentencepiece", f"train.tokenizer_model={tokenizer}", "train.num_workers=0",
-        "train.keep_last=1"]
+        f"model.variant={variant}", f"model.init_seed={seed}", f"train.seed={seed}", f"data.data_paths=[{data}]",
+        "data.seq_len=128", "data.max_predictions=20", "data.packing=concat", "data.split=98,2,0",
+        f"train.micro_batch_size={PRETRAIN_BATCH}", f"train.train_steps={steps}", "train.lr=1e-3",
+        f"train.warmup_steps={max(1, steps // 20)}", "train.lr_decay=linear", "train.log_interval=1",
+        f"train.eval_interval={max(1, steps // 10)}", "train.eval_steps=16", f"train.save_interval={steps}",
+        f"train.save_dir={save_dir}", "train.tokenizer_type=sentencepiece", f"train.tokenizer_model={tokenizer}",
+        "train.num_workers=0", "train.keep_last=1"]
     started = time.perf_counter()
     run(["megatron_narrow/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml", "--deepspeed_config",
-         "ds_configs/zero0.json", *overrides], work / "logs" / f"pretrain_{model}.log")
+         "ds_configs/zero0.json", *overrides], work / "logs" / f"pretrain_{model}_seed{seed}.log")
     records = read_metrics(save_dir)
     elapsed, curve = 0.0, []
     for record in records:
@@ -236,66 +288,122 @@ def pretrain(model: str, steps: int, work: Path, tokenizer: Path, data: Path) ->
         if "eval_loss" in record:
             curve.append([record["step"], round(elapsed, 2), record["eval_loss"]])
     seconds = sum(r["step_time_s"] for r in records if "step_time_s" in r)
-    log(f"pretrained {model}: {steps} steps, {seconds:.0f} s of training ({time.perf_counter() - started:.0f} s "
-        f"wall), validation MLM loss {curve[-1][2]:.3f}")
-    return {"variant": variant, "steps": steps, "train_seconds": seconds, "curve": curve,
-            "save_dir": str(save_dir)}
+    report = save_dir / "mlm_report.json"
+    with contextlib.suppress(RuntimeError):  # exit 3: not past the unigram baseline, still a result
+        run(["tools/evaluate_mlm.py", str(save_dir), "--samples", str(MLM_SAMPLES), "--json", str(report)],
+            work / "logs" / f"evaluate_mlm_{model}_seed{seed}.log")
+    if not report.exists():
+        raise RuntimeError(f"tools/evaluate_mlm.py wrote no report for {save_dir}; see its log in {work / 'logs'}")
+    scores = json.loads(report.read_text())
+    result = {"variant": variant, "seed": seed, "steps": steps, "train_seconds": seconds, "curve": curve,
+              "mlm_top1": round(100 * scores["trained_accuracy"], 2),
+              "unigram_top1": round(100 * scores["unigram_accuracy"], 2), "save_dir": str(save_dir)}
+    result_file.write_text(json.dumps(result))
+    log(f"pretrained {model} seed {seed}: {steps} steps, {seconds:.0f} s of training "
+        f"({time.perf_counter() - started:.0f} s wall), validation MLM loss {curve[-1][2]:.3f}, held-out top-1 "
+        f"{result['mlm_top1']:.1f}% (unigram {result['unigram_top1']:.1f}%)")
+    return result
 
 
-def finetune(model: str, pretrained: dict, task: str, files: dict, seed: int, steps: int, work: Path) -> float:
-    kind, metric = TASKS[task]
-    save_dir = work / "finetune" / f"{model}_{task}_{seed}"
-    shutil.rmtree(save_dir, ignore_errors=True)
-    overrides = [f"task.kind={kind}", f"task.train_file={files['train']}", f"task.valid_file={files['valid']}",
-                 "task.max_seq_len=64", f"model.init_from={pretrained['save_dir']}", f"model.init_seed={seed}",
-                 f"train.seed={seed}", "train.micro_batch_size=32", f"train.train_steps={steps}", "train.lr=2e-4",
-                 f"train.warmup_steps={max(1, steps // 10)}", "train.lr_decay=linear",
-                 f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0", f"train.save_dir={save_dir}"]
-    run(["megatron_narrow/finetune.py", "--deepspeed_config", "ds_configs/zero0.json", *overrides],
-        work / "logs" / f"finetune_{model}_{task}_{seed}.log")
-    score = 100.0 * json.loads((save_dir / "eval_results.json").read_text())[metric]
-    shutil.rmtree(save_dir / "hf", ignore_errors=True)  # the exports are not needed: keep the disk small
-    return score
+def finetune(pretrained: dict, task: str, files: dict, seed: int, steps: int, work: Path) -> float:
+    """One fine-tuning run's validation score in points; a finished run's score is reused."""
+    kind, metric, _ = TASKS[task]
+    name = f"{Path(pretrained['save_dir']).name}_{task}_ft{seed}"
+    save_dir = work / "finetune" / name
+    results_file = save_dir / "eval_results.json"
+    if not results_file.exists():
+        shutil.rmtree(save_dir, ignore_errors=True)
+        overrides = [f"task.kind={kind}", f"task.train_file={files['train']}",
+                     f"task.valid_file={files['valid']}", "task.max_seq_len=64",
+                     f"model.init_from={pretrained['save_dir']}", f"model.init_seed={seed}", f"train.seed={seed}",
+                     "train.micro_batch_size=32", f"train.train_steps={steps}", f"train.lr={FINETUNE_LR[kind]}",
+                     f"train.warmup_steps={max(1, steps // 10)}", "train.lr_decay=linear",
+                     f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0",
+                     f"train.save_dir={save_dir}"]
+        run(["megatron_narrow/finetune.py", "--deepspeed_config", "ds_configs/zero0.json", *overrides],
+            work / "logs" / f"finetune_{name}.log")
+        shutil.rmtree(save_dir / "hf", ignore_errors=True)  # the exports are not needed: keep the disk small
+    return 100.0 * json.loads(results_file.read_text())[metric]
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def summary(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max, rounded to 0.01."""
+    return {"mean": round(statistics.mean(values), 2),
+            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "min": round(min(values), 2), "max": round(max(values), 2), "runs": len(values)}
+
+
+def task_informative(task: str, bert: dict, baseline: float | None) -> tuple[bool, str]:
+    """(whether bert learned `task` well enough for a verdict on it, the rule with its numbers)."""
+    level = TASKS[task][2]
+    if level == "sentence":
+        needed = baseline + SENTENCE_MARGIN
+        return bert["mean"] >= needed, f"bert {bert['mean']:.1f} vs majority {baseline:.1f} + {SENTENCE_MARGIN:g}"
+    return bert["mean"] >= TOKEN_F1, f"bert span F1 {bert['mean']:.1f} vs {TOKEN_F1:g} needed"
 
 
 def judge(results: dict) -> list[dict]:
-    """The issue's targets, each with its numbers and whether it holds."""
-    pre, down = results["pretraining"], results["downstream"]
-    checks = []
-    for model in ("narrow", "token_drop"):
-        for task, (_, metric) in TASKS.items():
-            gap = mean_std(down[model][task])[0] - mean_std(down["bert"][task])[0]
+    """The issue's targets, each with its numbers and whether it holds; none on a task bert did not learn."""
+    mlm, tasks = results["mlm_top1"], results["tasks"]
+    unigram = results["unigram_top1"]
+    checks = [{"target": f"bert held-out masked top-1 >= {MLM_FACTOR:g} x unigram ({unigram:.1f}%)",
+               "value": round(mlm["bert"]["mean"] / unigram, 2) if unigram else None,
+               "met": mlm["bert"]["mean"] >= MLM_FACTOR * unigram}]
+    for task, info in tasks.items():
+        metric = TASKS[task][1]
+        if not info["informative"]:
+            checks.append({"target": f"{task}: every verdict", "value": None, "met": None,
+                           "verdict": f"not informative ({info['rule']})"})
+            continue
+        bert = info["models"]["bert"]["mean"]
+        for model in ("narrow", "token_drop"):
+            gap = round(info["models"][model]["mean"] - bert, 2)
             checks.append({"target": f"equal steps: {model} {task} {metric} within 2 points of bert",
-                           "value": round(gap, 2), "met": gap >= -2.0})
-    loss_gap = pre["narrow_time"]["curve"][-1][2] - pre["bert"]["curve"][-1][2]
-    checks.append({"target": "equal wall-clock: narrow_time validation MLM loss <= bert's",
-                   "value": round(loss_gap, 4), "met": loss_gap <= 0})
-    for task, (_, metric) in TASKS.items():
-        gap = mean_std(down["narrow_time"][task])[0] - mean_std(down["bert"][task])[0]
-        checks.append({"target": f"equal wall-clock: narrow_time {task} {metric} >= bert's",
-                       "value": round(gap, 2), "met": gap >= 0})
+                           "value": gap, "met": gap >= -2.0})
+        gap = round(info["models"]["narrow_time"]["mean"] - bert, 2)
+        checks.append({"target": f"equal wall-clock: narrow_time {task} {metric} >= bert's", "value": gap,
+                       "met": gap >= 0})
+    gap = round(mlm["narrow_time"]["mean"] - mlm["bert"]["mean"], 2)
+    checks.append({"target": "equal wall-clock: narrow_time held-out masked top-1 >= bert's", "value": gap,
+                   "met": gap >= 0})
     return checks
 
 
+def verdict_text(check: dict) -> str:
+    if check.get("verdict"):
+        return check["verdict"]
+    return "yes" if check["met"] else "NO"
+
+
 def markdown(results: dict) -> str:
-    pre, down = results["pretraining"], results["downstream"]
-    seeds = len(results["seeds"])
-    columns = [f"{task} {metric} (mean +- std, {seeds} seeds)" for task, (_, metric) in TASKS.items()]
-    lines = ["| model | pretraining steps | training s | validation MLM loss | " + " | ".join(columns) + " |",
-             "|---|---|---|---|" + "---|" * len(TASKS)]
+    pre, mlm, tasks = results["pretraining"], results["mlm_top1"], results["tasks"]
+    runs = f"{results['pretrain_seeds']} pretraining x {len(results['seeds'])} fine-tuning seeds"
+    lines = [f"held-out masked top-1 of the unigram baseline: {results['unigram_top1']:.1f}%", "",
+             "| model | pretraining steps | training s (mean) | validation MLM loss (mean) | held-out masked top-1 % "
+             "(mean +- std) | " + " | ".join(f"{t} {TASKS[t][1]} (mean +- std, min-max; {runs})" for t in tasks) + " |",
+             "|---|---|---|---|---|" + "---|" * len(tasks)]
     for model in MODELS:
-        cells = [f"{mean_std(down[model][t])[0]:.1f} +- {mean_std(down[model][t])[1]:.1f}" for t in TASKS]
-        lines.append(f"| {model} | {pre[model]['steps']} | {pre[model]['train_seconds']:.0f} | "
-                     f"{pre[model]['curve'][-1][2]:.3f} | " + " | ".join(cells) + " |")
+        cells = []
+        for task in tasks:
+            stats = tasks[task]["models"][model]
+            cells.append(f"{stats['mean']:.1f} +- {stats['std']:.1f} ({stats['min']:.1f}-{stats['max']:.1f})")
+        seconds = statistics.mean(r["train_seconds"] for r in pre[model])
+        loss = statistics.mean(r["curve"][-1][2] for r in pre[model])
+        lines.append(f"| {model} | {pre[model][0]['steps']} | {seconds:.0f} | {loss:.3f} | "
+                     f"{mlm[model]['mean']:.1f} +- {mlm[model]['std']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "| task | informative | rule |", "|---|---|---|"]
+    lines += [f"| {task} | {'yes' if info['informative'] else 'no'} | {info['rule']} |" for task, info in tasks.items()]
     lines += ["", "| target | value | met |", "|---|---|---|"]
-    lines += [f"| {c['target']} | {c['value']:+} | {'yes' if c['met'] else 'NO'} |" for c in results["targets"]]
+    lines += [f"| {c['target']} | {'-' if c['value'] is None else c['value']} | {verdict_text(c)} |"
+              for c in results["targets"]]
+    if results.get("fidelity"):
+        fidelity = results["fidelity"]
+        lines += ["", f"Fidelity (narrow seed 1's export through the official NarrowBERT code, "
+                      f"{fidelity['targets']} held-out targets): MLM loss {fidelity['official_loss']:.6f} official vs "
+                      f"{fidelity['ours_loss']:.6f} ours, largest logit difference {fidelity['max_logit_diff']:.2e}."]
     return "\n".join(lines) + "\n"
 
 
@@ -305,16 +413,19 @@ def plots(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pre, down = results["pretraining"], results["downstream"]
+    pre, tasks = results["pretraining"], results["tasks"]
     written = []
     for axis, column, label in (("steps", 0, "pretraining step"), ("seconds", 1, "training seconds (2 CPU cores)")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for model in MODELS:
-            curve = pre[model]["curve"]
-            ax.plot([p[column] for p in curve], [p[2] for p in curve], marker="o", markersize=3, label=model)
+        for index, model in enumerate(MODELS):
+            for run_index, record in enumerate(pre[model]):
+                curve = record["curve"]
+                ax.plot([p[column] for p in curve], [p[2] for p in curve], marker="o", markersize=3,
+                        color=f"C{index}", alpha=1.0 if run_index == 0 else 0.5,
+                        label=model if run_index == 0 else None)
         ax.set_xlabel(label)
         ax.set_ylabel("validation MLM loss")
-        ax.set_title(f"MLM validation loss against {axis}")
+        ax.set_title(f"MLM validation loss against {axis} (every pretraining seed)")
         ax.grid(alpha=0.3)
         ax.legend()
         path = out.parent / f"quality_loss_{axis}.png"
@@ -322,12 +433,13 @@ def plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 4))
-    for ax, (task, (_, metric)) in zip(axes, TASKS.items(), strict=True):
-        stats = [mean_std(down[m][task]) for m in MODELS]
-        ax.bar(MODELS, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4)
-        ax.set_title(f"{task} ({metric}, {len(results['seeds'])} seeds)")
-        ax.set_ylim(min(s[0] for s in stats) - 10, 100)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4))
+    for ax, (task, info) in zip(axes, tasks.items(), strict=True):
+        stats = [info["models"][m] for m in MODELS]
+        ax.bar(MODELS, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=4)
+        note = "" if info["informative"] else " - not informative"
+        ax.set_title(f"{task} ({TASKS[task][1]}){note}", fontsize=10)
+        ax.set_ylim(max(0, min(s["mean"] for s in stats) - 15), 100)
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     path = out.parent / "quality_downstream.png"
@@ -337,21 +449,51 @@ def plots(results: dict, out: Path) -> list[Path]:
     return written
 
 
+def fidelity(pretrained: dict, work: Path, official_dir: Path) -> dict:
+    """Export a narrow checkpoint to Hugging Face format and run it through the official NarrowBERT code on
+    held-out text (benchmarks/vs_official.py --fidelity)."""
+    export, out = work / "fidelity" / "hf", work / "fidelity" / "fidelity.json"
+    run(["tools/convert_checkpoint_to_hf.py", "--checkpoint", pretrained["save_dir"], "--output", str(export)],
+        work / "logs" / "fidelity_export.log")
+    run(["benchmarks/vs_official.py", "--official-dir", str(official_dir), "--fidelity", str(export),
+         "--fidelity-data", pretrained["save_dir"], "--json", str(out)], work / "logs" / "fidelity.log")
+    return json.loads(out.read_text())
+
+
+def collect(pretraining: dict, downstream: dict, files: dict) -> tuple[dict, dict, float]:
+    """(mlm_top1 per model, per-task informative flag, rule and per-model summaries, unigram_top1)."""
+    mlm = {model: summary([r["mlm_top1"] for r in runs]) for model, runs in pretraining.items()}
+    unigram = statistics.mean(r["unigram_top1"] for runs in pretraining.values() for r in runs)
+    tasks = {}
+    for task in TASKS:
+        models = {model: summary(downstream[model][task]) for model in MODELS}
+        baseline = majority_baseline(files[task]["valid"]) if TASKS[task][2] == "sentence" else None
+        informative, rule = task_informative(task, models["bert"], baseline)
+        tasks[task] = {"informative": informative, "rule": rule, "majority_baseline": baseline, "models": models}
+    return mlm, tasks, round(unigram, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, type=Path, help="write every figure here (and .md, .png beside)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every run's steps and the downstream data (default 1: ~50 min on 2 cores)")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and model (default 3)")
+                        help="multiply every run's steps and the downstream data (default 1: ~75 min on 2 cores)")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task and checkpoint (default 3)")
+    parser.add_argument("--pretrain-seeds", type=int, default=2, help="pretraining seeds per model (default 2)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quality",
-                        help="corpus, shards, checkpoints and logs (default runs/quality)")
+                        help="corpus, shards, checkpoints, logs and finished runs' results (default runs/quality)")
+    parser.add_argument("--fresh", action="store_true", help="discard the work directory's earlier results")
+    parser.add_argument("--official-dir", type=Path, default=None,
+                        help="a clone of lihaoxin2020/narrowbert: also measure fidelity (vs_official.py --fidelity)")
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error("--scale must be positive")
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
+    if args.seeds < 1 or args.pretrain_seeds < 1:
+        parser.error("--seeds and --pretrain-seeds must be >= 1")
     seeds = tuple(range(1, args.seeds + 1))
     work = args.work_dir.resolve()
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -361,22 +503,29 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, data, sentences = prepare_data(work)
     files = write_tasks(sentences, work, sizes)
-    pretraining = {model: pretrain(model, steps, work, tokenizer, data) for model in VARIANTS}
-    per_step = pretraining["narrow"]["train_seconds"] / steps
-    time_steps = max(steps, round(pretraining["bert"]["train_seconds"] / per_step))
-    pretraining["narrow_time"] = pretrain("narrow_time", time_steps, work, tokenizer, data)
-    downstream: dict[str, dict[str, list[float]]] = {}
+    pretraining: dict[str, list[dict]] = {model: [] for model in MODELS}
+    for seed in range(1, args.pretrain_seeds + 1):
+        for model in VARIANTS:
+            pretraining[model].append(pretrain(model, seed, steps, work, tokenizer, data))
+        per_step = pretraining["narrow"][-1]["train_seconds"] / steps
+        time_steps = max(steps, round(pretraining["bert"][-1]["train_seconds"] / per_step))
+        pretraining["narrow_time"].append(pretrain("narrow_time", seed, time_steps, work, tokenizer, data))
+    downstream: dict[str, dict[str, list[float]]] = {model: {task: [] for task in TASKS} for model in MODELS}
     for model in MODELS:
-        downstream[model] = {}
         for task in TASKS:
-            downstream[model][task] = [finetune(model, pretraining[model], task, files[task], seed, ft_steps, work)
-                                       for seed in seeds]
+            for record in pretraining[model]:
+                downstream[model][task] += [finetune(record, task, files[task], seed, ft_steps, work) for seed in seeds]
             log(f"fine-tuned {model} on {task}: " + ", ".join(f"{s:.1f}" for s in downstream[model][task]))
 
+    mlm, tasks, unigram = collect(pretraining, downstream, files)
     results = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d"), "scale": args.scale, "cores": os.cpu_count(),
                "model": MODEL, "pretrain_batch": PRETRAIN_BATCH, "seq_len": 128, "finetune_steps": ft_steps,
-               "task_examples": sizes, "seeds": seeds, "pretraining": pretraining, "downstream": downstream}
+               "finetune_lr": FINETUNE_LR, "task_examples": sizes, "seeds": seeds,
+               "pretrain_seeds": args.pretrain_seeds, "pretraining": pretraining, "downstream": downstream,
+               "mlm_top1": mlm, "unigram_top1": unigram, "tasks": tasks}
+    if args.official_dir is not None:
+        results["fidelity"] = fidelity(pretraining["narrow"][0], work, args.official_dir)
     results["targets"] = judge(results)
     results["total_minutes"] = round((time.perf_counter() - started) / 60, 1)
     args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -22,11 +22,16 @@ ratio of the two sides' matmul and attention FLOPs (torch's FlopCounterMode): wh
   fb_vs_official_fp32         forward + backward alone, fp32 (reported)
   cls_vs_official             [CLS] classification forward under inference_mode, fp32
 
+With --fidelity EXPORT --fidelity-data RUN it measures no speed: a narrow export (EXPORT, made from the training
+run RUN by tools/convert_checkpoint_to_hf.py) runs in the official code against RUN in ours, on RUN's held-out
+text: MLM loss and logits (benchmarks/official_fidelity.py).
+
 The bf16 measures need a CPU with AMX or AVX512-BF16 (or a GPU): elsewhere torch emulates bf16 matrix products
 (1 GFLOP/s against 160 in fp32 on an AVX2 EPYC), which would time the emulation, not the models. There they
 are skipped with the reason unless --force-bf16.
 
   python benchmarks/vs_official.py --official-dir DIR --json OUT.json [--rounds 5] [--repeats 2] [--venv DIR]
+  python benchmarks/vs_official.py --official-dir DIR --json OUT.json --fidelity EXPORT --fidelity-data RUN
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
               "`git clone https://github.com/lihaoxin2020/narrowbert DIR`", file=sys.stderr)
         return 2
     python = ensure_venv(Path(args.venv))
+    if args.fidelity:
+        return fidelity(args, python, official_dir)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         worker = [str(python), str(Path(__file__).resolve()), *argv, "--worker-output", str(raw_path)]
@@ -101,6 +108,31 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
     results = summarise(raw, official_commit(official_dir))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    return 0
+
+
+def fidelity(args: argparse.Namespace, python: Path, official_dir: Path) -> int:
+    """--fidelity: our half here, the official half in its venv, then the comparison."""
+    from official_fidelity import compare, prepare
+
+    if not args.fidelity_data:
+        print("error: --fidelity needs --fidelity-data RUN, the training run the export was made from",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, official = Path(tmp) / "ours.pt", Path(tmp) / "official.pt"
+        prepare(args.fidelity_data, args.fidelity_samples, ours)
+        worker = [str(python), str(Path(__file__).resolve()), "--official-dir", str(official_dir), "--json", args.json,
+                  "--fidelity", args.fidelity, "--fidelity-worker", str(ours), str(official)]
+        code = subprocess.run(worker, env={**os.environ, "PYTHONPATH": ""}).returncode
+        if code != 0:
+            return code
+        results = {**compare(ours, official), "export": str(args.fidelity), "run": str(args.fidelity_data),
+                   "official_commit": official_commit(official_dir)}
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['targets']} held-out targets: MLM loss official {results['official_loss']:.6f}, ours "
+          f"{results['ours_loss']:.6f} (difference {results['loss_diff']:.1e}); largest logit difference "
+          f"{results['max_logit_diff']:.2e}; official commit {results['official_commit']}")
     return 0
 
 
@@ -262,8 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--valid-targets", type=int, default=77)
     parser.add_argument("--force-bf16", action="store_true",
                         help="time the bf16 measures even where bf16 matrix products are emulated")
+    parser.add_argument("--fidelity", default=None, metavar="EXPORT",
+                        help="compare a narrow Hugging Face export in the official code with ours (no timing)")
+    parser.add_argument("--fidelity-data", default=None, metavar="RUN",
+                        help="with --fidelity: the training run (save_dir or step directory) the export was made from")
+    parser.add_argument("--fidelity-samples", type=int, default=256, help="held-out samples (default 256)")
     parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fidelity-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fidelity_worker:
+        sys.path[:0] = [str(Path(args.official_dir).resolve()), str(REPO)]
+        from official_fidelity import official_outputs
+
+        official_outputs(args.fidelity, Path(args.fidelity_worker[0]), Path(args.fidelity_worker[1]))
+        return 0
     return worker(args) if args.worker_output else parent(args, argv)
 
 

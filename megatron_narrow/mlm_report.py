@@ -18,13 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_narrow.config import RunConfig
-from megatron_narrow.convert.checkpoint import load_merged_model, read_checkpoint_info, tokenizer_source
+from megatron_narrow.config import DataConfig, RunConfig
+from megatron_narrow.convert.checkpoint import (
+    CheckpointInfo,
+    load_merged_model,
+    read_checkpoint_info,
+    tokenizer_source,
+)
 from megatron_narrow.data.samples import split_document_ranges
 from megatron_narrow.data.shards import IndexedDocuments
 from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_narrow.model import BertForPreTraining
-from megatron_narrow.training.data import build_datasets, collate
+from megatron_narrow.training.data import PretrainingData, build_datasets, collate
 
 UNIGRAM_DOCUMENTS = 50_000
 """The unigram counts read at most this many training documents (enough for a stable top token)."""
@@ -83,22 +88,29 @@ def unigram_counts(data_path: str, split: str, vocab_size: int, special: tuple[i
     return counts
 
 
+def held_out_data(info: CheckpointInfo, samples: int) -> tuple[RunConfig, DataConfig, PretrainingData]:
+    """(the run's config, its last data phase, its datasets built for `samples` held-out samples): the
+    validation split masked as in training, which `data.valid[i]` and `collate` turn into model batches."""
+    run = RunConfig.from_dict(info.run_config)
+    data_config = run.data.phases()[-1]
+    data = build_datasets(data_config, run.model, run.train, total_samples=samples)
+    if data.valid is None:
+        raise ValueError(f"{info.path}: the run's data.split={data_config.split} holds out no validation "
+                         "documents; give it a validation share (e.g. 98,2,0)")
+    return run, data_config, data
+
+
 @torch.no_grad()
 def mlm_report(save_dir: str | Path, *, samples: int = 128, examples: int = 3, batch_size: int = 16,
                trust: bool = False) -> MLMReport:
     """Score the newest checkpoint of `save_dir` (or a step directory) on its run's validation split; `trust`:
     load its files without the pickle check (--trust-checkpoint)."""
     info = read_checkpoint_info(save_dir, trust=trust)
-    run = RunConfig.from_dict(info.run_config)
-    data_config = run.data.phases()[-1]
     source = tokenizer_source(info)
     if source is None:
         raise ValueError(f"{info.path}: the run has no train.tokenizer_model, so its tokens cannot be shown")
     tokenizer = load_tokenizer(*source)
-    data = build_datasets(data_config, run.model, run.train, total_samples=samples)
-    if data.valid is None:
-        raise ValueError(f"{info.path}: the run's data.split={data_config.split} holds out no validation "
-                         "documents; give it a validation share (e.g. 98,2,0)")
+    run, data_config, data = held_out_data(info, samples)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's ZeRO reader narrates every file
         trained = load_merged_model(info).eval()
     untrained = BertForPreTraining(run.model, pair_head=info.pair_head).eval()

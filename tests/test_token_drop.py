@@ -238,3 +238,35 @@ def test_two_data_parallel_ranks_end_with_identical_vectors_equal_to_one_process
     single.update(*_dp_shards()[1], GroupInfo.trivial())
     assert torch.allclose(torch.tensor(ranks[0]), single.importance, atol=1e-6)
     assert (single.importance != 10.0).sum() > len(SPECIAL) + 5
+
+
+def test_update_and_kept_set_follow_the_tf_model_garden_rule():
+    """The rule of TensorFlow Model Garden's token_dropping project (official/projects/token_dropping: encoder.py
+    with nlp/modeling/layers/routing.py's TokenImportanceWithMovingAvg and SelectTopK), worked by hand on a toy
+    batch: vocabulary [PAD] [CLS] [SEP] [MASK] and words 4-7, init 10, beta 0.5; each target's id moves to
+    beta * imp + (1 - beta) * loss; the kept set is the top k by the importance of each position's INPUT id
+    (a [MASK] position counts as [MASK], pinned high), ties to the earliest position.
+
+    Where the rules differ, ours is asserted with its reason: an id that is a target twice moves by the mean of
+    its losses (theirs scatters one copy's update, which copy being unspecified on accelerators); padded
+    prediction slots and [PAD] never move (theirs lets [PAD] drift up from -1e4 with the zero-padded slots)."""
+    importance = TokenImportance(8, special_ids=(0, 1, 2, 3), pad_id=0, init=10.0, beta=0.5)
+    input_ids = torch.tensor([[1, 4, 3, 5, 2, 0], [1, 6, 7, 3, 4, 2]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    target_ids = torch.tensor([[6, 5, 0], [6, 7, 0]])  # row 0: [MASK] at 2 hides 6, 5 unchanged at 3
+    losses = torch.tensor([[4.0, 1.0, 12.0], [2.0, 2.5, 14.0]])  # the third slot is padding
+    valid = torch.tensor([[True, True, False], [True, True, False]])
+    importance.update(target_ids, losses, valid, GroupInfo.trivial())
+    expected = torch.tensor([PINNED_LOW, PINNED_HIGH, PINNED_HIGH, PINNED_HIGH,
+                             10.0,  # not a target: unchanged (theirs too)
+                             0.5 * 10 + 0.5 * 1.0,  # 5.5 (theirs too)
+                             0.5 * 10 + 0.5 * (4.0 + 2.0) / 2,  # 6.5: the mean (theirs: 6.0 or 7.0)
+                             0.5 * 10 + 0.5 * 2.5])  # 6.25 (theirs too)
+    assert torch.equal(importance.importance, expected)
+    # k = 3 (keep ratio 0.5 of 6): [CLS], [MASK]/[SEP] forced by their pinned ids, then the best word; theirs
+    # keeps the same sets: row 0 {0, 2, 4}, row 1 {0, 3, 5}
+    kept, real = importance.select(input_ids, attention_mask, None, None, 3)
+    assert kept.tolist() == [[0, 2, 4], [0, 3, 5]] and real.all()
+    # k = 5: row 1 keeps id 6 (6.5) over id 7 (6.25) at position 1; theirs, with 6.0 for id 6, would drop it
+    kept, real = importance.select(input_ids, attention_mask, None, None, 5)
+    assert kept.tolist() == [[0, 1, 2, 3, 4], [0, 1, 3, 4, 5]] and real.all()
