@@ -250,25 +250,27 @@ def read_metrics(save_dir: Path) -> list[dict]:
 
 
 def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, data: Path) -> dict:
-    """One pretraining run and its MLM score: {steps, train_seconds, curve [(step, training seconds so far,
-    validation MLM loss)], mlm_top1, unigram_top1 (points), save_dir}. A finished run's result is reused."""
+    """One pretraining run and its MLM score: {steps, recipe, train_seconds, curve [(step, training seconds so
+    far, validation MLM loss)], mlm_top1, unigram_top1 (points), save_dir}. A finished run of the same recipe
+    (model, data and schedule settings) is reused."""
     variant = "narrow" if model == "narrow_time" else model
     save_dir = work / "pretrain" / f"{model}_seed{seed}"
     result_file = save_dir / "study_result.json"
+    recipe = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        f"model.variant={variant}", f"model.init_seed={seed}", f"train.seed={seed}", "data.seq_len=128",
+        "data.max_predictions=20", "data.packing=concat", "data.split=98,2,0",
+        f"train.micro_batch_size={PRETRAIN_BATCH}", f"train.train_steps={steps}", "train.lr=1e-3",
+        f"train.warmup_steps={max(1, steps // 20)}", "train.lr_decay=linear"]
     if result_file.exists():
         result = json.loads(result_file.read_text())
-        if result["steps"] == steps:
+        if result.get("recipe") == recipe:
             log(f"pretrained {model} seed {seed}: from an earlier run ({steps} steps)")
             return result
     shutil.rmtree(save_dir, ignore_errors=True)
-    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"model.variant={variant}", f"model.init_seed={seed}", f"train.seed={seed}", f"data.data_paths=[{data}]",
-        "data.seq_len=128", "data.max_predictions=20", "data.packing=concat", "data.split=98,2,0",
-        f"train.micro_batch_size={PRETRAIN_BATCH}", f"train.train_steps={steps}", "train.lr=1e-3",
-        f"train.warmup_steps={max(1, steps // 20)}", "train.lr_decay=linear", "train.log_interval=1",
-        f"train.eval_interval={max(1, steps // 10)}", "train.eval_steps=16", f"train.save_interval={steps}",
-        f"train.save_dir={save_dir}", "train.tokenizer_type=sentencepiece", f"train.tokenizer_model={tokenizer}",
-        "train.num_workers=0", "train.keep_last=1"]
+    overrides = [*recipe, f"data.data_paths=[{data}]", "train.log_interval=1",
+                 f"train.eval_interval={max(1, steps // 10)}", "train.eval_steps=16", f"train.save_interval={steps}",
+                 f"train.save_dir={save_dir}", "train.tokenizer_type=sentencepiece",
+                 f"train.tokenizer_model={tokenizer}", "train.num_workers=0", "train.keep_last=1"]
     started = time.perf_counter()
     run(["megatron_narrow/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml", "--deepspeed_config",
          "ds_configs/zero0.json", *overrides], work / "logs" / f"pretrain_{model}_seed{seed}.log")
@@ -287,7 +289,8 @@ def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, dat
     if not report.exists():
         raise RuntimeError(f"tools/evaluate_mlm.py wrote no report for {save_dir}; see its log in {work / 'logs'}")
     scores = json.loads(report.read_text())
-    result = {"variant": variant, "seed": seed, "steps": steps, "train_seconds": seconds, "curve": curve,
+    result = {"variant": variant, "seed": seed, "steps": steps, "recipe": recipe, "train_seconds": seconds,
+              "curve": curve,
               "mlm_top1": round(100 * scores["trained_accuracy"], 2),
               "unigram_top1": round(100 * scores["unigram_accuracy"], 2), "save_dir": str(save_dir)}
     result_file.write_text(json.dumps(result))
@@ -298,24 +301,25 @@ def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, dat
 
 
 def finetune(pretrained: dict, task: str, files: dict, seed: int, steps: int, work: Path) -> float:
-    """One fine-tuning run's validation score in points; a finished run's score is reused."""
+    """One fine-tuning run's validation score in points; a finished run of the same settings on the same
+    pretrained checkpoint is reused."""
     kind, metric, _ = TASKS[task]
     name = f"{Path(pretrained['save_dir']).name}_{task}_ft{seed}"
     save_dir = work / "finetune" / name
-    results_file = save_dir / "eval_results.json"
-    if not results_file.exists():
+    overrides = [f"task.kind={kind}", f"task.train_file={files['train']}", f"task.valid_file={files['valid']}",
+                 "task.max_seq_len=64", f"model.init_from={pretrained['save_dir']}", f"model.init_seed={seed}",
+                 f"train.seed={seed}", "train.micro_batch_size=32", f"train.train_steps={steps}",
+                 f"train.lr={FINETUNE_LR[kind]}", f"train.warmup_steps={max(1, steps // 10)}", "train.lr_decay=linear",
+                 f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0", f"train.save_dir={save_dir}"]
+    done = {"overrides": overrides, "pretrained": pretrained["recipe"]}
+    marker = save_dir / "study_run.json"
+    if not (marker.exists() and json.loads(marker.read_text()) == done):
         shutil.rmtree(save_dir, ignore_errors=True)
-        overrides = [f"task.kind={kind}", f"task.train_file={files['train']}",
-                     f"task.valid_file={files['valid']}", "task.max_seq_len=64",
-                     f"model.init_from={pretrained['save_dir']}", f"model.init_seed={seed}", f"train.seed={seed}",
-                     "train.micro_batch_size=32", f"train.train_steps={steps}", f"train.lr={FINETUNE_LR[kind]}",
-                     f"train.warmup_steps={max(1, steps // 10)}", "train.lr_decay=linear",
-                     f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0",
-                     f"train.save_dir={save_dir}"]
         run(["megatron_narrow/finetune.py", "--deepspeed_config", "ds_configs/zero0.json", *overrides],
             work / "logs" / f"finetune_{name}.log")
         shutil.rmtree(save_dir / "hf", ignore_errors=True)  # the exports are not needed: keep the disk small
-    return 100.0 * json.loads(results_file.read_text())[metric]
+        marker.write_text(json.dumps(done))
+    return 100.0 * json.loads((save_dir / "eval_results.json").read_text())[metric]
 
 
 # ---------------------------------------------------------------------------------------------- report
