@@ -172,10 +172,10 @@ class BertForPreTraining(nn.Module):
             positions, valid = with_cls_query(positions, valid)
         hidden = self.bert(input_ids, attention_mask, token_type_ids, positions, valid, segment_ids=segment_ids,
                            position_ids=position_ids)
-        heads = (self.bert.embeddings.word_embeddings.weight, self.cls.predictions, self.bert.pooler,
-                 self.cls.seq_relationship)
+        decoder_weight = self.bert.embeddings.word_embeddings.weight
+        heads = (decoder_weight, self.cls.predictions, self.bert.pooler, self.cls.seq_relationship)
         fused = (self.groups.tensor.size == 1 and torch.is_grad_enabled() and not return_logits
-                 and heads[0].dtype != torch.float16  # fp16's loss scale must reach the gradient before rounding
+                 and decoder_weight.dtype != torch.float16  # fp16's loss scale must reach the gradient first
                  and not torch.compiler.is_compiling())  # inductor fuses the two-step path its own way
         if fused:
             logits = None
