@@ -1,6 +1,6 @@
 """benchmarks/quality.py's downstream tasks and verdicts (the study itself runs for over an hour; its numbers are
-in benchmarks/RESULTS.md): the library task is balanced and never names the library, the punctuation and
-replaced-word tasks tag exactly the words they changed, a task bert did not learn gets no verdict, and the
+in benchmarks/RESULTS.md): the library task is balanced and never names the library, the sentence-ends
+task tags exactly the words whose full stop it removed, a task bert did not learn gets no verdict, and the
 targets are judged by their arithmetic."""
 
 from __future__ import annotations
@@ -30,24 +30,16 @@ def test_library_examples_are_balanced_and_never_name_their_library():
     assert all(e["label"].lower() not in e["text"].lower() for e in examples)
 
 
-def test_replaced_words_are_tagged_and_nothing_else():
-    rng = random.Random(1)
-    vocabulary = "alpha beta gamma delta returns".split()
-    for _ in range(200):
-        words, tags = quality.replaced(SENTENCE, rng, vocabulary)
-        assert len(words) == len(tags) == len(SENTENCE)
-        assert tags.count("B-REP") == round(0.15 * len(SENTENCE))
-        for word, tag, original in zip(words, tags, SENTENCE, strict=True):
-            assert (tag == "B-REP") == (word != original)
-            if tag == "B-REP":
-                assert word.lower() != original.lower() and word in vocabulary
-
-
-def test_punctuation_tags_the_words_a_comma_followed():
-    words, tags = quality.comma_tagged("If x is None, the default, which is 3, is used.".split())
-    assert words == "If x is None the default which is 3 is used.".split()
-    assert [w for w, t in zip(words, tags, strict=True) if t == "B-COMMA"] == ["None", "default", "3"]
-    assert quality.comma_tagged("No comma here.".split()) is None
+def test_sentence_ends_tag_the_words_a_removed_full_stop_followed():
+    sentences = ["Return the path.", "If None, use the default.", "It is e.g. shown.", "Raise an error.",
+                 "Close it."]
+    examples = quality.sentence_ends(sentences, random.Random(0))
+    assert [" ".join(e["tokens"]) for e in examples] == [  # runs of 2 or 3, every sentence once, in order
+        "Return the path If None, use the default It is e.g. shown.", "Raise an error Close it."]
+    for example in examples:
+        assert len(example["tokens"]) == len(example["tags"])
+    ended = [w for e in examples for w, t in zip(e["tokens"], e["tags"], strict=True) if t == "B-END"]
+    assert ended == ["path", "default", "error"]  # the last sentence of a group keeps its stop: nothing to tag
 
 
 def study(bert: dict[str, list[float]], others: dict[str, dict[str, list[float]]], tmp_path) -> dict:
@@ -64,34 +56,34 @@ def study(bert: dict[str, list[float]], others: dict[str, dict[str, list[float]]
 
 
 def test_verdicts_on_informative_tasks_follow_their_arithmetic(tmp_path):
-    bert = {"library": [50.0, 52.0], "punctuation": [60.0, 62.0]}
-    others = {"narrow": {"library": [48.5, 49.5], "punctuation": [57.0, 58.0]},
-              "token_drop": {"library": [51.0, 51.0], "punctuation": [61.0, 61.0]},
-              "narrow_time": {"library": [52.0, 53.0], "punctuation": [60.0, 61.0]}}
+    bert = {"library": [50.0, 52.0], "sentence_ends": [60.0, 62.0]}
+    others = {"narrow": {"library": [48.5, 49.5], "sentence_ends": [57.0, 58.0]},
+              "token_drop": {"library": [51.0, 51.0], "sentence_ends": [61.0, 61.0]},
+              "narrow_time": {"library": [52.0, 53.0], "sentence_ends": [60.0, 61.0]}}
     results = study(bert, others, tmp_path)
     tasks = results["tasks"]
     assert tasks["library"]["majority_baseline"] == 100 / 3
-    assert tasks["library"]["informative"] and tasks["punctuation"]["informative"]  # 51 >= 33.3 + 15; F1 61 >= 50
+    assert tasks["library"]["informative"] and tasks["sentence_ends"]["informative"]  # 51 >= 33.3 + 15; F1 61 >= 50
     assert tasks["library"]["models"]["narrow"] == {"mean": 49.0, "std": 0.71, "min": 48.5, "max": 49.5, "runs": 2}
     verdicts = {c["target"]: (c["value"], c["met"]) for c in results["targets"]}
     assert verdicts["bert held-out masked top-1 >= 3 x unigram (6.0%)"] == (4.0, True)
     assert verdicts["equal steps: narrow library accuracy within 2 points of bert"] == (-2.0, True)
-    assert verdicts["equal steps: narrow punctuation span_f1 within 2 points of bert"] == (-3.5, False)
-    assert verdicts["equal wall-clock: narrow_time punctuation span_f1 >= bert's"] == (-0.5, False)
+    assert verdicts["equal steps: narrow sentence_ends span_f1 within 2 points of bert"] == (-3.5, False)
+    assert verdicts["equal wall-clock: narrow_time sentence_ends span_f1 >= bert's"] == (-0.5, False)
     assert verdicts["equal wall-clock: narrow_time held-out masked top-1 >= bert's"] == (1.0, True)
 
 
 def test_a_task_bert_did_not_learn_gets_no_verdict(tmp_path):
-    """library: 48 < majority 33.3 + 15; punctuation: F1 40 < 50. Neither is ever counted as met."""
-    scores = {"library": [48.0, 48.0], "punctuation": [40.0, 40.0]}
+    """library: 48 < majority 33.3 + 15; sentence_ends: F1 40 < 50. Neither is ever counted as met."""
+    scores = {"library": [48.0, 48.0], "sentence_ends": [40.0, 40.0]}
     results = study(scores, {m: scores for m in ("narrow", "token_drop", "narrow_time")}, tmp_path)
-    assert not results["tasks"]["library"]["informative"] and not results["tasks"]["punctuation"]["informative"]
+    assert not results["tasks"]["library"]["informative"] and not results["tasks"]["sentence_ends"]["informative"]
     verdicts = {c["target"]: c for c in results["targets"]}
-    assert {target for target in verdicts if "library" in target or "punctuation" in target} == {
-        "library: every verdict", "punctuation: every verdict"}
-    assert all(verdicts[t]["met"] is None for t in ("library: every verdict", "punctuation: every verdict"))
+    assert {target for target in verdicts if "library" in target or "sentence_ends" in target} == {
+        "library: every verdict", "sentence_ends: every verdict"}
+    assert all(verdicts[t]["met"] is None for t in ("library: every verdict", "sentence_ends: every verdict"))
     table = quality.markdown({**results, "pretraining": {m: [{"steps": 10, "train_seconds": 1.0,
                                                               "curve": [[10, 1.0, 5.0]]}] for m in quality.MODELS},
                               "pretrain_seeds": 1, "seeds": (1, 2)})
-    assert "| punctuation: every verdict | - | not informative (bert span F1 40.0 vs 50 needed) |" in table
+    assert "| sentence_ends: every verdict | - | not informative (bert span F1 40.0 vs 50 needed) |" in table
     assert "| library: every verdict | - | not informative (bert 48.0 vs majority 33.3 + 15) |" in table
