@@ -73,6 +73,10 @@ VARIANTS = ("bert", "narrow", "token_drop")
 MODELS = (*VARIANTS, "narrow_time")  # narrow_time: NarrowBERT for bert's wall-clock
 TASKS = {"library": ("sequence", "accuracy", "sentence"), "sentence_ends": ("token", "span_f1", "token")}
 """task -> (fine-tuning kind, metric, level: what makes it informative)"""
+ABLATIONS = {"narrow_as_bert": ("narrow", "bert"), "bert_as_narrow": ("bert", "narrow")}
+"""Item 5, narrow's sentence-level gap: name -> (checkpoint, model.variant it is fine-tuned as). narrow_as_bert runs
+a narrow checkpoint with every layer full-length ([CLS] mixes with every position in the top layers too);
+bert_as_narrow runs a bert checkpoint with [CLS] the only query of its top layers. Sentence tasks only."""
 SENTENCE_MARGIN = 15.0
 """A sentence task is informative when bert beats its majority baseline by this many points."""
 TOKEN_F1 = 50.0
@@ -127,6 +131,7 @@ class Runner:
     so that the long runs, and the equal-wall-clock run that waits on them, start first), then in order."""
 
     def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self._free = jobs
         self._waiting: list[tuple[int, int]] = []
@@ -328,18 +333,19 @@ def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, dat
     return result
 
 
-def finetune(pretrained: dict, task: str, files: dict, seed: int, steps: int, work: Path, runner: Runner
-             ) -> float:
-    """One fine-tuning run's validation score in points; a finished run of the same settings on the same
-    pretrained checkpoint is reused."""
+def finetune(pretrained: dict, task: str, files: dict, seed: int, steps: int, work: Path, runner: Runner,
+             variant: str | None = None) -> float:
+    """One fine-tuning run's validation score in points (as `variant`, default the checkpoint's own); a finished
+    run of the same settings on the same pretrained checkpoint is reused."""
     kind, metric, _ = TASKS[task]
-    name = f"{Path(pretrained['save_dir']).name}_{task}_ft{seed}"
+    name = f"{Path(pretrained['save_dir']).name}_{task}_ft{seed}" + (f"_as_{variant}" if variant else "")
     save_dir = work / "finetune" / name
     overrides = [f"task.kind={kind}", f"task.train_file={files['train']}", f"task.valid_file={files['valid']}",
                  "task.max_seq_len=64", f"model.init_from={pretrained['save_dir']}", f"model.init_seed={seed}",
                  f"train.seed={seed}", "train.micro_batch_size=32", f"train.train_steps={steps}",
                  f"train.lr={FINETUNE_LR[kind]}", f"train.warmup_steps={max(1, steps // 10)}", "train.lr_decay=linear",
-                 f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0", f"train.save_dir={save_dir}"]
+                 f"train.log_interval={max(1, steps // 5)}", "train.eval_interval=0", f"train.save_dir={save_dir}",
+                 *([f"model.variant={variant}"] if variant else [])]
     done = {"overrides": overrides, "pretrained": pretrained["recipe"]}
     marker = save_dir / "study_run.json"
     if not (marker.exists() and json.loads(marker.read_text()) == done):
@@ -406,7 +412,9 @@ def verdict_text(check: dict) -> str:
 def markdown(results: dict) -> str:
     pre, mlm, tasks = results["pretraining"], results["mlm_top1"], results["tasks"]
     runs = f"{results['pretrain_seeds']} pretraining x {len(results['seeds'])} fine-tuning seeds"
-    lines = [f"held-out masked top-1 of the unigram baseline: {results['unigram_top1']:.1f}%", "",
+    lines = [f"held-out masked top-1 of the unigram baseline: {results['unigram_top1']:.1f}%; training seconds are "
+             f"each run's own steps, {results['jobs']} runs at once with {results['threads_per_run']} thread(s) each",
+             "",
              "| model | pretraining steps | training s (mean) | validation MLM loss (mean) | held-out masked top-1 % "
              "(mean +- std) | " + " | ".join(f"{t} {TASKS[t][1]} (mean +- std, min-max; {runs})" for t in tasks) + " |",
              "|---|---|---|---|---|" + "---|" * len(tasks)]
@@ -421,6 +429,16 @@ def markdown(results: dict) -> str:
                      f"{mlm[model]['mean']:.1f} +- {mlm[model]['std']:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "| task | informative | rule |", "|---|---|---|"]
     lines += [f"| {task} | {'yes' if info['informative'] else 'no'} | {info['rule']} |" for task, info in tasks.items()]
+    ablated = [(task, name, stats) for task, info in tasks.items() for name, stats in info["ablations"].items()]
+    if ablated:
+        lines += ["", "Item 5 ablation (the same checkpoints fine-tuned as the other variant):", "",
+                  "| task | run | checkpoint | fine-tuned as | score (mean +- std, min-max) | checkpoint as itself |",
+                  "|---|---|---|---|---|---|"]
+        for task, name, stats in ablated:
+            checkpoint, variant = ABLATIONS[name]
+            own = tasks[task]["models"][checkpoint]
+            lines.append(f"| {task} | {name} | {checkpoint} | {variant} | {stats['mean']:.1f} +- {stats['std']:.1f} "
+                         f"({stats['min']:.1f}-{stats['max']:.1f}) | {own['mean']:.1f} +- {own['std']:.1f} |")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {c['target']} | {'-' if c['value'] is None else c['value']} | {verdict_text(c)} |"
               for c in results["targets"]]
@@ -440,7 +458,8 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     pre, tasks = results["pretraining"], results["tasks"]
     written = []
-    for axis, column, label in (("steps", 0, "pretraining step"), ("seconds", 1, "training seconds (2 CPU cores)")):
+    cores = f"one of {results['jobs']} runs at once, {results['threads_per_run']} thread(s) each"
+    for axis, column, label in (("steps", 0, "pretraining step"), ("seconds", 1, f"training seconds ({cores})")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for index, model in enumerate(MODELS):
             for run_index, record in enumerate(pre[model]):
@@ -494,7 +513,9 @@ def collect(pretraining: dict, downstream: dict, files: dict) -> tuple[dict, dic
         models = {model: summary(downstream[model][task]) for model in MODELS}
         baseline = majority_baseline(files[task]["valid"]) if TASKS[task][2] == "sentence" else None
         informative, rule = task_informative(task, models["bert"], baseline)
-        tasks[task] = {"informative": informative, "rule": rule, "majority_baseline": baseline, "models": models}
+        ablations = {name: summary(downstream[name][task]) for name in ABLATIONS if task in downstream.get(name, {})}
+        tasks[task] = {"informative": informative, "rule": rule, "majority_baseline": baseline, "models": models,
+                       "ablations": ablations}
     return mlm, tasks, round(unigram, 2)
 
 
@@ -521,13 +542,21 @@ def run_all(pretrain_seeds: int, seeds: tuple[int, ...], steps: tuple[int, int],
             return finetune(started[model, seed].result(), task, files[task], finetune_seed, finetune_steps, work,
                             runner)
 
+        def tune_as(name: str, seed: int, task: str, finetune_seed: int) -> float:
+            checkpoint, variant = ABLATIONS[name]
+            return finetune(started[checkpoint, seed].result(), task, files[task], finetune_seed, finetune_steps,
+                            work, runner, variant=variant)
+
         scores = {(model, task): [pool.submit(tune, model, seed, task, finetune_seed)
                                   for seed in range(1, pretrain_seeds + 1) for finetune_seed in seeds]
                   for model in MODELS for task in TASKS}
+        scores |= {(name, task): [pool.submit(tune_as, name, seed, task, finetune_seed)
+                                  for seed in range(1, pretrain_seeds + 1) for finetune_seed in seeds]
+                   for name in ABLATIONS for task in TASKS if TASKS[task][2] == "sentence"}
         try:
-            downstream = {model: {task: [] for task in TASKS} for model in MODELS}
+            downstream: dict[str, dict[str, list[float]]] = {}
             for (model, task), futures in scores.items():
-                downstream[model][task] = [future.result() for future in futures]
+                downstream.setdefault(model, {})[task] = [future.result() for future in futures]
                 log(f"fine-tuned {model} on {task}: " + ", ".join(f"{s:.1f}" for s in downstream[model][task]))
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the stages already running finish; nothing new starts
@@ -568,15 +597,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, data, sentences = prepare_data(work)
     files = write_tasks(sentences, work, sizes)
+    runner = Runner(args.jobs)
     pretraining, downstream = run_all(args.pretrain_seeds, seeds, (steps, ft_steps), work, (tokenizer, data),
-                                      files, Runner(args.jobs))
+                                      files, runner)
 
     mlm, tasks, unigram = collect(pretraining, downstream, files)
     results = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d"), "scale": args.scale, "cores": os.cpu_count(),
                "model": MODEL, "pretrain_batch": PRETRAIN_BATCH, "seq_len": 128, "finetune_steps": ft_steps,
                "finetune_lr": FINETUNE_LR, "task_examples": sizes, "seeds": seeds,
-               "pretrain_seeds": args.pretrain_seeds, "pretraining": pretraining, "downstream": downstream,
+               "pretrain_seeds": args.pretrain_seeds, "jobs": runner.jobs, "threads_per_run": runner.threads,
+               "pretraining": pretraining, "downstream": downstream,
                "mlm_top1": mlm, "unigram_top1": unigram, "tasks": tasks}
     if args.official_dir is not None:
         results["fidelity"] = fidelity(pretraining["narrow"][0], work, args.official_dir)

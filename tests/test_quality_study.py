@@ -84,6 +84,23 @@ def test_a_task_bert_did_not_learn_gets_no_verdict(tmp_path):
     assert all(verdicts[t]["met"] is None for t in ("library: every verdict", "sentence_ends: every verdict"))
     table = quality.markdown({**results, "pretraining": {m: [{"steps": 10, "train_seconds": 1.0,
                                                               "curve": [[10, 1.0, 5.0]]}] for m in quality.MODELS},
-                              "pretrain_seeds": 1, "seeds": (1, 2)})
+                              "pretrain_seeds": 1, "seeds": (1, 2), "jobs": 2, "threads_per_run": 1})
     assert "| sentence_ends: every verdict | - | not informative (bert span F1 40.0 vs 50 needed) |" in table
     assert "| library: every verdict | - | not informative (bert 48.0 vs majority 33.3 + 15) |" in table
+
+
+def test_the_item_5_ablation_is_summarised_beside_the_checkpoint_it_was_made_from(tmp_path):
+    bert = {"library": [50.0, 52.0], "sentence_ends": [60.0, 62.0]}
+    others = {m: {"library": [49.0, 51.0], "sentence_ends": [60.0, 60.0]}
+              for m in ("narrow", "token_drop", "narrow_time")}
+    others["narrow_as_bert"] = {"library": [55.0, 57.0]}  # sentence tasks only
+    others["bert_as_narrow"] = {"library": [40.0, 44.0]}
+    results = study(bert, others, tmp_path)
+    assert results["tasks"]["library"]["ablations"]["narrow_as_bert"]["mean"] == 56.0
+    assert results["tasks"]["library"]["ablations"]["bert_as_narrow"]["std"] == 2.83
+    assert results["tasks"]["sentence_ends"]["ablations"] == {}
+    table = quality.markdown({**results, "pretraining": {m: [{"steps": 10, "train_seconds": 1.0,
+                                                              "curve": [[10, 1.0, 5.0]]}] for m in quality.MODELS},
+                              "pretrain_seeds": 1, "seeds": (1, 2), "jobs": 2, "threads_per_run": 1})
+    assert "| library | narrow_as_bert | narrow | bert | 56.0 +- 1.4 (55.0-57.0) | 50.0 +- 1.4 |" in table
+    assert "| library | bert_as_narrow | bert | narrow | 42.0 +- 2.8 (40.0-44.0) | 51.0 +- 1.4 |" in table
