@@ -127,8 +127,9 @@ def run(command: list[str], log_file: Path, threads: int | None = None) -> None:
 class Runner:
     """Runs stages `jobs` at a time, each with cores // jobs threads: this model (hidden 128) keeps one core
     busy far better than two (RESULTS.md), so two one-thread runs finish sooner than two two-thread runs in
-    turn. A free slot goes to the waiting stage of lowest priority number (pretraining before fine-tuning,
-    so that the long runs, and the equal-wall-clock run that waits on them, start first), then in order."""
+    turn. A free slot goes to the waiting stage of lowest priority number, then in order: a checkpoint's MLM
+    score and the equal-wall-clock run (which waits on bert's and narrow's) first, then pretraining, then
+    fine-tuning, so that the long runs start early and the short ones fill the gaps."""
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
@@ -306,7 +307,8 @@ def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, dat
                  f"train.tokenizer_model={tokenizer}", "train.num_workers=0", "train.keep_last=1"]
     started = time.perf_counter()
     runner(["megatron_narrow/pretrain.py", "--config", "examples/configs/tiny_cpu.yaml", "--deepspeed_config",
-            "ds_configs/zero0.json", *overrides], work / "logs" / f"pretrain_{model}_seed{seed}.log", priority=0)
+            "ds_configs/zero0.json", *overrides], work / "logs" / f"pretrain_{model}_seed{seed}.log",
+           priority=-1 if model == "narrow_time" else 0)
     records = read_metrics(save_dir)
     elapsed, curve = 0.0, []
     for record in records:
@@ -318,7 +320,7 @@ def pretrain(model: str, seed: int, steps: int, work: Path, tokenizer: Path, dat
     report = save_dir / "mlm_report.json"
     with contextlib.suppress(RuntimeError):  # exit 3: not past the unigram baseline, still a result
         runner(["tools/evaluate_mlm.py", str(save_dir), "--samples", str(MLM_SAMPLES), "--json", str(report)],
-               work / "logs" / f"evaluate_mlm_{model}_seed{seed}.log", priority=0)
+               work / "logs" / f"evaluate_mlm_{model}_seed{seed}.log", priority=-1)
     if not report.exists():
         raise RuntimeError(f"tools/evaluate_mlm.py wrote no report for {save_dir}; see its log in {work / 'logs'}")
     scores = json.loads(report.read_text())
