@@ -93,7 +93,7 @@ def test_the_item_5_ablation_is_summarised_beside_the_checkpoint_it_was_made_fro
     bert = {"library": [50.0, 52.0], "sentence_ends": [60.0, 62.0]}
     others = {m: {"library": [49.0, 51.0], "sentence_ends": [60.0, 60.0]}
               for m in ("narrow", "token_drop", "narrow_time")}
-    others["narrow_as_bert"] = {"library": [55.0, 57.0]}  # sentence tasks only
+    others["narrow_as_bert"] = {"library": [55.0, 57.0]}  # a task without ablation runs: none reported
     others["bert_as_narrow"] = {"library": [40.0, 44.0]}
     results = study(bert, others, tmp_path)
     assert results["tasks"]["library"]["ablations"]["narrow_as_bert"]["mean"] == 56.0
