@@ -50,7 +50,7 @@ from megatron_narrow.training.pipeline import (
     pipeline_train_step,
 )
 from megatron_narrow.training.precision import with_resolved_precision
-from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
+from megatron_narrow.training.setup import DeepSpeedMPU, ValidatedRun, init_distributed, validate_run
 from megatron_narrow.training.step import train_step
 from megatron_narrow.training.stop import RunStopped, StopSignal
 
@@ -121,7 +121,7 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
     device = training_device()
     run, precision_line = with_resolved_precision(run, device)  # train.precision=auto decided here
     with refusing():
-        ds_config, schedule = validate_run(run, ds_config_path)  # every check that needs no process group
+        validated = validate_run(run, ds_config_path)  # every check that needs no process group
     init_distributed()
     train = run.train
     is_rank0 = dist.get_rank() == 0
@@ -132,7 +132,8 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
             report(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}")
         dist.barrier()
     resuming = bool(checkpoint_files.all_tags(train.save_dir))
-    datasets, model, pipe, groups, tracker = _build_model(run, ds_config, device)
+    ds_config = validated.ds_config
+    datasets, model, pipe, groups, tracker = _build_model(run, validated, device)
     if train.init_from_hf and not resuming:
         with refusing():
             _load_hf(model, train.init_from_hf, report)
@@ -153,18 +154,19 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
         report("model.compile=true: torch.compile through DeepSpeed's engine.compile; the first step (and the first "
                "at each new sequence length) compiles")
     return PretrainingRun(run, device, is_rank0, datasets, model, pipe, groups, tracker, layout, engine, optimizer,
-                          schedule, universal_tag)
+                          validated.schedule, universal_tag)
 
 
-def _build_model(run: RunConfig, ds_config: dict, device: torch.device):
+def _build_model(run: RunConfig, validated: ValidatedRun, device: torch.device):
     """(datasets of every phase, model, pipeline or None, groups, RNG tracker): with pipelining DeepSpeed's grid
     creates the groups, so the data (whose special ids the stages need) is built first either way."""
     in_turn = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "barrier": dist.barrier}
-    total_samples = run.train.train_steps * ds_config["train_batch_size"]
+    total_samples = run.train.train_steps * validated.ds_config["train_batch_size"]
 
     def phase_datasets() -> list[PretrainingData]:
         with refusing():  # a damaged shard or an unwritable index cache
-            return [build_datasets_in_turn(phase, run.model, run.train, total_samples, **in_turn)
+            return [build_datasets_in_turn(phase, run.model, run.train, total_samples, tokenizer=validated.tokenizer,
+                                           **in_turn)
                     for phase in run.data.phases()]
 
     if run.parallel.pipeline_parallel > 1:

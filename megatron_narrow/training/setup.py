@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_narrow.config import RunConfig, TrainConfig
 from megatron_narrow.data.shards import check_tokenizer_matches, load_manifest
+from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_narrow.parallel import ProcessGroups
 from megatron_narrow.training.batch_schedule import BatchSchedule
 
@@ -25,9 +27,20 @@ def world_size_from_env() -> int:
     return 1
 
 
-def validate_run(run: RunConfig, ds_config_path: str) -> tuple[dict, BatchSchedule]:
-    """Every check that needs no process group; returns the completed DeepSpeed config and the run's batch
-    schedule (built here, where a schedule some step cannot run is refused)."""
+@dataclass
+class ValidatedRun:
+    """What the checks built, handed forward so that nothing is built twice."""
+
+    ds_config: dict
+    """The completed DeepSpeed config."""
+    schedule: BatchSchedule
+    """The run's step shapes (a schedule some step cannot run was refused)."""
+    tokenizer: Tokenizer | None
+    """train.tokenizer_model, loaded (None without one)."""
+
+
+def validate_run(run: RunConfig, ds_config_path: str) -> ValidatedRun:
+    """Every check that needs no process group."""
     from megatron_narrow.model.attention_backends import attention_backend
     from megatron_narrow.training.data import check_data_paths
     from megatron_narrow.variants import drops_tokens
@@ -57,16 +70,16 @@ def validate_run(run: RunConfig, ds_config_path: str) -> tuple[dict, BatchSchedu
     schedule = BatchSchedule(run, layout.data_parallel)  # refuses a global batch a micro batch cannot split
     attention_backend(run.model.attention_backend)  # one line for a kernel this machine cannot run
     check_data_paths(run.data)
-    identity = None
+    tokenizer = None
     if run.train.tokenizer_model:
-        from megatron_narrow.data.tokenizer import load_tokenizer
-
-        identity = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model).identity
+        tokenizer = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model)
     for path in run.data.data_paths:
-        check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
+        check_tokenizer_matches(load_manifest(path), identity=tokenizer.identity if tokenizer else None,
+                                vocab_size=run.model.vocab_size, where=path)
     check_resumable(run)
     check_wandb(run.train)
-    return complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel), schedule
+    ds_config = complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+    return ValidatedRun(ds_config, schedule, tokenizer)
 
 
 def check_packed_targets(data) -> None:
