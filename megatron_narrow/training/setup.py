@@ -11,10 +11,16 @@ from pathlib import Path
 import torch
 
 from megatron_narrow.config import RunConfig, TrainConfig
+from megatron_narrow.data.packing import max_packed_targets
 from megatron_narrow.data.shards import check_tokenizer_matches, load_manifest
 from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_narrow.formats import checkpoint_files
+from megatron_narrow.model.attention_backends import attention_backend
 from megatron_narrow.parallel import ProcessGroups
 from megatron_narrow.training.batch_schedule import BatchSchedule
+from megatron_narrow.training.data import check_data_paths
+from megatron_narrow.training.resume import check_resume_config
+from megatron_narrow.variants import drops_tokens
 
 _RANK_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 
@@ -41,10 +47,6 @@ class ValidatedRun:
 
 def validate_run(run: RunConfig, ds_config_path: str) -> ValidatedRun:
     """Every check that needs no process group."""
-    from megatron_narrow.model.attention_backends import attention_backend
-    from megatron_narrow.training.data import check_data_paths
-    from megatron_narrow.variants import drops_tokens
-
     ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
@@ -86,8 +88,6 @@ def check_packed_targets(data) -> None:
     """packing=segments masks each segment as its own sample; the row's target slots must hold the worst case."""
     if data.packing != "segments":
         return
-    from megatron_narrow.data.packing import max_packed_targets
-
     needed = max_packed_targets(data.seq_len, data.mask_prob)
     if data.max_predictions < needed:
         raise ValueError(f"data.max_predictions={data.max_predictions} is too small for data.packing=segments: a "
@@ -108,9 +108,6 @@ def check_wandb(train: TrainConfig) -> None:
 def check_resumable(run: RunConfig) -> None:
     """Refuse, before any process starts, a save_dir whose checkpoints are all unusable (unless
     train.restart) and a resume that changes what the checkpoint's tensors depend on."""
-    from megatron_narrow.formats import checkpoint_files
-    from megatron_narrow.training.resume import check_resume_config
-
     if run.train.restart:
         return
     plan = checkpoint_files.plan_resume(run.train.save_dir)
