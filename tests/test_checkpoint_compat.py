@@ -24,6 +24,7 @@ def package_at(commit: str, target: Path) -> Path:
                              capture_output=True, timeout=60)
     assert archive.returncode == 0, (f"git archive {commit} failed ({archive.stderr.decode().strip()}): this test "
                                      "needs the repository's history (a full clone, not a shallow one)")
+    target.mkdir(parents=True, exist_ok=True)
     archive_file = target / "package.tar"
     archive_file.write_bytes(archive.stdout)
     with tarfile.open(archive_file) as tar:
