@@ -25,12 +25,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from throughput import add_shape_arguments, core_count, count_flops, make_batch
+from throughput import add_shape_arguments, core_count, count_flops, make_batch, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,12 +57,6 @@ def make_call(name: str, model: torch.nn.Module, batch: dict, positions: torch.T
         return out.sum().item()
 
     return call
-
-
-def timed(fn: Callable[[], float]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_narrow.pretrain import exit_now, run_entry  # noqa: E402  (the same command line as pretraining)
+from megatron_narrow.entry import exit_now, run_entry  # noqa: E402  (the same command line as pretraining)
 
 
 def _finetune(args) -> None:

@@ -36,6 +36,11 @@ class VariantSpec:
     """The variant a fine-tuned or exported model of it runs as (token dropping is a pretraining schedule: BERT)."""
     hf_remote_code: bool = False
     """Its Hugging Face export needs the NarrowBERT modelling code saved beside the weights."""
+    hf_model_type: str = "bert"
+    """The `model_type` of its Hugging Face config.json."""
+    hf_config_key: str | None = None
+    """A config.json key that marks it whatever the model_type says (the official NarrowBERT code writes
+    model_type bert with full_length_layers)."""
     min_layers: int = 1
 
 
@@ -57,7 +62,8 @@ def _token_drop_roles(config: ModelConfig) -> tuple[Role, ...]:
 
 VARIANTS: dict[str, VariantSpec] = {
     "bert": VariantSpec("bert", "BERT", _bert_roles, trained_model="bert"),
-    "narrow": VariantSpec("narrow", "NarrowBERT", _narrow_roles, trained_model="narrow", hf_remote_code=True),
+    "narrow": VariantSpec("narrow", "NarrowBERT", _narrow_roles, trained_model="narrow", hf_remote_code=True,
+                          hf_model_type="narrow_bert", hf_config_key="full_length_layers"),
     "token_drop": VariantSpec("token_drop", "BERT (pretrained with token dropping)", _token_drop_roles,
                               trained_model="bert", min_layers=3),
 }
@@ -68,6 +74,29 @@ def variant_spec(name: str) -> VariantSpec:
     if name not in VARIANTS:
         raise ValueError(f"model.variant must be one of {', '.join(VARIANTS)}, got {name!r}")
     return VARIANTS[name]
+
+
+def trained_variant(name: str) -> str:
+    """`name` when a model of it can be fine-tuned or exported as it is; a one-line ValueError otherwise."""
+    spec = variant_spec(name)
+    if spec.trained_model != spec.name:
+        raise ValueError(f"model.variant={name}: {spec.title} is a pretraining schedule; a model of it runs as "
+                         f"model.variant={spec.trained_model}")
+    return name
+
+
+def variant_of_hf_config(config: dict) -> str:
+    """The variant a Hugging Face config.json describes: the one whose marking key it holds, else the one of
+    its model_type (token dropping leaves no trace in a model: its exports are BERT's)."""
+    trained = [spec for spec in VARIANTS.values() if spec.trained_model == spec.name]
+    for spec in trained:
+        if spec.hf_config_key is not None and spec.hf_config_key in config:
+            return spec.name
+    kind = config.get("model_type", "bert")
+    for spec in trained:
+        if spec.hf_model_type == kind:
+            return spec.name
+    raise ValueError(f"model_type {kind!r} is not BERT (expected {' or '.join(s.hf_model_type for s in trained)})")
 
 
 def layer_roles(config: ModelConfig) -> tuple[Role, ...]:

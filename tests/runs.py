@@ -74,7 +74,7 @@ def _rank_main(entry: str, argv: list[str], env: dict[str, str], log: str,
     torch.set_num_threads(1)
     if before_main is not None:
         before_main()
-    from megatron_narrow.pretrain import exit_now
+    from megatron_narrow.entry import exit_now
 
     sys.argv = [f"{entry}.py", *argv]
     exit_now(entry_point(entry).main(argv))
@@ -262,15 +262,15 @@ def copy_run_dir(reference: Path, target: Path) -> Path:
 def resume_from(reference: Path, target: Path, step: int) -> Path:
     """A copy of `reference` as it was when checkpoint `step` had just been saved: newer tags removed, `latest`
     on that tag, metrics after it dropped (the resumed run writes them again)."""
-    from megatron_narrow.training import checkpoint
+    from megatron_narrow.formats import checkpoint_files
 
     copy_run_dir(reference, target)
-    root = checkpoint.checkpoint_root(target)
-    for tag in checkpoint.all_tags(target):
-        if checkpoint.step_of(tag) > step:
+    root = checkpoint_files.checkpoint_root(target)
+    for tag in checkpoint_files.all_tags(target):
+        if checkpoint_files.step_of(tag) > step:
             shutil.rmtree(root / tag)
-    assert (root / checkpoint.tag_of(step)).is_dir(), f"{reference} has no checkpoint of step {step}"
-    (root / "latest").write_text(checkpoint.tag_of(step) + "\n")
+    assert (root / checkpoint_files.tag_of(step)).is_dir(), f"{reference} has no checkpoint of step {step}"
+    (root / "latest").write_text(checkpoint_files.tag_of(step) + "\n")
     kept = [r for r in records(target) if r["step"] <= step]
     (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return target

@@ -23,7 +23,7 @@ def test_attention_through_weights_equals_projected_keys_and_values():
     key_mask[1, 25:] = False
     assert few_queries(2, config.head_dim) and not few_queries(80, config.head_dim)
 
-    fast = attention(queries, key_mask, context=context)  # two queries: through the weights
+    fast = attention(queries, key_mask, context=context, through_weights=True)  # two queries: through the weights
     inputs = [queries, context, *attention.parameters()]
     grads_fast = torch.autograd.grad(fast.square().sum(), inputs, allow_unused=True)
     slow = attention(queries, key_mask, kv=attention.project_kv(context))

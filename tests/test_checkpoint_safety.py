@@ -13,7 +13,7 @@ import torch
 
 from megatron_narrow.data.shards import DataError, IndexedDocuments
 from megatron_narrow.file_safety import UnreadableCheckpoint, check_checkpoint_directory, confined
-from megatron_narrow.training import checkpoint
+from megatron_narrow.formats import checkpoint_files
 
 from .runs import copy_run_dir, latest, pretrain_argv, run_to_end, run_tool
 
@@ -31,14 +31,14 @@ class Payload:
 def poison(save_dir: Path, marker: Path) -> Path:
     """The latest tag's mp_rank_00_model_states.pt with one extra entry that runs the payload when unpickled,
     and complete.json updated to the new size (a careful attacker's file passes the completeness check)."""
-    tag_dir = checkpoint.checkpoint_root(save_dir) / latest(save_dir)
+    tag_dir = checkpoint_files.checkpoint_root(save_dir) / latest(save_dir)
     target = tag_dir / "mp_rank_00_model_states.pt"
     state = torch.load(target, map_location="cpu", weights_only=False)
     state["extra"] = Payload(marker)
     torch.save(state, target)
-    complete = json.loads((tag_dir / checkpoint.COMPLETE_NAME).read_text())
+    complete = json.loads((tag_dir / checkpoint_files.COMPLETE_NAME).read_text())
     complete["files"]["mp_rank_00_model_states.pt"] = target.stat().st_size
-    (tag_dir / checkpoint.COMPLETE_NAME).write_text(json.dumps(complete))
+    (tag_dir / checkpoint_files.COMPLETE_NAME).write_text(json.dumps(complete))
     assert not marker.exists()
     return target
 
@@ -65,7 +65,7 @@ def test_poisoned_checkpoint_is_refused_by_conversion_and_resume_and_trust_loads
 
 def test_every_file_of_a_real_checkpoint_passes_and_a_legacy_or_damaged_file_is_not_unpickled(tmp_path,
                                                                                              reference_runs):
-    tag_dir = checkpoint.checkpoint_root(reference_runs("narrow")) / latest(reference_runs("narrow"))
+    tag_dir = checkpoint_files.checkpoint_root(reference_runs("narrow")) / latest(reference_runs("narrow"))
     check_checkpoint_directory(tag_dir)  # model and optimizer states of a ZeRO-0 fp32 run: nothing unexpected
     legacy = tmp_path / "legacy" / "model_states.pt"
     legacy.parent.mkdir()
@@ -101,9 +101,9 @@ def test_names_that_leave_their_directory_are_refused(tmp_path, tiny_corpus_data
         confined(tmp_path, "a/../../b", what="test")
 
     save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
-    tag_dir = checkpoint.checkpoint_root(save_dir) / latest(save_dir)
-    complete = json.loads((tag_dir / checkpoint.COMPLETE_NAME).read_text())
+    tag_dir = checkpoint_files.checkpoint_root(save_dir) / latest(save_dir)
+    complete = json.loads((tag_dir / checkpoint_files.COMPLETE_NAME).read_text())
     complete["files"]["../../../outside.arrow"] = outside.stat().st_size
-    (tag_dir / checkpoint.COMPLETE_NAME).write_text(json.dumps(complete))
+    (tag_dir / checkpoint_files.COMPLETE_NAME).write_text(json.dumps(complete))
     assert run_tool("convert_checkpoint_to_hf", ["--checkpoint", str(save_dir), "--output", str(tmp_path / "hf")]) == 2
     assert "names '../../../outside.arrow', which is not a plain path inside" in capsys.readouterr().err

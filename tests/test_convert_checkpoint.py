@@ -182,7 +182,7 @@ def test_zero2_checkpoint_at_tp1_converts(converted):
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
 
-    from megatron_narrow.convert.hf_bert import VOCAB_ROWS
+    from megatron_narrow.formats.hf_bert import VOCAB_ROWS
 
     save_dir, hf_dir = converted["bert_dp2_zero2"]
     step = step_dir(save_dir)

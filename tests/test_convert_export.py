@@ -12,7 +12,7 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertTokenizer
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.convert.export import export_to_hf, hf_config_from_model_config
-from megatron_narrow.convert.hf_bert import to_official_narrow_layout
+from megatron_narrow.formats.hf_bert import to_official_narrow_layout
 from megatron_narrow.model import BertForPreTraining
 
 from .test_model_hf import official_narrowbert_keys

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_narrow.tasks.config import TaskConfig
-from megatron_narrow.tasks.data import read_examples
+from megatron_narrow.tasks.kinds import read_examples
 from megatron_narrow.tasks.loop import encode_examples, task_logits
 from megatron_narrow.tasks.predict import load_classifier
 

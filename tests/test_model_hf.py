@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import load_hf_state_dict, to_hf_state_dict
+from megatron_narrow.formats.hf_bert import load_hf_state_dict, to_hf_state_dict
 from megatron_narrow.model import BertForPreTraining, BertModel
 
 SENTENCES = [
@@ -202,7 +202,7 @@ def write_official_narrowbert(model: BertForPreTraining, hf_config: dict, full: 
 
     from safetensors.torch import save_file
 
-    from megatron_narrow.convert.hf_bert import to_official_narrow_layout
+    from megatron_narrow.formats.hf_bert import to_official_narrow_layout
 
     state = {key: value.clone()  # no shared storage (the tied decoder) in safetensors
              for key, value in to_official_narrow_layout(to_hf_state_dict(model.state_dict(), hf_config["vocab_size"]),

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import merge_tensor_parallel, tensor_parallel_dims
 from megatron_narrow.model import BertForPreTraining
+from megatron_narrow.parallel import merge_tensor_parallel, tensor_parallel_dims
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 VOCAB = 250  # padded to 256 at TP=1 and 512 at TP=2: padding lands in both TP shards' ranges

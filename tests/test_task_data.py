@@ -11,10 +11,10 @@ from megatron_narrow.tasks.data import (
     TaskDataError,
     encode_sequences,
     encode_tokens,
-    label_set,
     read_sequence_examples,
     read_token_examples,
 )
+from megatron_narrow.tasks.kinds import label_set
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_token_drop_forward_equals_its_definition_in_transformers_layers():
     fp32 rounding. The kept set is the model's own (test_kept_sets_* checks how it is chosen)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from megatron_narrow.convert.hf_bert import load_hf_state_dict
+    from megatron_narrow.formats.hf_bert import load_hf_state_dict
 
     config = tiny("token_drop", token_drop_keep_ratio=0.5)
     torch.manual_seed(0)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_narrow.formats import checkpoint_files
+
 from .conftest import REPO, tiny_train_overrides
 from .distributed import free_port
 from .runs import pretrain_argv, records, run_in_this_process, run_to_end
@@ -149,22 +151,18 @@ def run_nonfinite(data, save_dir: Path, policy: str, ds_config: Path, variant: s
 
 
 def test_nonfinite_loss_stop_ends_the_run_with_one_line(tiny_corpus_data, tmp_path):
-    from megatron_narrow.training import checkpoint
-
     output = run_nonfinite(tiny_corpus_data, tmp_path / "run", "stop", ZERO0, expect=1)
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == ["error: non-finite loss at step 2; stopping (train.nonfinite_loss=stop; set it to skip to "
                       "skip such steps and count them)"], output[-3000:]
     assert [r["step"] for r in records(tmp_path / "run")] == [1]
-    assert checkpoint.latest_tag(tmp_path / "run") is None, "a stopped run must not checkpoint the broken step"
+    assert checkpoint_files.latest_tag(tmp_path / "run") is None, "a stopped run must not checkpoint the broken step"
 
 
 @pytest.mark.parametrize("ds_name", ["zero0", "zero2"])  # our own skip (ZeRO-0 fp32) and DeepSpeed's overflow skip
 def test_nonfinite_loss_skip_continues_counts_and_applies_nothing(ds_name, tiny_corpus_data, tmp_path):
     import torch
-
-    from megatron_narrow.training import checkpoint
 
     save_dir = tmp_path / "run"
     run_nonfinite(tiny_corpus_data, save_dir, "skip", REPO / "ds_configs" / f"{ds_name}.json", variant="token_drop",
@@ -176,7 +174,7 @@ def test_nonfinite_loss_skip_continues_counts_and_applies_nothing(ds_name, tiny_
 
     # the skipped updates were not applied: weights and the token-drop importance after step 3 are those after
     # step 1 bit for bit (a skip that still applied momentum or weight decay would move ~1e29 weights by ~1e30)
-    assert checkpoint.latest_tag(save_dir) == "step_0000003"
+    assert checkpoint_files.latest_tag(save_dir) == "step_0000003"
     after_1, after_3 = (torch.load(save_dir / "checkpoints" / f"step_000000{step}" / "mp_rank_00_model_states.pt",
                                    map_location="cpu", weights_only=False)["module"] for step in (1, 3))
     assert any("importance" in name for name in after_3) and sorted(after_1) == sorted(after_3)
@@ -215,7 +213,7 @@ def test_only_set_up_errors_are_refusals_a_training_bug_keeps_its_traceback(caps
     """A ValueError raised around set-up (`refusing()`) is one `error:` line and exit 2; one raised later, while
     training, is a bug: it propagates with its traceback instead of being printed as a refusal."""
     from megatron_narrow.cli import refusing
-    from megatron_narrow.pretrain import run_entry
+    from megatron_narrow.entry import run_entry
 
     argv = ["--deepspeed_config", "unused.json"]
 

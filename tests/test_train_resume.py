@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_narrow.formats import checkpoint_files
+
 from .runs import (
     KILL_AFTER,
     STEPS,
@@ -96,7 +98,6 @@ def test_extending_a_run_and_changing_lr_follow_the_new_schedule(tmp_path, tiny_
 def test_resume_refuses_a_changed_model_shape_and_unusable_checkpoints(tmp_path, reference_runs, tiny_corpus_data):
     """Checked before any process-group work: one line naming both values, or naming every skipped tag."""
     from megatron_narrow.config import load_run_config
-    from megatron_narrow.training import checkpoint
     from megatron_narrow.training.setup import check_resumable
 
     save_dir = copy_run_dir(reference_runs("narrow"), tmp_path / "run")
@@ -110,15 +111,15 @@ def test_resume_refuses_a_changed_model_shape_and_unusable_checkpoints(tmp_path,
     with pytest.raises(ValueError, match=r"a changed data.packing none -> concat"):  # rows of another kind
         check_resumable(load_run_config(config_path, [*overrides, "data.packing=concat"]))
 
-    for tag in checkpoint.all_tags(save_dir):
-        (checkpoint.checkpoint_root(save_dir) / tag / checkpoint.COMPLETE_NAME).unlink()
+    for tag in checkpoint_files.all_tags(save_dir):
+        (checkpoint_files.checkpoint_root(save_dir) / tag / checkpoint_files.COMPLETE_NAME).unlink()
     with pytest.raises(ValueError, match=r"holds 2 checkpoint\(s\) but none is usable .*train.restart=true"):
         check_resumable(load_run_config(config_path, overrides))
     restart = load_run_config(config_path, [*overrides, "train.restart=true"])
     check_resumable(restart)
-    moved = checkpoint.move_aside(save_dir)
+    moved = checkpoint_files.move_aside(save_dir)
     assert sorted(p.name for p in moved.iterdir()) == ["latest", "metrics.jsonl", "step_0000009", "step_0000010"]
-    assert not checkpoint.checkpoint_root(save_dir).exists()
+    assert not checkpoint_files.checkpoint_root(save_dir).exists()
 
 
 def test_pruning_never_deletes_a_tag_newer_than_the_one_saved(tmp_path):
@@ -129,16 +130,16 @@ def test_pruning_never_deletes_a_tag_newer_than_the_one_saved(tmp_path):
             (Path(root) / tag).mkdir(parents=True, exist_ok=True)
             (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
 
-    root = checkpoint.checkpoint_root(tmp_path)
+    root = checkpoint_files.checkpoint_root(tmp_path)
     (root / "step_0000050").mkdir(parents=True)  # an older save that was killed half-way
     (root / "step_0000200").mkdir(parents=True)  # a newer save that was killed half-way
     for step in (100, 150):
         checkpoint.save(Engine(), tmp_path, step, {}, run_config={}, tokenizer_model=None, keep_last=1,
                         is_rank0=True)
-    assert checkpoint.all_tags(tmp_path) == ["step_0000150", "step_0000200"]
-    assert checkpoint.latest_tag(tmp_path) == "step_0000150"
+    assert checkpoint_files.all_tags(tmp_path) == ["step_0000150", "step_0000200"]
+    assert checkpoint_files.latest_tag(tmp_path) == "step_0000150"
     checkpoint.save(Engine(), tmp_path, 300, {}, run_config={}, tokenizer_model=None, keep_last=2, is_rank0=True)
-    assert checkpoint.all_tags(tmp_path) == ["step_0000150", "step_0000300"], "keep_last=2 complete tags"
+    assert checkpoint_files.all_tags(tmp_path) == ["step_0000150", "step_0000300"], "keep_last=2 complete tags"
 
 
 def test_resume_drops_a_metrics_line_torn_by_the_kill(tmp_path):
@@ -157,19 +158,19 @@ def test_a_checkpoint_from_before_packing_and_backends_resumes_and_converts(tmp_
     index-cache keys in their run_config.json: they resume (their defaults are what those runs did, so the
     losses equal an uninterrupted run's) and convert to Hugging Face."""
     from megatron_narrow.convert.checkpoint import convert_checkpoint
-    from megatron_narrow.training import checkpoint
 
     save_dir = resume_from(reference_runs("narrow"), tmp_path / "old", 9)
     new_keys = {"model": ("attention_backend",), "data": ("packing", "max_segments", "index_cache_dir",
                                                           "index_cache_shared")}
-    for tag in checkpoint.all_tags(save_dir):
-        path = checkpoint.checkpoint_root(save_dir) / tag / "run_config.json"
+    for tag in checkpoint_files.all_tags(save_dir):
+        path = checkpoint_files.checkpoint_root(save_dir) / tag / "run_config.json"
         config = json.loads(path.read_text())
         for section, keys in new_keys.items():
             for key in keys:
                 config[section].pop(key)
         path.write_text(json.dumps(config))
-        checkpoint.write_completion_marker(checkpoint.checkpoint_root(save_dir) / tag)  # the file sizes changed
+        root = checkpoint_files.checkpoint_root(save_dir)
+        checkpoint_files.write_completion_marker(root / tag)  # the file sizes changed
     hf_dir = convert_checkpoint(save_dir, tmp_path / "hf")
     assert (hf_dir / "config.json").is_file()
     output = run_to_end(pretrain_argv(tiny_corpus_data, save_dir, "narrow"))

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_narrow.tasks.config import TaskConfig
     from megatron_narrow.tasks.data import TaskDataError
+    from megatron_narrow.tasks.kinds import task_kind
     from megatron_narrow.tasks.predict import load_classifier, predict_file
 
     if args.threads:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     variant = classifier.model.bert.config.variant
-    what = "regression" if classifier.kind == "regression" else f"{classifier.kind} classification"
+    what = task_kind(classifier.kind).description
     print(f"{stats.examples:,} examples ({what}, {variant}) in {stats.seconds:.2f} s: "
           f"{stats.sequences_per_s:,.1f} sequences/s, {stats.tokens_per_s:,.0f} tokens/s -> {output}")
     return 0

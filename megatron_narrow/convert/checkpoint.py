@@ -37,11 +37,8 @@ from pathlib import Path
 import torch
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, VOCAB_ROWS, merge_tensor_parallel, tensor_parallel_dims
 from megatron_narrow.file_safety import check_checkpoint_directory, load_checkpoint_file
-from megatron_narrow.model import BertForPreTraining
-from megatron_narrow.parallel import refit_vocab_rows
-from megatron_narrow.training.checkpoint import (
+from megatron_narrow.formats.checkpoint_files import (
     COMPLETE_NAME,
     CONFIG_NAME,
     checkpoint_root,
@@ -49,6 +46,9 @@ from megatron_narrow.training.checkpoint import (
     latest_tag,
     pipeline_state_dict,
 )
+from megatron_narrow.formats.hf_bert import NO_HF_COUNTERPART, VOCAB_ROWS
+from megatron_narrow.model import BertForPreTraining
+from megatron_narrow.parallel import merge_tensor_parallel, refit_vocab_rows, tensor_parallel_dims
 from megatron_narrow.variants import variant_spec
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # resolves in transformers 4.x and 5.x alike

@@ -22,13 +22,13 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict, to_official_narrow_layout
 from megatron_narrow.convert.hf_narrow import (
     NarrowBertConfig,
     NarrowBertForMaskedLM,
     NarrowBertForSequenceClassification,
     NarrowBertForTokenClassification,
 )
+from megatron_narrow.formats.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict, to_official_narrow_layout
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model import BertForSequenceClassification as OurSequenceClassifier
 from megatron_narrow.variants import variant_spec

@@ -102,15 +102,16 @@ class BertSelfAttention(nn.Module):
             return self.kernel(q, k, v, mask, dropout_p)
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, through_weights: bool = False) -> torch.Tensor:
         """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real,
         or (B, Q, S) True where that query may attend that key (packed segments: encoder.segment_mask).
 
-        With neither context nor kv this is ordinary self-attention (Q, K, V from one region entry). A few queries
-        against a context attend through the weights (attend_through_weights).
+        With neither context nor kv this is ordinary self-attention (Q, K, V from one region entry). With
+        through_weights (the encoder walk decides: `few_queries`), queries against a context attend through the
+        weights (attend_through_weights) instead of projecting keys and values for every context position.
         Returns this rank's heads, (B, Q, H/tp), ready for the row-parallel output projection.
         """
-        if kv is None and context is not None and few_queries(queries.shape[1], self.head_dim):
+        if through_weights:
             return self.attend_through_weights(queries, context, key_mask)
         if kv is None and context is None:
             q, k, v = (split_heads(t, self.head_dim) for t in
@@ -150,5 +151,6 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, groups, generator)
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.output(self.self(queries, key_mask, context=context, kv=kv), queries)
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, through_weights: bool = False) -> torch.Tensor:
+        return self.output(self.self(queries, key_mask, context=context, kv=kv, through_weights=through_weights),
+                           queries)

@@ -132,7 +132,7 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
             if narrow_mask is None:
                 narrow_mask = state.key_mask if segments is None else segment_mask(state.query_segments, segments)
             if few_queries(state.hidden.shape[1], config.head_dim):  # e.g. [CLS] only: no K/V for all positions
-                state.hidden = layer(state.hidden, narrow_mask, context=state.context)
+                state.hidden = layer(state.hidden, narrow_mask, context=state.context, through_weights=True)
             else:
                 if index not in kv:
                     rest = [(i, lay) for i, lay in layers if i >= index]
@@ -174,7 +174,8 @@ def _drop_tokens(config: ModelConfig, layer: BertLayer, state: EncoderState,
     if state.segment_ids is not None:
         mask = segment_mask(state.segment_ids.gather(1, kept), state.segment_ids)
     state.context = state.hidden  # the dropped tokens' states wait here unchanged
-    state.hidden = layer(gather_positions(state.hidden, kept), mask, context=state.hidden)
+    state.hidden = layer(gather_positions(state.hidden, kept), mask, context=state.hidden,
+                         through_weights=few_queries(kept.shape[1], config.head_dim))
     state.kept, state.kept_mask = kept, kept_mask
     state.input_ids = state.query_valid = None
 

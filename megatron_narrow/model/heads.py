@@ -10,8 +10,13 @@ from torch import nn
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.dropout import Dropout
 from megatron_narrow.model.layer_norm import layer_norm
-from megatron_narrow.parallel import GroupInfo, vocab_parallel_logits, vocab_shard
-from megatron_narrow.parallel.layers import mark_tensor_parallel
+from megatron_narrow.parallel import (
+    GroupInfo,
+    mark_tensor_parallel,
+    vocab_padding_bias,
+    vocab_parallel_logits,
+    vocab_shard,
+)
 
 
 def _linear(in_features: int, out_features: int, std: float, generator: torch.Generator) -> nn.Linear:
@@ -47,13 +52,9 @@ class BertLMPredictionHead(nn.Module):
         start, end, _ = vocab_shard(config.vocab_size, group)
         self.bias = nn.Parameter(torch.zeros(end - start))
         mark_tensor_parallel(self.bias, 0)
-        first_padding_column = min(max(config.vocab_size - start, 0), end - start)  # local; = end - start: none
-        # the padding rows (zero) of the table would take a share of the softmax: -inf is added to their bias.
-        # A buffer, not the parameter (AdamW's decay of -inf is NaN), not persistent (checkpoints stay as HF's)
-        padding = torch.zeros(end - start)
-        padding[first_padding_column:] = float("-inf")
-        self.register_buffer("padding_bias", padding if first_padding_column < end - start else None,
-                             persistent=False)
+        # -inf on the padding columns: a buffer, not in the parameter (AdamW's decay of -inf is NaN), and not
+        # persistent (checkpoints stay as HF's)
+        self.register_buffer("padding_bias", vocab_padding_bias(config.vocab_size, group), persistent=False)
 
     def decoder_bias(self) -> torch.Tensor:
         """The decoder's bias over this rank's shard, -inf on padding columns."""

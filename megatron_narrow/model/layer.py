@@ -49,14 +49,14 @@ class BertLayer(nn.Module):
         """train.activation_checkpointing=full: keep the inputs only (model/recompute.py)."""
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """queries (B, Q, H) -> (B, Q, H); see BertSelfAttention.forward for context and kv."""
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, through_weights: bool = False) -> torch.Tensor:
+        """queries (B, Q, H) -> (B, Q, H); see BertSelfAttention.forward for context, kv and through_weights."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return recomputed(self._forward, queries, key_mask, context=context, kv=kv,
+            return recomputed(self._forward, queries, key_mask, context=context, kv=kv, through_weights=through_weights,
                               tracker=self.attention.self.tracker)
-        return self._forward(queries, key_mask, context=context, kv=kv)
+        return self._forward(queries, key_mask, context=context, kv=kv, through_weights=through_weights)
 
     def _forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None,
-                 kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = self.attention(queries, key_mask, context=context, kv=kv)
+                 kv: tuple[torch.Tensor, torch.Tensor] | None, through_weights: bool) -> torch.Tensor:
+        x = self.attention(queries, key_mask, context=context, kv=kv, through_weights=through_weights)
         return self.output(self.intermediate(x), x)

@@ -20,44 +20,11 @@ from megatron_narrow.parallel.mappings import (
     reduce_from_tensor_region,
     scatter_to_tensor_region,
 )
-
-
-def mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
-    """Tag a split parameter: `tensor_parallel_dim` for our converters, `tensor_model_parallel` for
-    DeepSpeed's gradient-norm code (which counts replicated parameters on TP rank 0 only)."""
-    param.tensor_parallel_dim = dim  # type: ignore[attr-defined]
-    param.tensor_model_parallel = True  # type: ignore[attr-defined]
-
-
-def _divide(numerator: int, denominator: int, what: str) -> int:
-    if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
-    return numerator // denominator
+from megatron_narrow.parallel.shards import divide, mark_tensor_parallel, vocab_shard
 
 
 def _normal_master(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, std, generator=generator)
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """Vocabulary rounded up to a multiple of `multiple * tensor_parallel` (even shards, aligned GEMMs)."""
-    step = multiple * tensor_parallel
-    return -(-vocab_size // step) * step
-
-
-def refit_vocab_rows(value: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
-    """Rows padded for one TP size -> `rows` (another TP size's padding): real rows kept, padding zeroed."""
-    value = value[:vocab_size]
-    return torch.cat([value, value.new_zeros((rows - vocab_size, *value.shape[1:]))])
-
-
-def vocab_shard(vocab_size: int, group: GroupInfo, padded_size: int | None = None) -> tuple[int, int, int]:
-    """(first row, end row, padded vocabulary) of this rank's shard of a vocabulary-parallel table."""
-    padded = padded_size or padded_vocab_size(vocab_size, group.size)
-    if padded < vocab_size:
-        raise ValueError(f"padded vocabulary {padded} is smaller than the vocabulary {vocab_size}")
-    local = _divide(padded, group.size, "padded vocabulary size")
-    return group.rank * local, (group.rank + 1) * local, padded
 
 
 class ColumnParallelLinear(nn.Module):
@@ -79,7 +46,7 @@ class ColumnParallelLinear(nn.Module):
         self.group = group
         self.gather_output = gather_output
         self.in_features, self.out_features = in_features, out_features
-        local_out = _divide(out_features, group.size, "out_features")
+        local_out = divide(out_features, group.size, "out_features")
         master = _normal_master((out_features, in_features), init_std, generator)
         self.weight = nn.Parameter(master[group.rank * local_out:(group.rank + 1) * local_out].clone())
         self.bias = nn.Parameter(torch.zeros(local_out)) if bias else None
@@ -181,7 +148,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.input_is_parallel = input_is_parallel
         self.in_features, self.out_features = in_features, out_features
-        local_in = _divide(in_features, group.size, "in_features")
+        local_in = divide(in_features, group.size, "in_features")
         master = _normal_master((out_features, in_features), init_std, generator)
         self.weight = nn.Parameter(master[:, group.rank * local_in:(group.rank + 1) * local_in].clone())
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None

@@ -1,11 +1,13 @@
 """Autograd-aware collectives over the tensor-parallel group, each paired with its backward dual.
 
-Three tiers: private collectives (early return for a size-1 group), autograd Functions that pair a
-forward with its dual, and public wrappers documented "fwd X / bwd Y". Splits and gathers act on the
+Three tiers: private collectives (early return for a size-1 group), one autograd Function that pairs a
+forward collective with its dual, and public wrappers documented "fwd X / bwd Y". Splits and gathers act on the
 last dimension. Outputs are allocated on the input's device, so gloo on the CPU works like NCCL.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,64 +40,45 @@ def _gather_last_dim(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
-        ctx.group = group
-        return x
+def _identity(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
+    return x
+
+
+def _all_reduce_copy(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)  # never in place on a tensor autograd saved
+
+
+Collective = Callable[[torch.Tensor, GroupInfo], torch.Tensor]
+
+
+class _Dual(torch.autograd.Function):
+    """forward: `op` over the group; backward: its dual `dual` on the gradient."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_reduce(grad.clone(), ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
-        ctx.group = group
-        return _split_last_dim(x, group)
+    def forward(ctx, x: torch.Tensor, group: GroupInfo, op: Collective, dual: Collective) -> torch.Tensor:
+        ctx.group, ctx.dual = group, dual
+        return op(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather_last_dim(grad, ctx.group), None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _split_last_dim(grad, ctx.group), None
+        return ctx.dual(grad, ctx.group), None, None, None
 
 
 def copy_to_tensor_region(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     """fwd: identity / bwd: all-reduce. Enters a tensor-parallel region with a replicated input."""
-    return x if group.size == 1 else _CopyToRegion.apply(x, group)
+    return x if group.size == 1 else _Dual.apply(x, group, _identity, _all_reduce_copy)
 
 
 def reduce_from_tensor_region(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     """fwd: all-reduce / bwd: identity. Sums partial results (row-parallel outputs) across ranks."""
-    return x if group.size == 1 else _ReduceFromRegion.apply(x, group)
+    return x if group.size == 1 else _Dual.apply(x, group, _all_reduce_copy, _identity)
 
 
 def scatter_to_tensor_region(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     """fwd: keep this rank's slice of the last dim / bwd: all-gather."""
-    return x if group.size == 1 else _ScatterToRegion.apply(x, group)
+    return x if group.size == 1 else _Dual.apply(x, group, _split_last_dim, _gather_last_dim)
 
 
 def gather_from_tensor_region(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
     """fwd: all-gather along the last dim / bwd: keep this rank's slice."""
-    return x if group.size == 1 else _GatherFromRegion.apply(x, group)
+    return x if group.size == 1 else _Dual.apply(x, group, _gather_last_dim, _split_last_dim)

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from megatron_narrow.config import TrainConfig, build_sections, read_yaml_with_overrides
-
-METRICS = {"sequence": ("accuracy", "macro_f1", "f1", "mcc"), "regression": ("pearson", "spearman", "mse")}
-"""The metrics task.metrics may name, per task kind."""
-DEFAULT_METRICS = {"sequence": ["accuracy", "macro_f1"], "regression": ["pearson", "spearman"]}
+from megatron_narrow.tasks.kinds import task_kind
+from megatron_narrow.variants import trained_variant
 
 
 @dataclass(kw_only=True, slots=True)
 class TaskConfig:
     """What to learn and from which files (CSV/TSV, JSONL, or CoNLL for token classification)."""
 
-    kind: Literal["sequence", "regression", "token"] = "sequence"
+    kind: str = "sequence"
     """sequence: one label per text (or text pair, MNLI-style); regression: one number per text or pair
     (STS-B; MSE loss, one output); token: one BIO tag per word (NER)."""
 
@@ -57,9 +54,7 @@ class TaskConfig:
     Words beyond it (or past max_seq_len) are not labeled; a warning counts them."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sequence", "regression", "token"):
-            raise ValueError(f"task.kind must be sequence, regression or token, got {self.kind!r}")
-        allowed = METRICS.get(self.kind, ())
+        allowed = task_kind(self.kind).metrics
         unknown = sorted(set(self.metrics or ()) - set(allowed))
         if self.metrics is not None and (unknown or not self.metrics):
             raise ValueError(f"task.metrics {self.metrics} for task.kind={self.kind}: choose from "
@@ -72,7 +67,7 @@ class TaskConfig:
 
     @property
     def chosen_metrics(self) -> list[str]:
-        return list(self.metrics or DEFAULT_METRICS.get(self.kind, []))
+        return list(self.metrics or task_kind(self.kind).default_metrics)
 
     @property
     def query_slots(self) -> int:
@@ -87,8 +82,9 @@ class FinetuneModelConfig:
     """A megatron_narrow pretraining checkpoint (a save_dir or a step_ directory) or a Hugging Face BERT /
     NarrowBERT directory (config.json + safetensors + tokenizer)."""
 
-    variant: Literal["bert", "narrow"] | None = None
-    """None: the checkpoint's (a token_drop checkpoint is a plain BERT and fine-tunes as bert)."""
+    variant: str | None = None
+    """A variant that runs as itself (bert, narrow); None: the checkpoint's (a token_drop checkpoint is a plain
+    BERT and fine-tunes as bert)."""
 
     hidden_dropout: float | None = None
     """None: the checkpoint's."""
@@ -128,6 +124,8 @@ class FinetuneConfig:
                 raise ValueError(f"task.{name}: {path} does not exist")
         if not Path(self.model.init_from).exists():
             raise ValueError(f"model.init_from: {self.model.init_from} does not exist")
+        if self.model.variant is not None:
+            trained_variant(self.model.variant)
 
 
 def load_finetune_config(path: str | None, overrides: list[str]) -> FinetuneConfig:

@@ -17,11 +17,14 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_narrow.data.tokenizer import Tokenizer
-from megatron_narrow.tasks.config import TaskConfig
+
+if TYPE_CHECKING:
+    from megatron_narrow.tasks.config import TaskConfig
 
 CONLL_SUFFIXES = (".conll", ".txt", ".bio", ".iob")
 
@@ -137,33 +140,6 @@ def read_token_examples(path: str | Path, task: TaskConfig, *, labeled: bool = T
     if not examples:
         raise TaskDataError(f"{path} holds no sentences")
     return examples
-
-
-def read_examples(path: str | Path, task: TaskConfig, *,
-                  labeled: bool = True) -> list[SequenceExample] | list[TokenExample]:
-    """The file's examples; labeled=False reads inputs only (for prediction), labels left UNLABELED."""
-    if task.kind != "token":  # sequence and regression
-        return read_sequence_examples(path, task, labeled=labeled)
-    return read_token_examples(path, task, labeled=labeled)
-
-
-def label_set(task: TaskConfig, examples: list) -> list[str]:
-    """task.labels, or the training file's labels sorted (token tags: "O" first); token tags must be BIO.
-    Regression has one output, named by task.label_field."""
-    if task.kind == "regression":  # one output, named after the field it predicts
-        return [task.label_field]
-    if task.labels:
-        labels = list(task.labels)
-    elif task.kind == "sequence":
-        labels = sorted({e.label for e in examples})
-    else:
-        tags = {t for e in examples for t in e.tags}
-        labels = (["O"] if "O" in tags else []) + sorted(tags - {"O"})
-    if task.kind == "token":
-        bad = [t for t in labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
-        if bad:
-            raise TaskDataError(f"tags {bad[:5]} are not BIO (O, B-TYPE, I-TYPE): span F1 needs BIO tagging")
-    return labels
 
 
 def _scores(values: list[str], where: str) -> list[float]:

@@ -16,7 +16,7 @@ import torch
 
 from megatron_narrow.data.tokenizer import Tokenizer
 from megatron_narrow.tasks.config import TaskConfig
-from megatron_narrow.tasks.data import read_examples
+from megatron_narrow.tasks.kinds import kind_of_export, read_examples, task_kind
 from megatron_narrow.tasks.loop import encode_examples, predict, prediction_records
 
 
@@ -41,8 +41,7 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
     """An exported BertFor{Sequence,Token}Classification (or the NarrowBERT ones) as our model, TP=1, eval."""
     from safetensors.torch import load_file
 
-    from megatron_narrow.convert.hf_bert import load_hf_state_dict
-    from megatron_narrow.model import BertForSequenceClassification, BertForTokenClassification
+    from megatron_narrow.formats.hf_bert import load_hf_state_dict
     from megatron_narrow.tasks.source import hf_tokenizer, model_config_from_hf
 
     hf_dir = Path(hf_dir)
@@ -51,20 +50,13 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
                 "tool reads)" if (hf_dir / "checkpoints").is_dir() or (hf_dir / "run_config.json").is_file() else "")
         raise ValueError(f"{hf_dir} is not an exported classifier: it has no config.json{hint}")
     raw = json.loads((hf_dir / "config.json").read_text())
-    architecture = (raw.get("architectures") or [""])[0]
-    if architecture.endswith("ForSequenceClassification"):
-        kind = "regression" if raw.get("problem_type") == "regression" else "sequence"
-        model_class = BertForSequenceClassification
-    elif architecture.endswith("ForTokenClassification"):
-        kind, model_class = "token", BertForTokenClassification
-    else:
-        raise ValueError(f"{hf_dir}: {architecture or 'no architecture'} is not a sequence or token classifier")
+    kind = kind_of_export(raw, str(hf_dir))
     if "id2label" not in raw:
         raise ValueError(f"{hf_dir}/config.json has no id2label: not a classifier exported by finetune.py")
     labels = [raw["id2label"][str(i)] for i in range(len(raw["id2label"]))]
     config = replace(model_config_from_hf(raw, str(hf_dir / "config.json")), hidden_dropout=0.0,
                      attention_dropout=0.0)
-    model = model_class(config, len(labels)).eval()
+    model = kind.model_class(config, len(labels)).eval()
     state = {}
     for file in sorted(hf_dir.glob("*.safetensors")):
         state.update(load_file(str(file)))
@@ -74,7 +66,7 @@ def load_classifier(hf_dir: str | Path, *, max_seq_len: int | None = None) -> Cl
     if [k for k in missing if not k.startswith("head.")]:
         raise ValueError(f"{hf_dir}: the weights lack {missing[:5]}")
     trained = raw.get("finetune_max_seq_len") or config.max_position_embeddings
-    return Classifier(model, kind, labels, hf_tokenizer(hf_dir), max_seq_len or trained,
+    return Classifier(model, kind.name, labels, hf_tokenizer(hf_dir), max_seq_len or trained,
                       raw.get("finetune_text_pair_field"), raw.get("finetune_text_field") or "text",
                       raw.get("finetune_tokens_field") or "tokens")
 
@@ -109,12 +101,6 @@ def predict_file(classifier: Classifier, path: str | Path, task: TaskConfig | No
     started = time.perf_counter()
     predictions = predict(classifier.model, tensors, classifier.kind, batch_size, torch.device("cpu"))
     seconds = time.perf_counter() - started
-    if classifier.kind == "regression":
-        predicted = predictions.tolist()
-    elif classifier.kind == "sequence":
-        predicted = [classifier.labels[p] for p in predictions.tolist()]
-    else:
-        predicted = [[classifier.labels[t] for t in predictions[i, :labeled_words[i]].tolist()]
-                     + ["O"] * (len(e.words) - labeled_words[i]) for i, e in enumerate(examples)]
+    predicted = task_kind(classifier.kind).outputs(predictions, classifier.labels, examples, labeled_words)
     stats = PredictionStats(len(examples), seconds, int(tensors["attention_mask"].sum()))
     return prediction_records(examples, predicted, classifier.kind), stats

@@ -12,7 +12,7 @@ import torch
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_narrow.variants import variant_spec
+from megatron_narrow.variants import variant_of_hf_config, variant_spec
 
 
 @dataclass
@@ -43,15 +43,11 @@ def model_config_from_hf(config: dict, where: str = "config.json") -> ModelConfi
     missing = [key for key in required if key not in config]
     if missing:
         raise ValueError(f"{where} lacks {missing}: not a BERT config")
-    kind = config.get("model_type", "bert")
-    if kind not in ("bert", "narrow_bert"):
-        raise ValueError(f"model_type {kind!r} is not BERT (expected bert or narrow_bert)")
+    variant = variant_of_hf_config(config)
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"hidden_act {config['hidden_act']!r}: this model uses erf GELU only")
-    # the official NarrowBERT code writes model_type "bert" with its full_length_layers; plain BERT has no such key
-    narrow = kind == "narrow_bert" or "full_length_layers" in config
     return ModelConfig(
-        variant="narrow" if narrow else "bert", full_length_layers=config.get("full_length_layers", 2),
+        variant=variant, full_length_layers=config.get("full_length_layers", 2),
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
         num_heads=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
         max_position_embeddings=config["max_position_embeddings"], type_vocab_size=config.get("type_vocab_size", 2),
@@ -70,7 +66,7 @@ def hf_tokenizer(directory: Path) -> Tokenizer:
 def load_pretrained(init_from: str | Path, trust: bool = False) -> Pretrained:
     """Read a pretraining checkpoint (save_dir or step_ directory) or a Hugging Face BERT/NarrowBERT directory;
     `trust`: a checkpoint's files without the pickle check (train.trust_checkpoint)."""
-    from megatron_narrow.convert.hf_bert import check_official_narrow_layers, load_hf_state_dict
+    from megatron_narrow.formats.hf_bert import check_official_narrow_layers, load_hf_state_dict
     from megatron_narrow.model import BertForPreTraining
 
     path = Path(init_from)

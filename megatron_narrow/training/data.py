@@ -16,7 +16,7 @@ from megatron_narrow.data.blending import BlendedDataset
 from megatron_narrow.data.samplers import DistributedPretrainingSampler
 from megatron_narrow.data.samples import BertSampleDataset, split_document_ranges
 from megatron_narrow.data.shards import IndexedDocuments, atomic_write_bytes
-from megatron_narrow.data.tokenizer import SpecialTokens, load_tokenizer
+from megatron_narrow.data.tokenizer import SpecialTokens, Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -49,26 +49,30 @@ def builds_index_first(data: DataConfig, rank: int, local_rank: int) -> bool:
 
 
 def build_datasets_in_turn(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int,
-                           *, rank: int, local_rank: int, barrier) -> PretrainingData:
+                           *, rank: int, local_rank: int, barrier, tokenizer: Tokenizer | None = None
+                           ) -> PretrainingData:
     """build_datasets on every rank, the index builder first: it writes the caches, the others wait at
     `barrier` and then memory-map them (every rank calls `barrier` once)."""
     first = builds_index_first(data, rank, local_rank)
     if not first:
         barrier()
     try:
-        return build_datasets(data, model, train, total_samples)
+        return build_datasets(data, model, train, total_samples, tokenizer)
     finally:
         if first:
             barrier()
 
 
-def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int) -> PretrainingData:
+def build_datasets(data: DataConfig, model: ModelConfig, train: TrainConfig, total_samples: int,
+                   tokenizer: Tokenizer | None = None) -> PretrainingData:
     """Open every data path (checking tokenizer identity and vocabulary against the model), split by
-    documents, build masked samples (their indices from the cache when it has them) and blend them."""
+    documents, build masked samples (their indices from the cache when it has them) and blend them.
+    `tokenizer`: train.tokenizer_model already loaded (loaded here when None)."""
     identity = None
     word_start = None
     if train.tokenizer_model:
-        tokenizer = load_tokenizer(train.tokenizer_type or "sentencepiece", train.tokenizer_model)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(train.tokenizer_type or "sentencepiece", train.tokenizer_model)
         identity = tokenizer.identity
         word_start = tokenizer.word_start_mask() if data.whole_word_masking else None
     trains, valids, special = [], [], None

@@ -17,7 +17,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from megatron_narrow.file_safety import check_checkpoint_directory, load_checkpoint_file
-from megatron_narrow.training.checkpoint import LAYOUT_NAME, UNIVERSAL_SUFFIX
+from megatron_narrow.formats.checkpoint_files import LAYOUT_NAME, UNIVERSAL_SUFFIX
 
 
 def current_layout(data_parallel: int, tensor_parallel: int, pipeline_parallel: int, zero_stage: int) -> dict:
@@ -160,7 +160,7 @@ def restore_buffers(module, tag_dir: Path, config, trust: bool = False) -> list[
     checkpoint keeps them in its per-item files). Returns the names restored."""
     import torch
 
-    from megatron_narrow.training.checkpoint import pipeline_state_dict
+    from megatron_narrow.formats.checkpoint_files import pipeline_state_dict
 
     state = load_checkpoint_file(tag_dir / "mp_rank_00_model_states.pt", trust=trust)["module"]
     if state is None:  # a pipeline checkpoint

@@ -10,12 +10,16 @@ import contextlib
 import io
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_narrow.cli import refusing
 from megatron_narrow.config import ModelConfig, RunConfig
+from megatron_narrow.formats import checkpoint_files
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, padded_vocab_size
@@ -46,102 +50,93 @@ from megatron_narrow.training.pipeline import (
     pipeline_train_step,
 )
 from megatron_narrow.training.precision import with_resolved_precision
-from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed, validate_run
+from megatron_narrow.training.setup import DeepSpeedMPU, ValidatedRun, init_distributed, validate_run
+from megatron_narrow.training.step import train_step
 from megatron_narrow.training.stop import RunStopped, StopSignal
 
 
-@contextlib.contextmanager
-def _skip_update(optimizer: torch.optim.Optimizer):
-    """ZeRO-0 fp32: DeepSpeed steps our AdamW directly, with no overflow check. Inside, its step is a no-op that
-    reports an overflow as DeepSpeed's own optimizers do, so the engine skips the update, counts it
-    (engine.was_step_applied() is False) and holds the LR schedule."""
-    saved = optimizer.__dict__.get("step")  # the LR scheduler's wrapper of step, if any
-    optimizer.step = lambda closure=None: None
-    optimizer.overflow = True
-    try:
-        yield
-    finally:
-        del optimizer.overflow
-        if saved is None:
-            del optimizer.step
-        else:
-            optimizer.step = saved
+@dataclass
+class PretrainingRun:
+    """What set-up builds once and the loop reads: the model (a BertForPreTraining, or the pipeline module with
+    `pipe` beside it), its groups and RNG tracker, the engine, the data of every sequence-length phase, and the
+    universal tag to resume from when the layout changed."""
+
+    config: RunConfig
+    device: torch.device
+    is_rank0: bool
+    datasets: list[PretrainingData]
+    model: torch.nn.Module
+    pipe: PipelineModel | None
+    groups: ProcessGroups
+    tracker: RNGStatesTracker
+    layout: dict
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    schedule: BatchSchedule
+    universal_tag: str | None
+
+    @property
+    def report(self) -> Callable[[str], None]:
+        return rank0_print(self.is_rank0)
 
 
-def _data_parallel_step(engine, model: BertForPreTraining, optimizer: torch.optim.Optimizer,
-                        micro_batches: list[dict[str, torch.Tensor]], normaliser: torch.Tensor, step: int,
-                        policy: str) -> tuple[bool, torch.Tensor]:
-    """Forward/backward every micro-batch and take the update; returns (all finite, sum of target losses)."""
-    device = normaliser.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    finite = True
-    last = len(micro_batches) - 1
-    for index, batch in enumerate(micro_batches):
-        engine.set_gradient_accumulation_boundary(index == last)  # the accumulation may change between steps
-        out = engine(**batch, num_targets=normaliser)
-        if not torch.isfinite(out.loss):
-            finite = False
-        engine.backward(out.loss)
-        counted = batch["target_valid"] & torch.isfinite(out.target_losses)  # no NaN enters the importance
-        model.update_importance(batch["target_ids"], out.target_losses.float(), counted, end_of_step=index == last)
-        loss_sum += out.target_losses.double().sum()
-        if index == last:  # before the update: every rank agrees on whether to apply it
-            finite = agree_finite(finite, step, policy, device)
-        if index == last and not finite and engine.optimizer is optimizer:
-            with _skip_update(optimizer):  # DeepSpeed's fp16/bf16/ZeRO optimizers skip non-finite grads themselves
-                engine.step()
-        else:
-            engine.step()
-    return finite, loss_sum
+@dataclass
+class Progress:
+    """Where the run stands: optimizer steps taken, samples consumed, steps whose update was skipped."""
+
+    step: int = 0
+    consumed: int = 0
+    skipped: int = 0
 
 
 def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None) -> list[dict]:
     """Train (or resume) to run.train.train_steps; returns the records logged by rank 0. Raises RunStopped
     after checkpointing when `stop` (installed here if not given) sees SIGTERM or Ctrl-C."""
+    setup = set_up(run, ds_config_path)
+    progress, rng = resume(setup)
+    train = setup.config.train
+    logger = MetricsLogger(train.save_dir, enabled=setup.is_rank0, resume_step=progress.step,
+                           total_steps=train.train_steps, wandb_project=train.wandb_project,
+                           run_config=setup.config.to_dict())
+    stop = stop or StopSignal().install()
+    if rng is not None:  # last, after everything that draws random numbers while being built
+        checkpoint.restore_rng_state(rng, setup.tracker)
+    first_step, started = progress.step, time.perf_counter()
+    try:
+        records = train_steps(setup, progress, logger, stop)
+    except RunStopped:  # checkpointed; any other error leaves the logger as a crash would
+        logger.close()
+        raise
+    logger.close()
+    if setup.is_rank0:
+        print(end_of_run_summary(train.save_dir, checkpoint_files.checkpoint_root(train.save_dir) /
+                                 checkpoint_files.tag_of(progress.step), steps=progress.step,
+                                 steps_this_run=progress.step - first_step, seconds=time.perf_counter() - started,
+                                 records=records), flush=True)
+    return records
+
+
+def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
+    """Refuse a bad run before any process group exists, then build everything the loop needs, once."""
     device = training_device()
     run, precision_line = with_resolved_precision(run, device)  # train.precision=auto decided here
     with refusing():
-        ds_config = validate_run(run, ds_config_path)  # every check that needs no process group
+        validated = validate_run(run, ds_config_path)  # every check that needs no process group
     init_distributed()
     train = run.train
     is_rank0 = dist.get_rank() == 0
-    rank0_print(is_rank0)(precision_line)
-    pair_head = run.data.pair_head
+    report = rank0_print(is_rank0)
+    report(precision_line)
     if train.restart:
-        if is_rank0 and (moved := checkpoint.move_aside(train.save_dir)) is not None:
-            print(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}", flush=True)
+        if is_rank0 and (moved := checkpoint_files.move_aside(train.save_dir)) is not None:
+            report(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}")
         dist.barrier()
-    resuming = bool(checkpoint.all_tags(train.save_dir))
-    in_turn = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "barrier": dist.barrier}
-    total_samples = train.train_steps * ds_config["train_batch_size"]
-
-    def build_phase_datasets() -> list[PretrainingData]:
-        """One dataset per sequence-length phase (one without a schedule)."""
-        return [build_datasets_in_turn(phase, run.model, train, total_samples, **in_turn)
-                for phase in run.data.phases()]
-
-    pipe: PipelineModel | None = None
-    if run.parallel.pipeline_parallel > 1:
-        with refusing():  # a damaged shard or an unwritable index cache
-            datasets = build_phase_datasets()
-        pipe = build_pipeline(run, datasets[0].special.as_dict())  # DeepSpeed's grid creates the groups
-        model, groups, tracker = pipe.module, pipe.groups, pipe.tracker
-        if train.init_from_hf and not resuming:
-            with refusing():
-                _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
-        mpu = None  # the pipeline module hands DeepSpeed its grid
-    else:
-        groups = ProcessGroups.from_world(run.parallel)
-        tracker = RNGStatesTracker.for_model(train.seed, tensor_rank=groups.tensor.rank,
-                                             pipeline_rank=groups.pipeline.rank)
+    resuming = bool(checkpoint_files.all_tags(train.save_dir))
+    ds_config = validated.ds_config
+    datasets, model, pipe, groups, tracker = _build_model(run, validated, device)
+    if train.init_from_hf and not resuming:
         with refusing():
-            datasets = build_phase_datasets()
-        model = BertForPreTraining(run.model, groups, pair_head=pair_head, tracker=tracker,
-                                   special_ids=datasets[0].special.as_dict()).to(device)
-        if train.init_from_hf and not resuming:
-            with refusing():
-                _load_hf(model, train.init_from_hf, rank0_print(is_rank0))
-        mpu = DeepSpeedMPU(groups) if dist.is_initialized() else None
+            _load_hf(model, train.init_from_hf, report)
     set_activation_checkpointing(model, train.activation_checkpointing)
     layout = current_layout(groups.data.size, groups.tensor.size, groups.pipeline.size,
                             int((ds_config.get("zero_optimization") or {}).get("stage", 0)))
@@ -152,133 +147,188 @@ def pretrain(run: RunConfig, ds_config_path: str, stop: StopSignal | None = None
                                                    trust=train.trust_checkpoint)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
+    # the pipeline module hands DeepSpeed its grid; otherwise our groups, through DeepSpeed's mpu interface
+    mpu = DeepSpeedMPU(groups) if pipe is None and dist.is_initialized() else None
     engine, optimizer = build_engine(model, train, ds_config, mpu, compile_model=run.model.compile)
     if engine.is_compiled:
-        rank0_print(is_rank0)("model.compile=true: torch.compile through DeepSpeed's engine.compile; the first step "
-                              "(and the first at each new sequence length) compiles")
-    step, consumed, skipped = 0, 0, 0
+        report("model.compile=true: torch.compile through DeepSpeed's engine.compile; the first step (and the first "
+               "at each new sequence length) compiles")
+    return PretrainingRun(run, device, is_rank0, datasets, model, pipe, groups, tracker, layout, engine, optimizer,
+                          validated.schedule, universal_tag)
+
+
+def _build_model(run: RunConfig, validated: ValidatedRun, device: torch.device):
+    """(datasets of every phase, model, pipeline or None, groups, RNG tracker): with pipelining DeepSpeed's grid
+    creates the groups, so the data (whose special ids the stages need) is built first either way."""
+    in_turn = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "barrier": dist.barrier}
+    total_samples = run.train.train_steps * validated.ds_config["train_batch_size"]
+
+    def phase_datasets() -> list[PretrainingData]:
+        with refusing():  # a damaged shard or an unwritable index cache
+            return [build_datasets_in_turn(phase, run.model, run.train, total_samples, tokenizer=validated.tokenizer,
+                                           **in_turn)
+                    for phase in run.data.phases()]
+
+    if run.parallel.pipeline_parallel > 1:
+        datasets = phase_datasets()
+        pipe = build_pipeline(run, datasets[0].special.as_dict())
+        return datasets, pipe.module, pipe, pipe.groups, pipe.tracker
+    groups = ProcessGroups.from_world(run.parallel)
+    tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=groups.tensor.rank,
+                                         pipeline_rank=groups.pipeline.rank)
+    datasets = phase_datasets()
+    model = BertForPreTraining(run.model, groups, pair_head=run.data.pair_head, tracker=tracker,
+                               special_ids=datasets[0].special.as_dict()).to(device)
+    return datasets, model, None, groups, tracker
+
+
+def resume(setup: PretrainingRun) -> tuple[Progress, dict | None]:
+    """(where the run stands, the RNG states to restore last) from the newest usable checkpoint, if any."""
+    train = setup.config.train
+    if not checkpoint_files.all_tags(train.save_dir):
+        return Progress(), None
     with refusing():  # no usable checkpoint after all (all ranks agree)
-        loaded = checkpoint.load(engine, train.save_dir, report=rank0_print(is_rank0), only_tag=universal_tag,
-                                 trust=train.trust_checkpoint) if resuming else None
-    client = loaded[1] if loaded else None
-    if loaded is not None and universal_tag is not None:
-        restore_buffers(engine.module, checkpoint.checkpoint_root(train.save_dir) /
-                        universal_tag.removesuffix(UNIVERSAL_SUFFIX), run.model, trust=train.trust_checkpoint)
-    if loaded is not None:
-        ours = client["megatron_narrow"]
-        step, consumed, skipped = ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"]
-        if is_rank0:
-            print(f"resumed from step {step} ({consumed:,} samples consumed)", flush=True)
-            _report_config_changes(checkpoint.checkpoint_root(train.save_dir) / loaded[0], run, step)
+        loaded = checkpoint.load(setup.engine, train.save_dir, report=setup.report, only_tag=setup.universal_tag,
+                                 trust=train.trust_checkpoint)
+    if loaded is None:
+        return Progress(), None
+    tag, client = loaded
+    if setup.universal_tag is not None:
+        restore_buffers(setup.engine.module, checkpoint_files.checkpoint_root(train.save_dir) /
+                        setup.universal_tag.removesuffix(UNIVERSAL_SUFFIX), setup.config.model,
+                        trust=train.trust_checkpoint)
+    ours = client["megatron_narrow"]
+    progress = Progress(ours["step"], ours["consumed_samples"], ours["nonfinite_skipped"])
+    if setup.is_rank0:
+        print(f"resumed from step {progress.step} ({progress.consumed:,} samples consumed)", flush=True)
+        _report_config_changes(checkpoint_files.checkpoint_root(train.save_dir) / tag, setup.config, progress.step)
+    return progress, ours["rng"]
 
-    schedule = BatchSchedule(run, groups.data.size)
-    loader, shape = None, None
-    logger = MetricsLogger(train.save_dir, enabled=is_rank0, resume_step=step, total_steps=train.train_steps,
-                           wandb_project=train.wandb_project, run_config=run.to_dict())
-    stop = stop or StopSignal().install()
-    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-    records = []
 
+def train_steps(setup: PretrainingRun, progress: Progress, logger: MetricsLogger, stop: StopSignal) -> list[dict]:
+    """Step until train.train_steps, logging, evaluating and saving on their intervals; on a stop signal (on any
+    rank) save and raise RunStopped."""
+    train, engine = setup.config.train, setup.engine
     universal_info = universal_checkpoint_info(  # the same for every save of this run
-        run.model.vocab_size, padded_vocab_size(run.model.vocab_size, groups.tensor.size),
-        [name for name, _ in model.named_parameters()])
-
-    def save() -> None:
-        # one key of our own: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps)
-        client_state = {"megatron_narrow": {"step": step, "consumed_samples": consumed, "nonfinite_skipped": skipped,
-                                            "rng": checkpoint.rng_state(tracker)},
-                        "universal_checkpoint_info": universal_info}
-        checkpoint.save(engine, train.save_dir, step, client_state, run_config=run.to_dict(),
-                        tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=is_rank0,
-                        layout=layout)
-
-    if client is not None:  # last, after everything that draws random numbers while being built
-        checkpoint.restore_rng_state(client["megatron_narrow"]["rng"], tracker)
+        setup.config.model.vocab_size, padded_vocab_size(setup.config.model.vocab_size, setup.groups.tensor.size),
+        [name for name, _ in setup.model.named_parameters()])
+    records, loader, shape = [], None, None
     engine.train()
-    first_step, run_started = step, time.perf_counter()
-    while step < train.train_steps:
+    while progress.step < train.train_steps:
         started = time.perf_counter()
-        lr = set_learning_rate(optimizer, step - skipped, train)
-        previous, shape = shape, schedule.shape(step + 1, consumed)
+        lr = set_learning_rate(setup.optimizer, progress.step - progress.skipped, train)
+        previous, shape = shape, setup.schedule.shape(progress.step + 1, progress.consumed)
         if previous is None or shape.phase != previous.phase:
-            if previous is not None or schedule.phase_ends:
-                rank0_print(is_rank0)(schedule.describe(shape, step + 1))
             loader = None  # the previous phase's workers shut down before the next phase's start
-            loader = iter(make_loader(datasets[shape.phase].train, consumed_samples=consumed,
-                                      micro_batch_size=shape.micro_batch_size, dp_rank=groups.data.rank,
-                                      dp_size=groups.data.size, num_workers=train.num_workers))
-            flops_per_sequence = training_flops_per_sequence(run.model, shape.seq_len, shape.max_predictions)
+            loader = _enter_phase(setup, shape, previous, progress)
         if previous is None or (shape.micro_batch_size, shape.global_batch_size) != (
                 previous.micro_batch_size, previous.global_batch_size):
             engine.set_train_micro_batch_size(shape.micro_batch_size)
             engine.set_train_batch_size(shape.global_batch_size)  # DeepSpeed scales the loss by its accumulation
-        gas, global_batch = shape.gradient_accumulation, shape.global_batch_size
-        micro_batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(gas)]
-        counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
-                               float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=device)
-        total_targets, total_tokens = all_reduce(counts, groups.data.group).tolist()
-        normaliser = torch.tensor(max(total_targets, 1.0) / (groups.data.size * gas), device=device)
-        if pipe is not None:
-            outcome = pipeline_train_step(engine, pipe, micro_batches, normaliser, pair_head)
-            finite = agree_finite(outcome.finite, step + 1, train.nonfinite_loss, device)  # ZeRO-1 skipped it already
-            loss_sum = outcome.loss_sum
-        else:
-            finite, loss_sum = _data_parallel_step(engine, model, optimizer, micro_batches, normaliser, step + 1,
-                                                   train.nonfinite_loss)
-        consumed += global_batch
+        micro_batches = [{k: v.to(setup.device) for k, v in next(loader).items()}
+                         for _ in range(shape.gradient_accumulation)]
+        finite, total_targets, total_tokens, loss_sum = _step(setup, micro_batches, progress.step + 1)
+        progress.consumed += shape.global_batch_size
         if not finite or not engine.was_step_applied():  # non-finite loss, or an fp16 overflow DeepSpeed skipped
-            skipped += 1
-        step += 1
+            progress.skipped += 1
+        progress.step += 1
         step_time = time.perf_counter() - started
-
-        if step % train.log_interval == 0 or step == train.train_steps:
-            loss = all_reduce(loss_sum, groups.data.group).item() / max(total_targets, 1.0)
-            sequences_per_s = global_batch / step_time
-            record = {"step": step, "loss": loss, "lr": lr,
-                      "tokens_per_s": total_tokens / step_time,  # real tokens ([CLS]/[SEP] included), not padding
-                      "real_token_fraction": total_tokens / (global_batch * shape.seq_len),
-                      "seq_len": shape.seq_len, "global_batch_size": global_batch,
-                      "step_time_s": step_time,
-                      "samples_per_s": sequences_per_s, "consumed_samples": consumed,
-                      "skipped_steps": skipped,
-                      "mfu": (flops_per_sequence * sequences_per_s / (peak * dist.get_world_size()))
-                      if peak else None}
-            records.append(record)
-            logger.log(record)
-        valid = datasets[shape.phase].valid
-        if train.eval_interval and step % train.eval_interval == 0 and valid is not None:
-            eval_loss = evaluate(engine, valid, run, groups, device, pipe, micro_batch_size=shape.micro_batch_size)
-            record = {"step": step, "eval_loss": eval_loss}
-            records.append(record)
-            logger.log(record)
+        if progress.step % train.log_interval == 0 or progress.step == train.train_steps:
+            loss = all_reduce(loss_sum, setup.groups.data.group).item() / max(total_targets, 1.0)
+            records.append(_step_record(setup, progress, shape, lr, loss, total_tokens, step_time))
+            logger.log(records[-1])
+        valid = setup.datasets[shape.phase].valid
+        if train.eval_interval and progress.step % train.eval_interval == 0 and valid is not None:
+            records.append({"step": progress.step, "eval_loss": evaluate(
+                engine, valid, setup.config, setup.groups, setup.device, setup.pipe,
+                micro_batch_size=shape.micro_batch_size)})
+            logger.log(records[-1])
             engine.train()
-        signalled = torch.tensor(float(stop.received is not None), device=device)
-        preempted = all_reduce(signalled, op=dist.ReduceOp.MAX).item() > 0
-        if (train.save_interval and step % train.save_interval == 0) or step == train.train_steps or preempted:
-            save()
+        preempted = all_reduce(torch.tensor(float(stop.received is not None), device=setup.device),
+                               op=dist.ReduceOp.MAX).item() > 0
+        if (train.save_interval and progress.step % train.save_interval == 0) or preempted or (
+                progress.step == train.train_steps):
+            _save(setup, progress, universal_info)
         if preempted:
-            logger.close()
-            stopped = RunStopped(stop.received or "signal on another rank", step)
-            if is_rank0:
-                print(stopped, flush=True)
+            stopped = RunStopped(stop.received or "signal on another rank", progress.step)
+            setup.report(str(stopped))
             raise stopped
-    logger.close()
-    if is_rank0:
-        print(end_of_run_summary(train.save_dir, checkpoint.checkpoint_root(train.save_dir) / checkpoint.tag_of(step),
-                                 steps=step, steps_this_run=step - first_step,
-                                 seconds=time.perf_counter() - run_started, records=records), flush=True)
     return records
+
+
+def _enter_phase(setup: PretrainingRun, shape, previous, progress: Progress):
+    """The loader of `shape`'s sequence-length phase, from the samples already consumed."""
+    if previous is not None or setup.schedule.phase_ends:
+        setup.report(setup.schedule.describe(shape, progress.step + 1))
+    return iter(make_loader(setup.datasets[shape.phase].train, consumed_samples=progress.consumed,
+                            micro_batch_size=shape.micro_batch_size, dp_rank=setup.groups.data.rank,
+                            dp_size=setup.groups.data.size, num_workers=setup.config.train.num_workers))
+
+
+def _step(setup: PretrainingRun, micro_batches: list[dict[str, torch.Tensor]], step: int
+          ) -> tuple[bool, float, float, torch.Tensor]:
+    """One optimizer step: (every rank finite, valid targets and real tokens of the global batch, this rank's
+    sum of target losses). The MLM loss is normalised by the global batch's valid targets."""
+    counts = torch.tensor([float(sum(int(b["target_valid"].sum()) for b in micro_batches)),
+                           float(sum(int(b["attention_mask"].sum()) for b in micro_batches))], device=setup.device)
+    total_targets, total_tokens = all_reduce(counts, setup.groups.data.group).tolist()
+    gas, policy = len(micro_batches), setup.config.train.nonfinite_loss
+    normaliser = torch.tensor(max(total_targets, 1.0) / (setup.groups.data.size * gas), device=setup.device)
+    if setup.pipe is not None:
+        outcome = pipeline_train_step(setup.engine, setup.pipe, micro_batches, normaliser, setup.config.data.pair_head)
+        finite = agree_finite(outcome.finite, step, policy, setup.device)  # ZeRO-1 skipped it already
+        return finite, total_targets, total_tokens, outcome.loss_sum
+    loss_sum = torch.zeros((), device=setup.device, dtype=torch.float64)
+
+    def forward(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = setup.engine(**batch, num_targets=normaliser)
+        return out.loss, out.target_losses
+
+    def after_backward(batch: dict[str, torch.Tensor], target_losses: torch.Tensor, last: bool) -> None:
+        nonlocal loss_sum
+        counted = batch["target_valid"] & torch.isfinite(target_losses)  # no NaN enters the importance
+        setup.model.update_importance(batch["target_ids"], target_losses.float(), counted, end_of_step=last)
+        loss_sum = loss_sum + target_losses.double().sum()
+
+    finite = train_step(setup.engine, micro_batches, gas, forward, step=step, policy=policy,
+                        optimizer=setup.optimizer, device=setup.device, after_backward=after_backward)
+    return finite, total_targets, total_tokens, loss_sum
+
+
+def _step_record(setup: PretrainingRun, progress: Progress, shape, lr: float, loss: float, tokens: float,
+                 step_time: float) -> dict:
+    """The logged line of a step: loss, learning rate, throughput (real tokens, not padding) and MFU on a GPU."""
+    sequences_per_s = shape.global_batch_size / step_time
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    flops = training_flops_per_sequence(setup.config.model, shape.seq_len, shape.max_predictions)
+    return {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / step_time,
+            "real_token_fraction": tokens / (shape.global_batch_size * shape.seq_len), "seq_len": shape.seq_len,
+            "global_batch_size": shape.global_batch_size, "step_time_s": step_time, "samples_per_s": sequences_per_s,
+            "consumed_samples": progress.consumed, "skipped_steps": progress.skipped,
+            "mfu": flops * sequences_per_s / (peak * dist.get_world_size()) if peak else None}
+
+
+def _save(setup: PretrainingRun, progress: Progress, universal_info: dict) -> None:
+    # one key of our own: DeepSpeed drops client keys that collide with its own (e.g. skipped_steps)
+    client_state = {"megatron_narrow": {"step": progress.step, "consumed_samples": progress.consumed,
+                                        "nonfinite_skipped": progress.skipped,
+                                        "rng": checkpoint.rng_state(setup.tracker)},
+                    "universal_checkpoint_info": universal_info}
+    train = setup.config.train
+    checkpoint.save(setup.engine, train.save_dir, progress.step, client_state, run_config=setup.config.to_dict(),
+                    tokenizer_model=train.tokenizer_model, keep_last=train.keep_last, is_rank0=setup.is_rank0,
+                    layout=setup.layout)
 
 
 def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_rank0: bool,
                            trust: bool = False) -> str | None:
     """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
     once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
-    plan = checkpoint.plan_resume(save_dir)
+    plan = checkpoint_files.plan_resume(save_dir)
     if not plan.candidates:
         return None
     tag = plan.candidates[0]
-    tag_dir = checkpoint.checkpoint_root(save_dir) / tag
+    tag_dir = checkpoint_files.checkpoint_root(save_dir) / tag
     saved = saved_layout(tag_dir)
     if saved is None or not needs_conversion(saved, layout):
         return None
@@ -338,7 +388,7 @@ def _load_hf(model, hf_dir: str, report) -> None:
 
     from safetensors.torch import load_file
 
-    from megatron_narrow.convert.hf_bert import check_official_narrow_layers, load_hf_into_pipeline, load_hf_state_dict
+    from megatron_narrow.formats.hf_bert import check_official_narrow_layers, load_hf_into_pipeline, load_hf_state_dict
 
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:

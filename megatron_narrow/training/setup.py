@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_narrow.config import RunConfig, TrainConfig
+from megatron_narrow.data.packing import max_packed_targets
 from megatron_narrow.data.shards import check_tokenizer_matches, load_manifest
+from megatron_narrow.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_narrow.formats import checkpoint_files
+from megatron_narrow.model.attention_backends import attention_backend
 from megatron_narrow.parallel import ProcessGroups
+from megatron_narrow.training.batch_schedule import BatchSchedule
+from megatron_narrow.training.data import check_data_paths
+from megatron_narrow.training.resume import check_resume_config
+from megatron_narrow.variants import drops_tokens
 
 _RANK_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 
@@ -24,13 +33,20 @@ def world_size_from_env() -> int:
     return 1
 
 
-def validate_run(run: RunConfig, ds_config_path: str) -> dict:
-    """Every check that needs no process group; returns the completed DeepSpeed config."""
-    from megatron_narrow.model.attention_backends import attention_backend
-    from megatron_narrow.training.batch_schedule import BatchSchedule
-    from megatron_narrow.training.data import check_data_paths
-    from megatron_narrow.variants import drops_tokens
+@dataclass
+class ValidatedRun:
+    """What the checks built, handed forward so that nothing is built twice."""
 
+    ds_config: dict
+    """The completed DeepSpeed config."""
+    schedule: BatchSchedule
+    """The run's step shapes (a schedule some step cannot run was refused)."""
+    tokenizer: Tokenizer | None
+    """train.tokenizer_model, loaded (None without one)."""
+
+
+def validate_run(run: RunConfig, ds_config_path: str) -> ValidatedRun:
+    """Every check that needs no process group."""
     ds = read_deepspeed_json(ds_config_path)  # a broken file is named before anything else is checked
     world = world_size_from_env()
     layout = run.parallel.resolve(world)
@@ -53,27 +69,25 @@ def validate_run(run: RunConfig, ds_config_path: str) -> dict:
             raise ValueError("data.seq_len_schedule with parallel.pipeline_parallel > 1: DeepSpeed's pipeline engine "
                              "fixes the shapes stages exchange; train the short phase without pipelining, or "
                              "remove the schedule")
-    BatchSchedule(run, layout.data_parallel)  # one line for a global batch some phase's micro batch cannot split
+    schedule = BatchSchedule(run, layout.data_parallel)  # refuses a global batch a micro batch cannot split
     attention_backend(run.model.attention_backend)  # one line for a kernel this machine cannot run
     check_data_paths(run.data)
-    identity = None
+    tokenizer = None
     if run.train.tokenizer_model:
-        from megatron_narrow.data.tokenizer import load_tokenizer
-
-        identity = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model).identity
+        tokenizer = load_tokenizer(run.train.tokenizer_type or "sentencepiece", run.train.tokenizer_model)
     for path in run.data.data_paths:
-        check_tokenizer_matches(load_manifest(path), identity=identity, vocab_size=run.model.vocab_size, where=path)
+        check_tokenizer_matches(load_manifest(path), identity=tokenizer.identity if tokenizer else None,
+                                vocab_size=run.model.vocab_size, where=path)
     check_resumable(run)
     check_wandb(run.train)
-    return complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+    ds_config = complete_deepspeed_config(ds, ds_config_path, run, layout.data_parallel, layout.pipeline_parallel)
+    return ValidatedRun(ds_config, schedule, tokenizer)
 
 
 def check_packed_targets(data) -> None:
     """packing=segments masks each segment as its own sample; the row's target slots must hold the worst case."""
     if data.packing != "segments":
         return
-    from megatron_narrow.data.packing import max_packed_targets
-
     needed = max_packed_targets(data.seq_len, data.mask_prob)
     if data.max_predictions < needed:
         raise ValueError(f"data.max_predictions={data.max_predictions} is too small for data.packing=segments: a "
@@ -94,16 +108,13 @@ def check_wandb(train: TrainConfig) -> None:
 def check_resumable(run: RunConfig) -> None:
     """Refuse, before any process starts, a save_dir whose checkpoints are all unusable (unless
     train.restart) and a resume that changes what the checkpoint's tensors depend on."""
-    from megatron_narrow.training import checkpoint
-    from megatron_narrow.training.resume import check_resume_config
-
     if run.train.restart:
         return
-    plan = checkpoint.plan_resume(run.train.save_dir)
+    plan = checkpoint_files.plan_resume(run.train.save_dir)
     if plan.tags and not plan.candidates:
-        checkpoint.refuse_unusable(run.train.save_dir, plan)
+        checkpoint_files.refuse_unusable(run.train.save_dir, plan)
     if plan.candidates:
-        check_resume_config(checkpoint.checkpoint_root(run.train.save_dir) / plan.candidates[0], run.to_dict())
+        check_resume_config(checkpoint_files.checkpoint_root(run.train.save_dir) / plan.candidates[0], run.to_dict())
 
 
 def _validate_pipeline(run: RunConfig, stages: int, partition: str) -> None:

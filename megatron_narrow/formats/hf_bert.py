@@ -1,12 +1,12 @@
-"""Hugging Face BERT state dicts <-> ours: a declarative key map, then padding and TP slicing.
+"""Hugging Face BERT state dicts <-> ours: a declarative key map (padding and TP slicing are parallel/shards.py's).
 
 Our modules use Hugging Face's names, so the map is short (the official NarrowBERT layout, with its narrow
 layers in a second stack, is renumbered into ours on the way in): HF BertModel keys have no "bert." prefix,
 the MLM decoder is tied to the word embeddings (its weight is never stored on our side, and HF's
 `cls.predictions.decoder.bias` is the same tensor as `cls.predictions.bias`), the importance vector of
 token dropping has no HF counterpart, and our vocabulary rows are padded to a multiple of 128 x TP.
-Tensor-parallel parameters carry `tensor_parallel_dim`; slicing and merging read it, so no table of
-split dimensions is kept by hand.
+Tensor-parallel parameters carry `tensor_parallel_dim`; parallel/shards.py slices and merges by it, so no
+table of split dimensions is kept by hand. Read by training (train.init_from_hf), fine-tuning and conversion.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from megatron_narrow.config import ModelConfig
+from megatron_narrow.parallel import refit_vocab_rows, split_for_rank, tensor_parallel_dims
+from megatron_narrow.variants import layer_roles, variant_of_hf_config
 
 # Keys inside bert.encoder.layer.N, and outside the layers; HF uses the same names (with "bert." for heads).
 _LAYER_KEYS = [
@@ -70,10 +72,14 @@ def check_official_narrow_layers(hf_state: dict[str, torch.Tensor], config: Mode
     """Official NarrowBERT weights hold F full-length layers by their keys; a config that says otherwise would
     run a narrow layer as a full one (or the reverse) with no error anywhere else."""
     full = official_full_length_layers(hf_state)
-    if full is not None and (config.variant != "narrow" or config.full_length_layers != full):
+    if full is None:
+        return
+    roles = layer_roles(config)
+    if roles != ("full",) * full + ("narrow",) * (len(roles) - full):
+        variant = variant_of_hf_config({"full_length_layers": full})  # the variant whose official code this is
         raise ValueError(f"{where}: official NarrowBERT weights with {full} full-length layers, but the model is "
                          f"variant={config.variant} with full_length_layers={config.full_length_layers}; set "
-                         f"model.variant=narrow model.full_length_layers={full}")
+                         f"model.variant={variant} model.full_length_layers={full}")
 
 
 def from_official_narrow_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,11 +134,6 @@ def _normalise_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def tensor_parallel_dims(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> the dimension it is split along under tensor parallelism."""
-    return {name: p.tensor_parallel_dim for name, p in model.named_parameters() if hasattr(p, "tensor_parallel_dim")}
-
-
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict for `model` (this rank's TP shards, padded vocabulary) from an HF BERT state dict.
 
@@ -155,10 +156,9 @@ def hf_to_shards(hf_state: dict[str, torch.Tensor], target: dict[str, torch.Tens
             continue
         full = source[key].to(mine.dtype)
         if key in VOCAB_ROWS:
-            padded_rows = mine.shape[0] * tp_size
-            full = torch.cat([full, full.new_zeros((padded_rows - full.shape[0], *full.shape[1:]))])
+            full = refit_vocab_rows(full, full.shape[0], mine.shape[0] * tp_size)
         if key in dims:
-            full = full.chunk(tp_size, dim=dims[key])[tp_rank]
+            full = split_for_rank(full, dims[key], tp_size, tp_rank)
         if full.shape != mine.shape:
             raise ValueError(f"{key}: Hugging Face shape {tuple(source[key].shape)} does not fit ours "
                              f"{tuple(mine.shape)}")
@@ -176,9 +176,8 @@ def load_hf_into_pipeline(pipe: nn.Module, hf_state: dict[str, torch.Tensor]) ->
     for item, module in pipe.items():
         for name, tensor in module.state_dict().items():
             target[model_key(config, item, name)] = tensor
-        for name, param in module.named_parameters():
-            if hasattr(param, "tensor_parallel_dim"):
-                dims[model_key(config, item, name)] = param.tensor_parallel_dim
+        for name, dim in tensor_parallel_dims(module).items():
+            dims[model_key(config, item, name)] = dim
         owners.append((item, module))
     converted = hf_to_shards(hf_state, target, dims, groups.tensor.size, groups.tensor.rank)
     for item, module in owners:
@@ -193,14 +192,6 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, torch.Tensor]) -> l
     converted = from_hf_state_dict(hf_state, model)
     missing = model.load_state_dict(converted, strict=False).missing_keys
     return [k for k in missing if k not in NO_HF_COUNTERPART]
-
-
-def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]], dims: dict[str, int]) -> dict[str, torch.Tensor]:
-    """One full state dict from the state dicts of all TP ranks (rank order); replicated tensors from rank 0."""
-    merged = {}
-    for key, value in shards[0].items():
-        merged[key] = torch.cat([s[key] for s in shards], dim=dims[key]) if key in dims else value
-    return merged
 
 
 def to_hf_state_dict(full_state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""File formats read on both sides of training: the checkpoint directory and the Hugging Face key map."""
