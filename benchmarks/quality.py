@@ -34,8 +34,9 @@ is missing (--fresh starts over). Writes OUT (every figure as JSON), OUT's stem 
 std and min-max over all runs) and `quality_loss_steps.png`, `quality_loss_seconds.png`,
 `quality_downstream.png` beside it. With --official-dir, a narrow checkpoint's Hugging Face export is also run
 through the official NarrowBERT code (benchmarks/vs_official.py --fidelity) and the figure is quoted.
---scale multiplies the steps of every run and the downstream data. At --scale 1 (the recipe measured to take bert
-to 3.5x the unigram baseline) a study takes about two hours on two cores (benchmarks/RESULTS.md).
+--scale multiplies the steps of every run and the downstream data. At --scale 1 (bert at 3.8x the unigram
+baseline) the study took 111 minutes on two cores, and its item-5 ablation (the checkpoints fine-tuned as the other
+variant) ~17 more (2026-12-07, benchmarks/RESULTS.md). Runs go --jobs at a time (default: one per core).
 
   python benchmarks/quality.py --json runs/quality/quality.json [--scale 1.0] [--seeds 3] [--pretrain-seeds 2]
       [--work-dir runs/quality] [--official-dir DIR]
@@ -500,6 +501,7 @@ def fidelity(pretrained: dict, work: Path, official_dir: Path) -> dict:
     """Export a narrow checkpoint to Hugging Face format and run it through the official NarrowBERT code on
     held-out text (benchmarks/vs_official.py --fidelity)."""
     export, out = work / "fidelity" / "hf", work / "fidelity" / "fidelity.json"
+    shutil.rmtree(export, ignore_errors=True)  # a rerun exports again: the checkpoint may be a new one
     run(["tools/convert_checkpoint_to_hf.py", "--checkpoint", pretrained["save_dir"], "--output", str(export)],
         work / "logs" / "fidelity_export.log")
     run(["benchmarks/vs_official.py", "--official-dir", str(official_dir), "--fidelity", str(export),
