@@ -212,6 +212,7 @@ def train_steps(setup: PretrainingRun, progress: Progress, logger: MetricsLogger
     universal_info = universal_checkpoint_info(  # the same for every save of this run
         setup.config.model.vocab_size, padded_vocab_size(setup.config.model.vocab_size, setup.groups.tensor.size),
         [name for name, _ in setup.model.named_parameters()])
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None  # for MFU
     records, loader, shape = [], None, None
     engine.train()
     while progress.step < train.train_steps:
@@ -235,7 +236,7 @@ def train_steps(setup: PretrainingRun, progress: Progress, logger: MetricsLogger
         step_time = time.perf_counter() - started
         if progress.step % train.log_interval == 0 or progress.step == train.train_steps:
             loss = all_reduce(loss_sum, setup.groups.data.group).item() / max(total_targets, 1.0)
-            records.append(_step_record(setup, progress, shape, lr, loss, total_tokens, step_time))
+            records.append(_step_record(setup, progress, shape, lr, loss, total_tokens, step_time, peak))
             logger.log(records[-1])
         valid = setup.datasets[shape.phase].valid
         if train.eval_interval and progress.step % train.eval_interval == 0 and valid is not None:
@@ -296,10 +297,9 @@ def _step(setup: PretrainingRun, micro_batches: list[dict[str, torch.Tensor]], s
 
 
 def _step_record(setup: PretrainingRun, progress: Progress, shape, lr: float, loss: float, tokens: float,
-                 step_time: float) -> dict:
+                 step_time: float, peak: float | None) -> dict:
     """The logged line of a step: loss, learning rate, throughput (real tokens, not padding) and MFU on a GPU."""
     sequences_per_s = shape.global_batch_size / step_time
-    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     flops = training_flops_per_sequence(setup.config.model, shape.seq_len, shape.max_predictions)
     return {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / step_time,
             "real_token_fraction": tokens / (shape.global_batch_size * shape.seq_len), "seq_len": shape.seq_len,
