@@ -543,21 +543,14 @@ def run_all(pretrain_seeds: int, seeds: tuple[int, ...], steps: tuple[int, int],
         for seed in range(1, pretrain_seeds + 1):
             started["narrow_time", seed] = pool.submit(equal_wall_clock, seed)
 
-        def tune(model: str, seed: int, task: str, finetune_seed: int) -> float:
+        def tune(model: str, seed: int, task: str, finetune_seed: int, variant: str | None = None) -> float:
             return finetune(started[model, seed].result(), task, files[task], finetune_seed, finetune_steps, work,
-                            runner)
+                            runner, variant=variant)
 
-        def tune_as(name: str, seed: int, task: str, finetune_seed: int) -> float:
-            checkpoint, variant = ABLATIONS[name]
-            return finetune(started[checkpoint, seed].result(), task, files[task], finetune_seed, finetune_steps,
-                            work, runner, variant=variant)
-
-        scores = {(model, task): [pool.submit(tune, model, seed, task, finetune_seed)
-                                  for seed in range(1, pretrain_seeds + 1) for finetune_seed in seeds]
-                  for model in MODELS for task in TASKS}
-        scores |= {(name, task): [pool.submit(tune_as, name, seed, task, finetune_seed)
-                                  for seed in range(1, pretrain_seeds + 1) for finetune_seed in seeds]
-                   for name in ABLATIONS for task in TASKS}
+        runs = {model: (model, None) for model in MODELS} | ABLATIONS  # name -> (checkpoint, fine-tuned as)
+        scores = {(name, task): [pool.submit(tune, checkpoint, seed, task, finetune_seed, variant)
+                                 for seed in range(1, pretrain_seeds + 1) for finetune_seed in seeds]
+                  for name, (checkpoint, variant) in runs.items() for task in TASKS}
         try:
             downstream: dict[str, dict[str, list[float]]] = {}
             for (model, task), futures in scores.items():
