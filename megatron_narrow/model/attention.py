@@ -16,14 +16,13 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention_backends import attention_backend
-from megatron_narrow.model.dropout import Dropout, dropout
-from megatron_narrow.model.layer_norm import layer_norm
+from megatron_narrow.model.dropout import dropout
 from megatron_narrow.model.recompute import recomputed
+from megatron_narrow.model.residual import PostNormResidual
 from megatron_narrow.parallel import (
     ColumnParallelLinear,
     ProcessGroups,
     RNGStatesTracker,
-    RowParallelLinear,
     column_parallel_projections,
 )
 
@@ -129,26 +128,12 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, -1)  # (B, Q, h*d)
 
 
-class BertSelfOutput(nn.Module):
-    """LayerNorm(dropout(dense(attention)) + residual): post-LN, as in BERT."""
-
-    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator) -> None:
-        super().__init__()
-        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, group=groups.tensor,
-                                       init_std=config.initializer_range, generator=generator)
-        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout)
-
-    def forward(self, attention: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(attention)) + residual)
-
-
 class BertAttention(nn.Module):
     def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator,
                  tracker: RNGStatesTracker | None = None) -> None:
         super().__init__()
         self.self = BertSelfAttention(config, groups, generator, tracker)
-        self.output = BertSelfOutput(config, groups, generator)
+        self.output = PostNormResidual(config.hidden_size, config, groups, generator)
 
     def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, through_weights: bool = False) -> torch.Tensor:

@@ -8,10 +8,9 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import BertAttention
-from megatron_narrow.model.dropout import Dropout
-from megatron_narrow.model.layer_norm import layer_norm
 from megatron_narrow.model.recompute import recomputed
-from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker, RowParallelLinear
+from megatron_narrow.model.residual import PostNormResidual
+from megatron_narrow.parallel import ColumnParallelLinear, ProcessGroups, RNGStatesTracker
 
 
 class BertIntermediate(nn.Module):
@@ -24,18 +23,6 @@ class BertIntermediate(nn.Module):
         return F.gelu(self.dense(x))  # erf GELU, as Hugging Face's "gelu"
 
 
-class BertOutput(nn.Module):
-    def __init__(self, config: ModelConfig, groups: ProcessGroups, generator: torch.Generator) -> None:
-        super().__init__()
-        self.dense = RowParallelLinear(config.intermediate_size, config.hidden_size, group=groups.tensor,
-                                       init_std=config.initializer_range, generator=generator)
-        self.LayerNorm = layer_norm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
 class BertLayer(nn.Module):
     """A layer whose parameters are exactly a Hugging Face BertLayer's; what it attends over is the caller's."""
 
@@ -44,7 +31,7 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention = BertAttention(config, groups, generator, tracker)
         self.intermediate = BertIntermediate(config, groups, generator)
-        self.output = BertOutput(config, groups, generator)
+        self.output = PostNormResidual(config.intermediate_size, config, groups, generator)
         self.recompute = False
         """train.activation_checkpointing=full: keep the inputs only (model/recompute.py)."""
 

@@ -8,6 +8,7 @@ the same amount whatever the TP size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +21,49 @@ from megatron_narrow.parallel.mappings import (
     reduce_from_tensor_region,
     scatter_to_tensor_region,
 )
-from megatron_narrow.parallel.shards import divide, mark_tensor_parallel, vocab_shard
+from megatron_narrow.parallel.shards import divide, mark_tensor_parallel, split_for_rank, vocab_shard
 
 
 def _normal_master(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """A linear layer holding this rank's slice of a master weight (out_features, in_features) along
+    `split_dim`; the bias, when there is one, is split with the output features (`bias_split`) or replicated.
+    `options` are the subclass's keyword switches and their defaults."""
+
+    split_dim: ClassVar[int]
+    bias_split: ClassVar[bool]
+    options: ClassVar[dict[str, bool]]
+
+    def __init__(self, in_features: int, out_features: int, *, group: GroupInfo, bias: bool = True,
+                 init_std: float = 0.02, generator: torch.Generator | None = None, **options: bool):
+        super().__init__()
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no option {', '.join(unknown)}; its options: "
+                            f"{', '.join(self.options)}")
+        for name, default in self.options.items():
+            setattr(self, name, options.get(name, default))
+        self.group = group
+        self.in_features, self.out_features = in_features, out_features
+        dim = self.split_dim
+        divide((out_features, in_features)[dim], group.size, ("out_features", "in_features")[dim])
+        master = _normal_master((out_features, in_features), init_std, generator)
+        self.weight = nn.Parameter(split_for_rank(master, dim, group.size, group.rank).clone())
+        mark_tensor_parallel(self.weight, dim)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features // group.size if self.bias_split else out_features))
+            if self.bias_split:
+                mark_tensor_parallel(self.bias, 0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.group.size}"
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """Y = XA + b with A split by columns (output features): rank r holds A[:, r*n/p:(r+1)*n/p].
 
     Args:
@@ -40,19 +76,9 @@ class ColumnParallelLinear(nn.Module):
         generator: draws the master weight (pass the model's init generator for reproducible init).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, group: GroupInfo, bias: bool = True,
-                 gather_output: bool = False, init_std: float = 0.02, generator: torch.Generator | None = None):
-        super().__init__()
-        self.group = group
-        self.gather_output = gather_output
-        self.in_features, self.out_features = in_features, out_features
-        local_out = divide(out_features, group.size, "out_features")
-        master = _normal_master((out_features, in_features), init_std, generator)
-        self.weight = nn.Parameter(master[group.rank * local_out:(group.rank + 1) * local_out].clone())
-        self.bias = nn.Parameter(torch.zeros(local_out)) if bias else None
-        mark_tensor_parallel(self.weight, 0)
-        if self.bias is not None:
-            mark_tensor_parallel(self.bias, 0)
+    split_dim, bias_split = 0, True
+    options = {"gather_output": False}
+    gather_output: bool
 
     def region_input(self, x: torch.Tensor) -> torch.Tensor:
         """x as this layer's weight shard consumes it: identity forward; in backward the gradient is summed
@@ -63,9 +89,6 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self.region_input(x), self.weight, self.bias)
         return gather_from_tensor_region(y, self.group) if self.gather_output else y
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.group.size}"
 
 
 CPU_GEMM_OUTPUT_BYTES = 30 << 20
@@ -127,7 +150,7 @@ def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.linear(copy_to_tensor_region(x, group), weight, bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """Y = XA + b with A split by rows (input features): rank r holds A[r*n/p:(r+1)*n/p, :].
 
     The partial products are summed with an all-reduce; the bias is replicated and added after it.
@@ -142,26 +165,15 @@ class RowParallelLinear(nn.Module):
         generator: draws the master weight.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, group: GroupInfo, bias: bool = True,
-                 input_is_parallel: bool = True, init_std: float = 0.02, generator: torch.Generator | None = None):
-        super().__init__()
-        self.group = group
-        self.input_is_parallel = input_is_parallel
-        self.in_features, self.out_features = in_features, out_features
-        local_in = divide(in_features, group.size, "in_features")
-        master = _normal_master((out_features, in_features), init_std, generator)
-        self.weight = nn.Parameter(master[:, group.rank * local_in:(group.rank + 1) * local_in].clone())
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        mark_tensor_parallel(self.weight, 1)
+    split_dim, bias_split = 1, False
+    options = {"input_is_parallel": True}
+    input_is_parallel: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_region(x, self.group)
         y = reduce_from_tensor_region(F.linear(x, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.group.size}"
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,15 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _group_fact(axis: str, fact: str) -> Callable[[DeepSpeedMPU], object]:
+    """A DeepSpeedMPU method returning `fact` (rank, size or group) of the `axis` (tensor, data) group."""
+
+    def read(mpu: DeepSpeedMPU) -> object:
+        return getattr(getattr(mpu.groups, axis), fact)
+
+    return read
+
+
 class DeepSpeedMPU:
     """The model-parallel unit DeepSpeed asks for, over our groups: gradients are averaged over the
     data-parallel group only, and the gradient norm is reduced over the tensor-parallel group."""
@@ -226,24 +236,9 @@ class DeepSpeedMPU:
     def __init__(self, groups: ProcessGroups) -> None:
         self.groups = groups
 
-    def get_model_parallel_rank(self) -> int:
-        return self.groups.tensor.rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.groups.tensor.size
-
-    def get_model_parallel_group(self):
-        return self.groups.tensor.group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.groups.data.rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.groups.data.size
-
-    def get_data_parallel_group(self):
-        return self.groups.data.group
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank = _group_fact("tensor", "rank")
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size = _group_fact("tensor", "size")
+    get_model_parallel_group = get_tensor_model_parallel_group = _group_fact("tensor", "group")
+    get_data_parallel_rank = _group_fact("data", "rank")
+    get_data_parallel_world_size = _group_fact("data", "size")
+    get_data_parallel_group = _group_fact("data", "group")

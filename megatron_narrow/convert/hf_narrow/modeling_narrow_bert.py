@@ -35,7 +35,7 @@ from .configuration_narrow_bert import NarrowBertConfig
 
 def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(B, S, H) at (B, Q) positions -> (B, Q, H)"""
-    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.take_along_dim(hidden, positions[..., None], dim=1)
 
 
 def narrow_layer_forward(layer: BertLayer, queries: torch.Tensor, context: torch.Tensor,
@@ -106,7 +106,37 @@ class NarrowBertModel(NarrowBertPreTrainedModel):
         return queries
 
 
-class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
+class QueryRowsForward:
+    """The forward of the heads that give one row of logits per query position (masked LM, token tags):
+    `head` maps the encoder's query rows to logits, `output_class` is the Hugging Face output."""
+
+    output_class: type
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @can_return_tuple
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                query_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs):
+        r"""
+        query_positions (`torch.LongTensor` of shape `(batch_size, num_queries)`, *optional*):
+            Positions whose logits to compute (the narrow layers and the head run on these rows only).
+            None: every position, logits of shape `(batch_size, sequence_length, num_outputs)`.
+        labels (`torch.LongTensor`, *optional*):
+            Aligned with the logits: `(batch_size, sequence_length)` as for Hugging Face's BERT heads, or
+            `(batch_size, num_queries)` when query_positions is given; -100 is ignored.
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_positions, position_ids)
+        logits = self.head(hidden)  # (B, Q, outputs) or (B, S, outputs)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+        return self.output_class(loss=loss, logits=logits)
+
+
+class NarrowBertForMaskedLM(QueryRowsForward, NarrowBertPreTrainedModel):
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -125,25 +155,10 @@ class NarrowBertForMaskedLM(NarrowBertPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
-    @can_return_tuple
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                query_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **kwargs) -> MaskedLMOutput:
-        r"""
-        query_positions (`torch.LongTensor` of shape `(batch_size, num_queries)`, *optional*):
-            Positions whose MLM logits to compute (the narrow layers and the head run on these rows only).
-            None: every position, logits of shape `(batch_size, sequence_length, vocab_size)`.
-        labels (`torch.LongTensor`, *optional*):
-            Aligned with the logits: `(batch_size, sequence_length)` as for BertForMaskedLM, or
-            `(batch_size, num_queries)` when query_positions is given; -100 is ignored.
-        """
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_positions, position_ids)
-        logits = self.cls(hidden)  # (B, Q, V) or (B, S, V)
-        loss = None
-        if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.reshape(-1))
-        return MaskedLMOutput(loss=loss, logits=logits)
+    output_class = MaskedLMOutput
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cls(hidden)
 
 
 class NarrowBertClassifierBase(NarrowBertPreTrainedModel):
@@ -183,26 +198,14 @@ class NarrowBertForSequenceClassification(NarrowBertClassifierBase):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-class NarrowBertForTokenClassification(NarrowBertClassifierBase):
+class NarrowBertForTokenClassification(QueryRowsForward, NarrowBertClassifierBase):
     """Tags at the query rows (e.g. each word's first sub-token); every position when query_positions is None.
     BertForTokenClassification's parameter names (no pooler)."""
 
-    @can_return_tuple
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                query_positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **kwargs) -> TokenClassifierOutput:
-        r"""
-        query_positions (`torch.LongTensor` of shape `(batch_size, num_queries)`, *optional*):
-            Positions to tag (the narrow layers run on these rows only); None: every position.
-        labels (`torch.LongTensor`, *optional*): aligned with the logits; -100 is ignored.
-        """
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, query_positions, position_ids)
-        logits = self.classifier(self.dropout(hidden))
-        loss = None
-        if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.reshape(-1))
-        return TokenClassifierOutput(loss=loss, logits=logits)
+    output_class = TokenClassifierOutput
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(hidden))
 
 
 __all__ = ["NarrowBertForMaskedLM", "NarrowBertForSequenceClassification", "NarrowBertForTokenClassification",
