@@ -34,13 +34,17 @@ class VariantSpec:
     """One role per encoder layer."""
     trained_model: str
     """The variant a fine-tuned or exported model of it runs as (token dropping is a pretraining schedule: BERT)."""
+    hf_class_prefix: str = "Bert"
+    """Its Hugging Face classes are `{prefix}Config`, `{prefix}ForMaskedLM`, `{prefix}ForSequenceClassification`
+    and `{prefix}ForTokenClassification`."""
     hf_remote_code: bool = False
-    """Its Hugging Face export needs the NarrowBERT modelling code saved beside the weights."""
+    """Those classes are our modelling code, saved beside the weights (`trust_remote_code=True`), not
+    transformers' own; such an export keeps the official code's layout (layers split into two stacks)."""
     hf_model_type: str = "bert"
     """The `model_type` of its Hugging Face config.json."""
     hf_config_key: str | None = None
     """A config.json key that marks it whatever the model_type says (the official NarrowBERT code writes
-    model_type bert with full_length_layers)."""
+    model_type bert with full_length_layers); the ModelConfig field of the same name is written there."""
     min_layers: int = 1
 
 
@@ -62,8 +66,9 @@ def _token_drop_roles(config: ModelConfig) -> tuple[Role, ...]:
 
 VARIANTS: dict[str, VariantSpec] = {
     "bert": VariantSpec("bert", "BERT", _bert_roles, trained_model="bert"),
-    "narrow": VariantSpec("narrow", "NarrowBERT", _narrow_roles, trained_model="narrow", hf_remote_code=True,
-                          hf_model_type="narrow_bert", hf_config_key="full_length_layers"),
+    "narrow": VariantSpec("narrow", "NarrowBERT", _narrow_roles, trained_model="narrow",
+                          hf_class_prefix="NarrowBert", hf_remote_code=True, hf_model_type="narrow_bert",
+                          hf_config_key="full_length_layers"),
     "token_drop": VariantSpec("token_drop", "BERT (pretrained with token dropping)", _token_drop_roles,
                               trained_model="bert", min_layers=3),
 }

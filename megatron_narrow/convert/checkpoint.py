@@ -326,9 +326,9 @@ def model_card(info: CheckpointInfo, files: list[str], path: str = ".") -> str:
     seq_len = data.get("seq_len")
     paths, corpus_tokens = _data_tokens(info)
     spec = variant_spec(variant)
-    narrow = spec.hf_remote_code
+    narrow = spec.hf_remote_code  # the remote-code model is NarrowBERT's: it says its two stacks
     kind = spec.title
-    hf_class = "NarrowBertForMaskedLM (remote code)" if narrow else "BertForMaskedLM"
+    hf_class = f"{variant_spec(spec.trained_model).hf_class_prefix}ForMaskedLM" + (" (remote code)" if narrow else "")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: fill-mask", f"tags: [megatron_narrow, {variant}]",
         "---", "",

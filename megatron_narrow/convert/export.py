@@ -18,16 +18,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+import transformers
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
+from transformers import BertConfig, PreTrainedModel
 
 from megatron_narrow.config import ModelConfig
-from megatron_narrow.convert.hf_narrow import (
-    NarrowBertConfig,
-    NarrowBertForMaskedLM,
-    NarrowBertForSequenceClassification,
-    NarrowBertForTokenClassification,
-)
+from megatron_narrow.convert import hf_narrow
 from megatron_narrow.formats.hf_bert import NO_HF_COUNTERPART, to_hf_state_dict, to_official_narrow_layout
 from megatron_narrow.model import BertForPreTraining
 from megatron_narrow.model import BertForSequenceClassification as OurSequenceClassifier
@@ -36,8 +33,16 @@ from megatron_narrow.variants import variant_spec
 _NOT_IN_MASKED_LM = ("bert.pooler.", "cls.seq_relationship.")
 
 
+def hf_class(variant: str, suffix: str) -> type:
+    """The Hugging Face class of `variant` named `{prefix}{suffix}` (suffix Config, ForMaskedLM,
+    ForSequenceClassification or ForTokenClassification): transformers' own, or our shipped modelling code."""
+    spec = variant_spec(variant)
+    return getattr(hf_narrow if spec.hf_remote_code else transformers, spec.hf_class_prefix + suffix)
+
+
 def hf_config_from_model_config(config: ModelConfig, **overrides) -> BertConfig:
-    """The HF config of our model (NarrowBertConfig for variant narrow); `overrides` go to the HF config."""
+    """The HF config of our model (the variant's config class, with its marking key); `overrides` go to the
+    HF config."""
     fields = dict(
         vocab_size=config.vocab_size,  # the real vocabulary: our padding rows are stripped on export
         hidden_size=config.hidden_size,
@@ -54,9 +59,10 @@ def hf_config_from_model_config(config: ModelConfig, **overrides) -> BertConfig:
         tie_word_embeddings=True,
     )
     fields.update(overrides)
-    if variant_spec(config.variant).hf_remote_code:
-        return NarrowBertConfig(full_length_layers=config.full_length_layers, **fields)
-    return BertConfig(**fields)
+    key = variant_spec(config.variant).hf_config_key
+    if key is not None:
+        fields[key] = getattr(config, key)
+    return hf_class(config.variant, "Config")(**fields)
 
 
 def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
@@ -70,18 +76,8 @@ def export_to_hf(model: BertForPreTraining, output_dir: str | Path, *,
     hf_config = hf_config_from_model_config(config)
     state = {k: v for k, v in to_hf_state_dict(model.state_dict(), config.vocab_size).items()
              if not k.startswith(_NOT_IN_MASKED_LM)}
-    if variant_spec(config.variant).hf_remote_code:
-        state = to_official_narrow_layout(state, config.full_length_layers)
-        NarrowBertConfig.register_for_auto_class()
-        NarrowBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
-        hf_model = NarrowBertForMaskedLM(hf_config)
-    else:
-        hf_model = BertForMaskedLM(hf_config)
-    hf_model.load_state_dict(state, strict=True)
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(output_dir)  # model.safetensors + config.json
+    output_dir = _save(hf_class(config.variant, "ForMaskedLM"), hf_config, state, config, output_dir,
+                       "AutoModelForMaskedLM")  # model.safetensors + config.json
     for file in tokenizer_files or []:
         shutil.copy2(file, output_dir / Path(file).name)
     return output_dir
@@ -108,15 +104,20 @@ def export_classifier_to_hf(model: nn.Module, output_dir: str | Path, labels: li
     encoder = {k: v for k, v in own.items() if k.startswith("bert.") and k not in NO_HF_COUNTERPART}
     state = to_hf_state_dict(encoder, config.vocab_size)
     state["classifier.weight"], state["classifier.bias"] = own["head.classifier.weight"], own["head.classifier.bias"]
+    head = "ForSequenceClassification" if sequence else "ForTokenClassification"
+    return _save(hf_class(config.variant, head), hf_config, state, config, output_dir, f"AutoModel{head}")
+
+
+def _save(model_class: type[PreTrainedModel], hf_config: BertConfig, state: dict[str, torch.Tensor],
+          config: ModelConfig, output_dir: str | Path, auto_class: str) -> Path:
+    """`state` (Hugging Face BERT keys) as a `model_class` in `output_dir`. Remote code is registered for
+    its Auto classes (so config.json gets an auto_map and the modelling files are copied) and takes the
+    official layout."""
     if variant_spec(config.variant).hf_remote_code:
         state = to_official_narrow_layout(state, config.full_length_layers)
-        kind = NarrowBertForSequenceClassification if sequence else NarrowBertForTokenClassification
-        NarrowBertConfig.register_for_auto_class()
-        kind.register_for_auto_class("AutoModelForSequenceClassification" if sequence
-                                     else "AutoModelForTokenClassification")
-    else:
-        kind = BertForSequenceClassification if sequence else BertForTokenClassification
-    hf_model = kind(hf_config)
+        type(hf_config).register_for_auto_class()
+        model_class.register_for_auto_class(auto_class)
+    hf_model = model_class(hf_config)
     hf_model.load_state_dict(state, strict=True)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -234,13 +234,16 @@ class BertPipeline(PipelineModule):
     def _partition_layers(self, method: str = "cost") -> None:
         """DeepSpeed's hook for `parts`: ours keeps the embeddings first and decoder + head last."""
         self.parts = stage_boundaries(self.config, self.num_stages, method, **self._partition_args)
+        self.partition_method = method
         stage = self._topo.get_coord(self.global_rank).pipe
-        if self.global_rank == 0:
-            spans = ", ".join(f"stage {s}: items {self.parts[s]}-{self.parts[s + 1] - 1}"
-                              for s in range(self.num_stages))
-            print(f"pipeline partition ({method}): {spans} (0 embeddings, 1-{self.config.num_layers} layers, "
-                  f"{self.config.num_layers + 1}-{self.config.num_layers + 2} decoder and head)", flush=True)
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def describe_partition(self) -> str:
+        """Which items each stage holds, in one line for the run's log."""
+        spans = ", ".join(f"stage {s}: items {self.parts[s]}-{self.parts[s + 1] - 1}" for s in range(self.num_stages))
+        layers = self.config.num_layers
+        return (f"pipeline partition ({self.partition_method}): {spans} (0 embeddings, 1-{layers} layers, "
+                f"{layers + 1}-{layers + 2} decoder and head)")
 
     def _build(self) -> None:
         """Build this stage's items with the grid's groups (they exist only now), then the loss."""

@@ -35,7 +35,6 @@ from megatron_narrow.formats.checkpoint_files import (
     ResumePlan,
     all_tags,
     checkpoint_root,
-    plan_resume,
     refuse_unusable,
     tag_of,
     tags_to_prune,
@@ -109,14 +108,14 @@ def _agree(ok: bool) -> bool:
     return flag.item() >= 1
 
 
-def load(engine, save_dir: str | Path, *, report, only_tag: str | None = None,
+def load(engine, save_dir: str | Path, plan: ResumePlan, *, report, only_tag: str | None = None,
          trust: bool = False) -> tuple[str, dict] | None:
-    """Load the newest usable checkpoint into the engine; returns (tag, client state), or None when the
-    save directory holds no checkpoint. `report(line)` prints a warning once (rank 0). `only_tag`: load that
-    directory under SAVE_DIR/checkpoints and nothing else (a universal conversion of the newest tag). Every
-    file of a tag is checked before DeepSpeed unpickles it (file_safety.py; `trust` skips the check): a file
-    that would call code is refused (UnsafeCheckpoint), an unreadable one makes the tag fail like a corrupt one."""
-    plan = plan_resume(save_dir)
+    """Load the newest usable checkpoint of `plan` (plan_resume of `save_dir`, read once at set-up) into the
+    engine; returns (tag, client state), or None when the save directory holds no checkpoint. `report(line)`
+    prints a warning once (rank 0). `only_tag`: load that directory under SAVE_DIR/checkpoints and nothing else
+    (a universal conversion of the newest tag). Every file of a tag is checked before DeepSpeed unpickles it
+    (file_safety.py; `trust` skips the check): a file that would call code is refused (UnsafeCheckpoint), an
+    unreadable one makes the tag fail like a corrupt one."""
     if only_tag is not None:
         plan = ResumePlan(candidates=[only_tag], tags=plan.tags)
     if not plan.tags:

@@ -73,6 +73,7 @@ class PretrainingRun:
     engine: Any
     optimizer: torch.optim.Optimizer
     schedule: BatchSchedule
+    resume_plan: checkpoint_files.ResumePlan
     universal_tag: str | None
 
     @property
@@ -131,7 +132,8 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
         if is_rank0 and (moved := checkpoint_files.move_aside(train.save_dir)) is not None:
             report(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}")
         dist.barrier()
-    resuming = bool(checkpoint_files.all_tags(train.save_dir))
+    plan = checkpoint_files.plan_resume(train.save_dir)  # read once: set-up and resume act on the same plan
+    resuming = bool(plan.tags)
     ds_config = validated.ds_config
     datasets, model, pipe, groups, tracker = _build_model(run, validated, device)
     if train.init_from_hf and not resuming:
@@ -143,7 +145,7 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
     universal_tag = None
     if resuming:
         with refusing():  # a layout change that cannot be converted
-            universal_tag = _prepare_layout_change(train.save_dir, layout, run.model, is_rank0,
+            universal_tag = _prepare_layout_change(plan, train.save_dir, layout, run.model, is_rank0,
                                                    trust=train.trust_checkpoint)
         if universal_tag is not None:
             ds_config["checkpoint"] = {**(ds_config.get("checkpoint") or {}), "load_universal": True}
@@ -154,7 +156,7 @@ def set_up(run: RunConfig, ds_config_path: str) -> PretrainingRun:
         report("model.compile=true: torch.compile through DeepSpeed's engine.compile; the first step (and the first "
                "at each new sequence length) compiles")
     return PretrainingRun(run, device, is_rank0, datasets, model, pipe, groups, tracker, layout, engine, optimizer,
-                          validated.schedule, universal_tag)
+                          validated.schedule, plan, universal_tag)
 
 
 def _build_model(run: RunConfig, validated: ValidatedRun, device: torch.device):
@@ -185,10 +187,11 @@ def _build_model(run: RunConfig, validated: ValidatedRun, device: torch.device):
 def resume(setup: PretrainingRun) -> tuple[Progress, dict | None]:
     """(where the run stands, the RNG states to restore last) from the newest usable checkpoint, if any."""
     train = setup.config.train
-    if not checkpoint_files.all_tags(train.save_dir):
+    if not setup.resume_plan.tags:
         return Progress(), None
     with refusing():  # no usable checkpoint after all (all ranks agree)
-        loaded = checkpoint.load(setup.engine, train.save_dir, report=setup.report, only_tag=setup.universal_tag,
+        loaded = checkpoint.load(setup.engine, train.save_dir, setup.resume_plan, report=setup.report,
+                                 only_tag=setup.universal_tag,
                                  trust=train.trust_checkpoint)
     if loaded is None:
         return Progress(), None
@@ -320,11 +323,10 @@ def _save(setup: PretrainingRun, progress: Progress, universal_info: dict) -> No
                     layout=setup.layout)
 
 
-def _prepare_layout_change(save_dir: str, layout: dict, config: ModelConfig, is_rank0: bool,
-                           trust: bool = False) -> str | None:
+def _prepare_layout_change(plan: checkpoint_files.ResumePlan, save_dir: str, layout: dict, config: ModelConfig,
+                           is_rank0: bool, trust: bool = False) -> str | None:
     """The universal tag to load when the checkpoint to resume was saved on another layout (converted here,
     once, by rank 0); None when it loads as it is. Refuses what DeepSpeed's universal checkpoints cannot do."""
-    plan = checkpoint_files.plan_resume(save_dir)
     if not plan.candidates:
         return None
     tag = plan.candidates[0]

@@ -53,6 +53,8 @@ def build_pipeline(run: RunConfig, special_ids: dict[str, int]) -> PipelineModel
                           num_queries=run.data.num_queries, partition=layout.pipeline_partition,
                           pair_head=pair_head, tracker=tracker, special_ids=special_ids,
                           segments=run.data.packing == "segments")
+    if dist.get_rank() == 0:
+        print(module.describe_partition(), flush=True)
     return PipelineModel(module=module, groups=module.groups, tracker=tracker)
 
 
