@@ -23,11 +23,22 @@ def parse_args(argv: list[str] | None = None, *, description: str,
 
 
 def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -> int:
-    """The entry points' shell: parse the command line, pick DeepSpeed's CPU accelerator without a GPU, run
-    `job(args)`; a refused run (`RunRefused`: bad config or data, raised around set-up only) is one `error:`
-    line and exit code 2, a run stopped by train.nonfinite_loss=stop exit code 1, one stopped by SIGTERM or
-    Ctrl-C after its checkpoint 75; any other error keeps its traceback. The process group is torn down
-    whatever happened."""
+    """The entry points' shell: catch SIGTERM and Ctrl-C first (before the heavy imports: a signal during
+    start-up is kept too), parse the command line, pick DeepSpeed's CPU accelerator without a GPU, run
+    `job(args, stop)` (the loop polls `stop` and checkpoints). A refused run (`RunRefused`: bad config or data,
+    raised around set-up only) is one `error:` line and exit code 2, a run stopped by train.nonfinite_loss=stop
+    exit code 1, one stopped by SIGTERM or Ctrl-C after its checkpoint 75; any other error keeps its traceback.
+    The process group is torn down whatever happened."""
+    from megatron_narrow.training.stop import StopSignal
+
+    stop = StopSignal().install()
+    try:
+        return _run_job(argv, job, stop, description=description, sections=sections)
+    finally:
+        stop.uninstall()
+
+
+def _run_job(argv: list[str] | None, job, stop, *, description: str, sections: str) -> int:
     args = parse_args(argv, description=description, sections=sections)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -39,7 +50,7 @@ def run_entry(argv: list[str] | None, job, *, description: str, sections: str) -
     from megatron_narrow.training.stop import EXIT_STOPPED, RunStopped
 
     try:
-        job(args)
+        job(args, stop)
     except RunRefused as error:
         report_error(error, debug=args.debug or debug_requested([]))
         return EXIT_USAGE_ERROR

@@ -22,14 +22,14 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 from megatron_narrow.entry import exit_now, run_entry  # noqa: E402  (the same command line as pretraining)
 
 
-def _finetune(args) -> None:
+def _finetune(args, stop) -> None:
     from megatron_narrow.cli import refusing
     from megatron_narrow.tasks.config import load_finetune_config
     from megatron_narrow.tasks.loop import finetune
 
     with refusing():
         run = load_finetune_config(args.config, args.overrides)
-    finetune(run, args.deepspeed_config)
+    finetune(run, args.deepspeed_config, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,14 +37,7 @@ def _pretrain(args: argparse.Namespace, stop) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_narrow.training.stop import StopSignal
-
-    stop = StopSignal().install()  # before the heavy imports: a signal during start-up is kept too
-    try:
-        return run_entry(argv, lambda args: _pretrain(args, stop), description=__doc__,
-                         sections="model, data, parallel, train")
-    finally:
-        stop.uninstall()
+    return run_entry(argv, _pretrain, description=__doc__, sections="model, data, parallel, train")
 
 
 if __name__ == "__main__":

@@ -196,9 +196,10 @@ def run_tool(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
-def start_run_until(argv: list[str], ready: Callable[[], bool], *, world: int = 1, timeout: float = 300) -> WarmRun:
+def start_run_until(argv: list[str], ready: Callable[[], bool], *, world: int = 1, timeout: float = 300,
+                    entry: str = "pretrain") -> WarmRun:
     """Start a run and return it, still running, once `ready()` holds (to signal or kill it at that moment)."""
-    run = start_run(argv, world=world)
+    run = start_run(argv, world=world, entry=entry)
     deadline = time.monotonic() + timeout
     while not ready() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

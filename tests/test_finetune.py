@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from megatron_narrow.tasks.predict import load_classifier
 from .conftest import REPO, run_fresh_python
 from .distributed import free_port
 from .doc_commands import doc_block, doc_workspace
-from .runs import pretrain_argv, run_in_this_process, run_to_end, run_tool
+from .runs import latest, losses, pretrain_argv, run_in_this_process, run_to_end, run_tool, start_run_until
 
 FILLER = ["the", "file", "value", "return", "list", "string", "object", "function", "name", "data", "type",
           "default", "path", "module", "class", "method", "number", "time", "line", "is", "of", "to", "a", "in"]
@@ -88,12 +89,15 @@ def tiny_hf_models(tmp_path_factory, tiny_corpus_data) -> dict[str, Path]:
     return out
 
 
-def finetune(save_dir: Path, init_from: Path, **settings: str) -> dict:
+def finetune_argv(save_dir: Path, init_from: Path, **settings: str) -> list[str]:
     overrides = {"model.init_from": str(init_from), "train.save_dir": str(save_dir), "train.micro_batch_size": "16",
                  "train.lr": "1.0e-3", "train.warmup_steps": "10", "train.log_interval": "10",
                  "train.weight_decay": "0.0", **settings}
-    argv = ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *(f"{k}={v}" for k, v in overrides.items())]
-    run_to_end(argv, world=2, entry="finetune", timeout=400)
+    return ["--deepspeed_config", str(REPO / "ds_configs/zero0.json"), *(f"{k}={v}" for k, v in overrides.items())]
+
+
+def finetune(save_dir: Path, init_from: Path, *, world: int = 2, **settings: str) -> dict:
+    run_to_end(finetune_argv(save_dir, init_from, **settings), world=world, entry="finetune", timeout=400)
     return json.loads((save_dir / "eval_results.json").read_text())
 
 
@@ -323,3 +327,67 @@ def test_regression_learns_pearson_and_spearman_and_exports(tiny_hf_models, tmp_
     (tmp_path / "pretraining" / "checkpoints").mkdir(parents=True)  # a pretraining save_dir, not an export
     assert run_tool("predict", ["--model", str(tmp_path / "pretraining"), "--input", str(files["valid"]), "--output",
                       str(output)]) == 2
+
+
+def safetensors_of(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(hf_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(kind, tiny_hf_models, sentiment_files,
+                                                                       tmp_path):
+    """SIGTERM mid-run (two ranks, dropout on, an evaluation and a best export before and after the stop): exit 75
+    with a checkpoint at the stopped step; the rerun resumes there and ends with the uninterrupted run's losses,
+    metrics and weights, bit for bit."""
+    if kind == "token":
+        files = {"train": write_conll(tmp_path / "train.conll", ner_examples(300, 0)),
+                 "valid": write_conll(tmp_path / "valid.conll", ner_examples(60, 1))}
+        extra = {"task.max_seq_len": "40", "task.max_labeled_tokens": "24"}
+    else:
+        files, extra = sentiment_files, {"task.max_seq_len": "32"}
+    settings = {"task.kind": kind, "task.train_file": files["train"], "task.valid_file": files["valid"],
+                "train.train_steps": "24", "train.eval_interval": "8", "train.log_interval": "1", **extra}
+    reference = tmp_path / "reference"
+    finetune(reference, tiny_hf_models["narrow"], **settings)
+
+    save_dir = tmp_path / "stopped"
+    argv = finetune_argv(save_dir, tiny_hf_models["narrow"], **settings)
+    run = start_run_until(argv, lambda: (save_dir / "metrics.jsonl").is_file() and len(losses(save_dir)) >= 10,
+                          world=2, entry="finetune")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait() == 75, run.output()[-3000:]
+    stopped_at = max(losses(save_dir))
+    assert 10 <= stopped_at < 24 and f"SIGTERM: checkpoint saved at step {stopped_at}" in run.output()
+    assert latest(save_dir) == f"step_{stopped_at:07d}" and not (save_dir / "eval_results.json").exists()
+
+    output = run_to_end(argv, world=2, entry="finetune")
+    assert f"resumed from step {stopped_at}" in output
+    assert losses(save_dir) == losses(reference)
+    for name in ("eval_results.json", "finetune_summary.json", "best/eval_results.json"):
+        assert json.loads((save_dir / name).read_text()) == json.loads((reference / name).read_text()), name
+    assert json.loads((save_dir / "finetune_summary.json").read_text())["step"] == 24
+    for name in ("hf", "best/hf"):
+        mine, reference_weights = safetensors_of(save_dir / name), safetensors_of(reference / name)
+        assert mine.keys() == reference_weights.keys()
+        assert all(torch.equal(mine[k], reference_weights[k]) for k in mine), name
+
+
+def test_early_stopping_keeps_the_best_model(tiny_hf_models, sentiment_files, tmp_path):
+    """lr 1e-12, below fp32's resolution (the weights never change): no evaluation beats the first, so
+    task.early_stopping_patience=2 stops at the third; the best export is the first evaluation's, and a rerun of
+    the finished run trains no further step."""
+    save_dir = tmp_path / "run"
+    settings = {"task.train_file": sentiment_files["train"], "task.valid_file": sentiment_files["valid"],
+                "task.max_seq_len": "32", "task.early_stopping_patience": "2", "train.lr": "1.0e-12",
+                "train.train_steps": "50", "train.eval_interval": "4", "train.log_interval": "1"}
+    results = finetune(save_dir, tiny_hf_models["bert"], world=1, **settings)
+    summary = json.loads((save_dir / "finetune_summary.json").read_text())
+    assert summary == {"step": 12, "best_metric": "accuracy", "best_value": results["accuracy"], "best_step": 4,
+                       "stopped_early": True}
+    assert json.loads((save_dir / "best" / "finetune_summary.json").read_text())["step"] == 4
+    assert json.loads((save_dir / "best" / "eval_results.json").read_text()) == results
+    assert max(losses(save_dir)) == 12 and latest(save_dir) == "step_0000012"
+    output = run_to_end(finetune_argv(save_dir, tiny_hf_models["bert"], **settings), entry="finetune")
+    assert "resumed from step 12" in output and max(losses(save_dir)) == 12

@@ -3,6 +3,8 @@ NER words are labeled at their first sub-token (the narrow query rows), bad file
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from megatron_narrow.tasks.data import (
     read_sequence_examples,
     read_token_examples,
 )
-from megatron_narrow.tasks.kinds import label_set
+from megatron_narrow.tasks.kinds import label_set, read_examples
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,97 @@ def test_a_hugging_face_source_keeps_its_pooler(tmp_path, tokenizer, tiny_corpus
     pretrained = load_pretrained(tmp_path / "base")
     torch.testing.assert_close(pretrained.state["bert.pooler.dense.weight"], hf.pooler.dense.weight.detach())
     assert not any(k.startswith("cls.") for k in pretrained.state)  # a BertModel has no MLM head to keep
+
+
+PAIRS = [{"premise": "the module returns a value", "hypothesis": "a value", "label": "entailment"},
+         {"premise": "a list", "hypothesis": "the string, the file and the path", "label": "neutral"},
+         {"premise": "no default", "hypothesis": "a default path", "label": "contradiction"}]
+TAGGED = [{"tokens": ["alice", "went", "to", "new", "york"], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC"]},
+          {"tokens": ["bob"], "tags": ["B-PER"]}]
+
+
+def _columnar_copies(tmp_path, records: list[dict]) -> list:
+    """The same records as JSONL (the reference), Parquet written by pyarrow and a `datasets` directory."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "task.jsonl"
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "task.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(tmp_path / "task_ds")
+    return [jsonl, tmp_path / "task.parquet", tmp_path / "task_ds"]
+
+
+def _class_label_copies(tmp_path, records: list[dict]) -> list:
+    """ClassLabel columns (a pair task's label, a token task's Sequence of tags) in a `datasets` directory and in the
+    Parquet file `datasets` writes, against a JSONL file spelling the names out: they read as the names."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    jsonl = tmp_path / "task.jsonl"
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records))
+    if "tags" in records[0]:
+        names = sorted({tag for record in records for tag in record["tags"]})
+        features = Features({"tokens": Sequence(Value("string")), "tags": Sequence(ClassLabel(names=names))})
+        columns = {"tokens": [r["tokens"] for r in records],
+                   "tags": [[names.index(t) for t in r["tags"]] for r in records]}
+    else:
+        names = sorted({record["label"] for record in records})
+        features = Features({"premise": Value("string"), "hypothesis": Value("string"),
+                             "label": ClassLabel(names=names)})
+        columns = {"premise": [r["premise"] for r in records], "hypothesis": [r["hypothesis"] for r in records],
+                   "label": [names.index(r["label"]) for r in records]}
+    dataset = Dataset.from_dict(columns, features=features)
+    dataset.to_parquet(tmp_path / "task.parquet")
+    dataset.save_to_disk(tmp_path / "task_ds")
+    return [jsonl, tmp_path / "task.parquet", tmp_path / "task_ds"]
+
+
+PAIR_TASK = {"text_field": "premise", "text_pair_field": "hypothesis"}
+# case -> (task fields, records, how they are written: the JSONL reference first)
+COLUMNAR_CASES = {
+    "sequence-pair": (PAIR_TASK, PAIRS, _columnar_copies),
+    "token": ({"kind": "token"}, TAGGED, _columnar_copies),
+    "class-label": (PAIR_TASK, PAIRS, _class_label_copies),
+    "class-label-tags": ({"kind": "token"}, TAGGED, _class_label_copies),
+}
+
+
+@pytest.mark.parametrize("case", list(COLUMNAR_CASES))
+def test_parquet_and_datasets_directories_read_as_their_jsonl(case, tmp_path):
+    fields, records, write = COLUMNAR_CASES[case]
+    task = TaskConfig(**fields)
+    reference, *others = write(tmp_path, records)
+    expected = read_examples(reference, task)
+    assert len(expected) == len(records)
+    if case == "class-label":  # names, not the ClassLabel ids
+        assert [e.label for e in expected] == ["entailment", "neutral", "contradiction"]
+    for path in others:
+        assert read_examples(path, task) == expected, path
+        assert read_examples(path, task, labeled=False) == read_examples(reference, task, labeled=False), path
+
+
+def test_columnar_inputs_refused_in_one_line_naming_the_path(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "no_text.parquet"  # the column is named otherwise: the first row says so
+    pq.write_table(pa.table({"sentence": ["a", "b"], "label": ["x", "y"]}), parquet)
+    null = tmp_path / "null.parquet"  # a row without the value: a null in the column
+    pq.write_table(pa.table({"text": ["a", None], "label": ["x", "y"]}), null)
+    splits = tmp_path / "glue"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS),
+                          "validation": datasets.Dataset.from_list(PAIRS)}).save_to_disk(splits)
+    (tmp_path / "plain").mkdir()
+    refused = {parquet: rf"{parquet}:1: no 'text' field \(fields: \['label', 'sentence'\]\)",
+               null: rf"{null}:2: 'text' is null",
+               splits: rf"{splits} is a datasets DatasetDict with the splits train, validation; .*{splits}/<split>",
+               tmp_path / "plain": r"plain is a directory but not a datasets save_to_disk directory",
+               tmp_path / "absent": r"absent does not exist"}
+    for path, expected in refused.items():
+        with pytest.raises(TaskDataError, match=expected) as error:
+            read_examples(path, TaskConfig())
+        assert "\n" not in str(error.value)
+    # the split itself is read
+    assert len(read_examples(splits / "validation", TaskConfig(**PAIR_TASK))) == len(PAIRS)

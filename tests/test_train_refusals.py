@@ -217,14 +217,14 @@ def test_only_set_up_errors_are_refusals_a_training_bug_keeps_its_traceback(caps
 
     argv = ["--deepspeed_config", "unused.json"]
 
-    def refused(args) -> None:
+    def refused(args, stop) -> None:
         with refusing():
             raise ValueError("data.seq_len=7: give at least 8")
 
     assert run_entry(argv, refused, description="", sections="") == 2
     assert capsys.readouterr().err.strip() == "error: data.seq_len=7: give at least 8"
 
-    def bug(args) -> None:
+    def bug(args, stop) -> None:
         raise ValueError("operands could not be broadcast together")
 
     with pytest.raises(ValueError, match="operands could not be broadcast"):

@@ -49,6 +49,14 @@ class TaskConfig:
     mcc (CoLA); regression: pearson, spearman, mse; None: accuracy + macro_f1 (sequence), pearson + spearman
     (regression). token: always entity span precision/recall/F1 and token accuracy."""
 
+    best_metric: str | None = None
+    """The validation metric that picks the best checkpoint (kept in SAVE_DIR/best) and drives early stopping;
+    None: the first of task.metrics (token: span_f1). mse is better lower, every other metric higher."""
+
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations (every train.eval_interval steps) without a better best_metric;
+    None: train all train.train_steps."""
+
     max_labeled_tokens: int | None = None
     """token: query slots per sequence (the narrow layers run on these rows); None: max_seq_len - 2.
     Words beyond it (or past max_seq_len) are not labeled; a warning counts them."""
@@ -59,6 +67,11 @@ class TaskConfig:
         if self.metrics is not None and (unknown or not self.metrics):
             raise ValueError(f"task.metrics {self.metrics} for task.kind={self.kind}: choose from "
                              f"{', '.join(allowed) or 'none (token tasks report span F1)'}")
+        if self.best_metric is not None and self.best_metric not in (*allowed, *task_kind(self.kind).reported):
+            raise ValueError(f"task.best_metric={self.best_metric} for task.kind={self.kind}: choose from "
+                             f"{', '.join((*allowed, *task_kind(self.kind).reported))}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"task.early_stopping_patience must be >= 1 (or null), got {self.early_stopping_patience}")
         if self.max_seq_len < 3:
             raise ValueError(f"task.max_seq_len must be >= 3, got {self.max_seq_len}")
         if self.max_labeled_tokens is not None and not 1 <= self.max_labeled_tokens <= self.max_seq_len - 2:
@@ -68,6 +81,11 @@ class TaskConfig:
     @property
     def chosen_metrics(self) -> list[str]:
         return list(self.metrics or task_kind(self.kind).default_metrics)
+
+    @property
+    def selection_metric(self) -> str:
+        """task.best_metric, or the first metric the kind reports."""
+        return self.best_metric or (*task_kind(self.kind).reported, *self.chosen_metrics)[0]
 
     @property
     def query_slots(self) -> int:
@@ -120,12 +138,15 @@ class FinetuneConfig:
             raise ValueError("task.train_file is required")
         for name in ("train_file", "valid_file", "test_file"):
             path = getattr(self.task, name)
-            if path and not Path(path).is_file():
+            if path and not Path(path).exists():  # a file, or a `datasets` directory
                 raise ValueError(f"task.{name}: {path} does not exist")
         if not Path(self.model.init_from).exists():
             raise ValueError(f"model.init_from: {self.model.init_from} does not exist")
         if self.model.variant is not None:
             trained_variant(self.model.variant)
+        if self.task.early_stopping_patience is not None and not (self.train.eval_interval and self.task.valid_file):
+            raise ValueError("task.early_stopping_patience needs evaluations: set train.eval_interval and "
+                             "task.valid_file")
 
 
 def load_finetune_config(path: str | None, overrides: list[str]) -> FinetuneConfig:

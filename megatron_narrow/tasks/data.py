@@ -1,8 +1,13 @@
 """Task files -> examples -> fixed-shape tensors.
 
-Formats, by extension: .csv and .tsv (a header row names the columns), .jsonl (one object per line), and for
-token classification .conll / .txt / .bio (one `word ... tag` line per word, the tag last, sentences
-separated by blank lines, `-DOCSTART-` lines skipped).
+Formats, by extension: .csv and .tsv (a header row names the columns), .jsonl (one object per line), .parquet
+(one row per record), a directory written by Hugging Face `datasets`' `Dataset.save_to_disk` (one split: a
+DatasetDict's directory is refused, its split is DIR/<split>), and for token classification .conll / .txt /
+.bio (one `word ... tag` line per word, the tag last, sentences separated by blank lines, `-DOCSTART-` lines
+skipped). Parquet and `datasets` rows are numbered from 1 in errors, as JSONL lines are. A `datasets` ClassLabel
+column (a label, or a Sequence of them: token tags) is read as its names, in a `datasets` directory and in a
+Parquet file that `datasets` wrote (its schema carries the features), so GLUE's labels and CoNLL's BIO tags
+arrive as the names a JSONL file of the same data spells out, and the export's id2label shows them.
 
 Sequence classification encodes `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` (token types 0 then 1),
 truncating the longer text first. Token classification encodes each word's sub-tokens and labels the
@@ -46,9 +51,92 @@ class TokenExample:
     tags: list[str]
 
 
+DATASETS_FILES = ("dataset_info.json", "state.json")
+"""What `Dataset.save_to_disk` writes beside its .arrow shards: a directory holding both is one split."""
+
+
+def _one_line(error: BaseException) -> str:
+    """An underlying reader's message, flattened so a TaskDataError stays one line."""
+    return " ".join(str(error).split())
+
+
+def _dataset_dict_splits(path: Path) -> list[str]:
+    """The split names a DatasetDict directory records (its subdirectories if dataset_dict.json is unreadable)."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        return [str(split) for split in splits]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(child.name for child in path.iterdir() if child.is_dir())
+
+
+def _directory_records(path: Path) -> list[tuple[int, dict]]:
+    """(row number from 1, record) of a `datasets` save_to_disk directory. A DatasetDict is refused: which
+    split a task file means is the config's to say, not ours to guess."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _dataset_dict_splits(path)
+        example = f", e.g. {path / splits[0]}" if splits else ""
+        raise TaskDataError(f"{path} is a datasets DatasetDict with the splits {', '.join(splits) or '(none)'}; "
+                            f"point at one split's directory, {path}/<split>{example}")
+    if not all((path / name).is_file() for name in DATASETS_FILES):
+        raise TaskDataError(f"{path} is a directory but not a datasets save_to_disk directory (expected "
+                            f"{' and '.join(DATASETS_FILES)} in it); give a .csv, .tsv, .jsonl or .parquet file, "
+                            "or a directory Dataset.save_to_disk wrote")
+    import datasets  # slow to import: only when a task is read from such a directory
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise TaskDataError(f"{path}: not a readable datasets directory ({_one_line(error)})") from None
+    if isinstance(dataset, datasets.DatasetDict):  # a layout we did not recognise above
+        raise TaskDataError(f"{path} is a datasets DatasetDict with the splits {', '.join(dataset)}; point at "
+                            f"one split's directory, {path}/<split>")
+    return list(enumerate(_with_label_names(dataset.to_list(), dataset.features), start=1))
+
+
+def _with_label_names(rows: list[dict], features) -> list[dict]:
+    """`rows` with every ClassLabel value (or Sequence of them) replaced by its name."""
+    from datasets import ClassLabel, Sequence
+
+    def names(feature):
+        if isinstance(feature, ClassLabel):
+            return feature.int2str
+        inner = feature.feature if isinstance(feature, Sequence) else feature[0] if isinstance(feature, list) else None
+        if isinstance(inner, ClassLabel):
+            return lambda values: None if values is None else [inner.int2str(v) for v in values]
+        return None
+
+    decoders = {column: decode for column, feature in features.items() if (decode := names(feature)) is not None}
+    for row in rows:
+        for column, decode in decoders.items():
+            if row.get(column) is not None:
+                row[column] = decode(row[column])
+    return rows
+
+
+def _parquet_records(path: Path) -> list[tuple[int, dict]]:
+    """(row number from 1, record) of a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise TaskDataError(f"{path}: not a readable Parquet file ({_one_line(error)})") from None
+    rows = table.to_pylist()
+    if b"huggingface" in (table.schema.metadata or {}):  # written by `datasets`: its features name the labels
+        from datasets import Features
+
+        rows = _with_label_names(rows, Features.from_arrow_schema(table.schema))
+    return list(enumerate(rows, start=1))
+
+
 def _records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of a CSV/TSV/JSONL file."""
+    """(line or row number, record) of a CSV/TSV/JSONL/Parquet file or a `datasets` directory."""
+    if path.is_dir():
+        return _directory_records(path)
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_records(path)
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
             if suffix == ".tsv":  # GLUE-style TSV: a field may start with a quote that closes nothing
@@ -72,12 +160,15 @@ def _records(path: Path) -> list[tuple[int, dict]]:
                     except json.JSONDecodeError as error:
                         raise TaskDataError(f"{path}:{number}: not JSON ({error.msg})") from None
         return out
-    raise TaskDataError(f"{path}: unknown format {suffix!r} (expected .csv, .tsv or .jsonl)")
+    raise TaskDataError(f"{path}: unknown format {suffix!r} (expected .csv, .tsv, .jsonl, .parquet or a datasets "
+                        "save_to_disk directory)")
 
 
 def _field(record: dict, name: str, path: Path, number: int):
-    if name not in record or record[name] is None:
+    if name not in record:
         raise TaskDataError(f"{path}:{number}: no {name!r} field (fields: {sorted(record)})")
+    if record[name] is None:  # a columnar file has every column in every row: a row without it holds a null
+        raise TaskDataError(f"{path}:{number}: {name!r} is null (fields: {sorted(record)})")
     return record[name]
 
 
@@ -86,7 +177,7 @@ UNLABELED = ""  # the label of an example read for prediction, whose file has no
 
 def read_sequence_examples(path: str | Path, task: TaskConfig, *, labeled: bool = True) -> list[SequenceExample]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a `datasets` directory (_records says what a directory must hold)
         raise TaskDataError(f"{path} does not exist")
     examples = []
     for number, record in _records(path):
@@ -122,9 +213,9 @@ def _read_conll(path: Path, labeled: bool = True) -> list[TokenExample]:
 
 def read_token_examples(path: str | Path, task: TaskConfig, *, labeled: bool = True) -> list[TokenExample]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a `datasets` directory (_records says what a directory must hold)
         raise TaskDataError(f"{path} does not exist")
-    if path.suffix.lower() in CONLL_SUFFIXES:
+    if path.is_file() and path.suffix.lower() in CONLL_SUFFIXES:
         examples = _read_conll(path, labeled)
     else:
         examples = []

@@ -51,6 +51,8 @@ class SequenceKind:
     metrics: tuple[str, ...] = ("accuracy", "macro_f1", "f1", "mcc")
     """What task.metrics may name."""
     default_metrics: tuple[str, ...] = ("accuracy", "macro_f1")
+    reported: tuple[str, ...] = ()
+    """Metrics it always reports whatever task.metrics says (the first one picks the best checkpoint)."""
     tensors: tuple[str, ...] = SEQUENCE_TENSORS
     """The encoded tensors a micro-batch carries, in the data loader's order."""
     model_class: type = BertForSequenceClassification
@@ -134,6 +136,7 @@ class TokenKind(SequenceKind):
     metrics: tuple[str, ...] = ()
     """Always entity span precision/recall/F1 and token accuracy."""
     default_metrics: tuple[str, ...] = ()
+    reported: tuple[str, ...] = ("span_f1", "span_precision", "span_recall", "token_accuracy")
     tensors: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "positions", "valid", "labels")
     model_class: type = BertForTokenClassification
     hf_architecture: str = "ForTokenClassification"

@@ -12,20 +12,38 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from megatron_narrow.cli import RunRefused, refusing
 from megatron_narrow.config import ParallelConfig
+from megatron_narrow.convert.export import export_classifier_to_hf
 from megatron_narrow.data.tokenizer import Tokenizer
+from megatron_narrow.formats import checkpoint_files
 from megatron_narrow.model.recompute import set_activation_checkpointing
 from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker
 from megatron_narrow.tasks.config import FinetuneConfig, TaskConfig
 from megatron_narrow.tasks.kinds import label_set, read_examples, task_kind
+from megatron_narrow.tasks.metrics import LOWER_IS_BETTER
 from megatron_narrow.tasks.source import Pretrained, load_pretrained
+from megatron_narrow.training import checkpoint
+from megatron_narrow.training.engine import all_reduce, build_engine, training_device
+from megatron_narrow.training.metrics import MetricsLogger
+from megatron_narrow.training.optim import set_learning_rate
+from megatron_narrow.training.precision import with_resolved_precision
+from megatron_narrow.training.setup import (
+    DeepSpeedMPU,
+    check_wandb,
+    deepspeed_config,
+    init_distributed,
+    world_size_from_env,
+)
+from megatron_narrow.training.step import train_step
+from megatron_narrow.training.stop import RunStopped, StopSignal
 
 
 def build_task_model(run: FinetuneConfig, pretrained: Pretrained, num_labels: int,
@@ -111,14 +129,9 @@ class TaskInputs:
     valid: tuple | None
 
 
-def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
-    """Fine-tune, evaluate, export; returns the final metrics (rank 0's; every rank computes the same)."""
-    from megatron_narrow.cli import RunRefused, refusing
-    from megatron_narrow.training.engine import build_engine, training_device
-    from megatron_narrow.training.metrics import MetricsLogger
-    from megatron_narrow.training.precision import with_resolved_precision
-    from megatron_narrow.training.setup import DeepSpeedMPU, init_distributed
-
+def finetune(run: FinetuneConfig, ds_config_path: str, stop: StopSignal | None = None) -> dict:
+    """Fine-tune (or resume from train.save_dir), evaluate, export; returns the final metrics (rank 0's; every
+    rank computes the same). Raises RunStopped after checkpointing when `stop` sees SIGTERM or Ctrl-C."""
     run, precision_line = with_resolved_precision(run, training_device())  # train.precision=auto decided here
     with refusing():  # the config, the pretrained model and the task files; errors later are bugs
         inputs = read_task_inputs(run, ds_config_path)
@@ -127,6 +140,7 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     is_rank0 = dist.get_rank() == 0
     if is_rank0:
         print(precision_line, flush=True)
+    _restart_if_asked(run, is_rank0)
     device = training_device()
     tracker = RNGStatesTracker.for_model(run.train.seed, tensor_rank=0)
     with refusing():  # pretrained weights that lack part of the encoder
@@ -137,22 +151,35 @@ def finetune(run: FinetuneConfig, ds_config_path: str) -> dict:
     if batches is None:
         raise RunRefused(f"{run.task.train_file}: {len(inputs.train_tensors['labels'])} examples make no micro-batch "
                          f"of {run.train.micro_batch_size} per rank over {groups.data.size} data-parallel ranks")
-    logger = MetricsLogger(run.train.save_dir, enabled=is_rank0, resume_step=0, total_steps=run.train.train_steps,
-                           wandb_project=run.train.wandb_project, run_config=run.to_dict())
-    results, predicted = train_and_evaluate(run, inputs, engine, optimizer, batches, logger, device)
-    logger.close()
+    tuning = FineTuning(run, inputs, engine, optimizer, batches, device, tracker, is_rank0)
+    progress, rng = tuning.resume()
+    tuning.logger = MetricsLogger(run.train.save_dir, enabled=is_rank0, resume_step=progress.step,
+                                  total_steps=run.train.train_steps, wandb_project=run.train.wandb_project,
+                                  run_config=run.to_dict())
+    if rng is not None:  # last, after everything that draws random numbers while being built
+        checkpoint.restore_rng_state(rng, tracker)
+    try:
+        results, predicted = tuning.train_and_evaluate(progress, stop or StopSignal().install())
+    finally:
+        tuning.logger.close()
     if is_rank0:
-        write_outputs(run, inputs, engine.module, results, predicted)
+        write_outputs(run, inputs, engine.module, results, predicted, progress)
     if dist.is_initialized():
         dist.barrier()
     return results
 
 
+def _restart_if_asked(run: FinetuneConfig, is_rank0: bool) -> None:
+    """train.restart=true: the save directory's checkpoints are moved aside and the run starts fresh."""
+    if run.train.restart:
+        if is_rank0 and (moved := checkpoint_files.move_aside(run.train.save_dir)) is not None:
+            print(f"train.restart=true: starting fresh; the old checkpoints are now in {moved}", flush=True)
+        dist.barrier()
+
+
 def read_task_inputs(run: FinetuneConfig, ds_config_path: str) -> TaskInputs:
     """Every check and read that needs no process group: the config, the DeepSpeed JSON, the pretrained source
     and the task files."""
-    from megatron_narrow.training.setup import check_wandb, deepspeed_config, world_size_from_env
-
     run.validate()
     check_wandb(run.train)
     layout = ParallelConfig().resolve(world_size_from_env())
@@ -170,57 +197,166 @@ def read_task_inputs(run: FinetuneConfig, ds_config_path: str) -> TaskInputs:
     return TaskInputs(ds_config, pretrained, labels, train_tensors, valid)
 
 
-def train_and_evaluate(run: FinetuneConfig, inputs: TaskInputs, engine, optimizer, batches: _Epochs, logger,
-                       device: torch.device) -> tuple[dict, list]:
-    """train.train_steps optimizer steps over epochs of the shuffled train split, evaluating every
-    train.eval_interval steps and at the end; returns the last evaluation's (metrics, predictions)."""
-    from megatron_narrow.training.optim import set_learning_rate
-    from megatron_narrow.training.step import train_step
+@dataclass
+class FinetuneProgress:
+    """Where a fine-tuning run stands; saved in every checkpoint, so a resumed run continues bit for bit."""
 
-    kind, train = run.task.kind, run.train
-    results: dict = {}
-    predicted: list = []
+    step: int = 0
+    epoch: int = 0
+    """Epochs of the train split begun."""
+    drawn: int = 0
+    """Micro-batches drawn (on this rank) in the current epoch."""
+    best_value: float | None = None
+    """task.selection_metric of the best evaluation so far (its model is SAVE_DIR/best)."""
+    best_step: int | None = None
+    evaluations_since_best: int = 0
+    stopped_early: bool = False
 
-    def run_eval(step: int) -> None:
-        nonlocal results, predicted
-        if inputs.valid is None:
+
+class FineTuning:
+    """One fine-tuning run's loop: steps, evaluations, the best model, checkpoints and resume."""
+
+    def __init__(self, run: FinetuneConfig, inputs: TaskInputs, engine, optimizer, batches: _Epochs,
+                 device: torch.device, tracker: RNGStatesTracker, is_rank0: bool) -> None:
+        self.run, self.inputs, self.engine, self.optimizer, self.batches = run, inputs, engine, optimizer, batches
+        self.device, self.tracker, self.is_rank0 = device, tracker, is_rank0
+        self.kind = run.task.kind
+        self.logger = None
+        self.last_evaluation: tuple[int, dict, list] | None = None
+        """(step, metrics, predictions) of the latest evaluation."""
+        self.saved_step: int | None = None
+
+    def resume(self) -> tuple[FinetuneProgress, dict | None]:
+        """(progress, the RNG states to restore last) from train.save_dir's newest usable checkpoint, if any."""
+        save_dir = self.run.train.save_dir
+        plan = checkpoint_files.plan_resume(save_dir)
+        if not plan.tags:
+            return FinetuneProgress(), None
+        with refusing():  # no usable checkpoint, or one of other settings
+            _check_same_task(checkpoint_files.checkpoint_root(save_dir), plan, self.run)
+            loaded = checkpoint.load(self.engine, save_dir, plan, report=self._report,
+                                     trust=self.run.train.trust_checkpoint)
+        if loaded is None:
+            return FinetuneProgress(), None
+        ours = loaded[1]["megatron_narrow"]
+        progress = FinetuneProgress(**ours["progress"])
+        self.batches.seek(progress.epoch, progress.drawn)
+        self._report(f"resumed from step {progress.step} (epoch {progress.epoch})")
+        return progress, ours["rng"]
+
+    def train_and_evaluate(self, progress: FinetuneProgress, stop: StopSignal) -> tuple[dict, list]:
+        """Step to train.train_steps (or an early stop) over epochs of the shuffled train split, evaluating every
+        train.eval_interval steps and at the end, checkpointing every train.save_interval steps, at the end and
+        on a stop signal (then RunStopped); returns the last evaluation's (metrics, predictions)."""
+        train = self.run.train
+        losses: list[float] = []  # this step's micro-batch losses
+
+        def forward(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+            loss = task_loss(task_logits(self.engine, batch, self.kind), batch, self.kind)
+            losses.append(loss.item())
+            return loss, None
+
+        self.engine.train()
+        while progress.step < train.train_steps and not progress.stopped_early:
+            started = time.perf_counter()
+            lr = set_learning_rate(self.optimizer, progress.step, train)
+            micro_batches = ({k: v.to(self.device) for k, v in batch.items()} for batch in self.batches)  # lazily
+            losses.clear()
+            train_step(self.engine, micro_batches, self.inputs.ds_config["gradient_accumulation_steps"], forward,
+                       step=progress.step + 1, policy="stop", optimizer=self.optimizer, device=self.device)
+            progress.step += 1
+            progress.epoch, progress.drawn = self.batches.position()
+            if progress.step % train.log_interval == 0 or progress.step == train.train_steps:
+                self.logger.log({"step": progress.step, "loss": sum(loss / len(losses) for loss in losses), "lr": lr,
+                                 "step_time_s": time.perf_counter() - started, "epoch": progress.epoch})
+            if train.eval_interval and progress.step % train.eval_interval == 0 and progress.step != train.train_steps:
+                self._evaluate(progress)
+            self._checkpoint_or_stop(progress, stop)
+        if self.last_evaluation is None or self.last_evaluation[0] != progress.step:
+            self._evaluate(progress)
+        if self.saved_step != progress.step:
+            self._save(progress)  # the end is always checkpointed
+        return self.last_evaluation[1:] if self.last_evaluation else ({}, [])
+
+    def _evaluate(self, progress: FinetuneProgress) -> None:
+        """Metrics on the valid split (none without one); a better task.selection_metric is exported to
+        SAVE_DIR/best, and task.early_stopping_patience evaluations without one stop the run."""
+        if self.inputs.valid is None:
             return
-        examples, tensors, labeled_words = inputs.valid
-        results, predicted = evaluate(engine.module, tensors, kind, inputs.labels, train.micro_batch_size, device,
-                                      examples, labeled_words, run.task.chosen_metrics)
-        logger.log({"step": step, **{f"eval_{k}": v for k, v in results.items()}})
-        engine.train()
+        task, train = self.run.task, self.run.train
+        examples, tensors, labeled_words = self.inputs.valid
+        results, predicted = evaluate(self.engine.module, tensors, self.kind, self.inputs.labels,
+                                      train.micro_batch_size, self.device, examples, labeled_words,
+                                      task.chosen_metrics)
+        self.logger.log({"step": progress.step, **{f"eval_{k}": v for k, v in results.items()}})
+        value = results[task.selection_metric]
+        sign = -1.0 if task.selection_metric in LOWER_IS_BETTER else 1.0
+        if progress.best_value is None or sign * value > sign * progress.best_value:
+            progress.best_value, progress.best_step, progress.evaluations_since_best = value, progress.step, 0
+            if self.is_rank0:
+                with torch.random.fork_rng(devices=[]):  # the export's fresh HF model draws; training must not see it
+                    write_outputs(self.run, self.inputs, self.engine.module, results, predicted, progress, best=True)
+        else:
+            progress.evaluations_since_best += 1
+            patience = task.early_stopping_patience
+            if patience is not None and progress.evaluations_since_best >= patience and not progress.stopped_early:
+                progress.stopped_early = True
+                self._report(f"early stop at step {progress.step}: {patience} evaluations without a better "
+                             f"{task.selection_metric} than {progress.best_value:.4f} (step {progress.best_step})")
+        self.last_evaluation = (progress.step, results, predicted)
+        self.engine.train()
 
-    losses: list[float] = []  # this step's micro-batch losses
+    def _checkpoint_or_stop(self, progress: FinetuneProgress, stop: StopSignal) -> None:
+        train = self.run.train
+        preempted = all_reduce(torch.tensor(float(stop.received is not None), device=self.device),
+                               op=dist.ReduceOp.MAX).item() > 0
+        if (train.save_interval and progress.step % train.save_interval == 0) or preempted:
+            self._save(progress)
+        if preempted:
+            stopped = RunStopped(stop.received or "signal on another rank", progress.step)
+            self._report(str(stopped))
+            raise stopped
 
-    def forward(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
-        loss = task_loss(task_logits(engine, batch, kind), batch, kind)
-        losses.append(loss.item())
-        return loss, None
+    def _save(self, progress: FinetuneProgress) -> None:
+        client_state = {"megatron_narrow": {"progress": asdict(progress), "rng": checkpoint.rng_state(self.tracker)}}
+        train = self.run.train
+        checkpoint.save(self.engine, train.save_dir, progress.step, client_state, run_config=self.run.to_dict(),
+                        tokenizer_model=None, keep_last=train.keep_last, is_rank0=self.is_rank0)
+        self.saved_step = progress.step
 
-    engine.train()
-    for step in range(1, train.train_steps + 1):
-        started = time.perf_counter()
-        lr = set_learning_rate(optimizer, step - 1, train)
-        micro_batches = ({k: v.to(device) for k, v in batch.items()} for batch in batches)  # drawn one at a time
-        losses.clear()
-        train_step(engine, micro_batches, inputs.ds_config["gradient_accumulation_steps"], forward, step=step,
-                   policy="stop", optimizer=optimizer, device=device)  # fine-tuning stops on a non-finite loss
-        if step % train.log_interval == 0 or step == train.train_steps:
-            logger.log({"step": step, "loss": sum(loss / len(losses) for loss in losses), "lr": lr,
-                        "step_time_s": time.perf_counter() - started, "epoch": batches.epoch})
-        if train.eval_interval and step % train.eval_interval == 0 and step != train.train_steps:
-            run_eval(step)
-    run_eval(train.train_steps)
-    return results, predicted
+    def _report(self, line: str) -> None:
+        if self.is_rank0:
+            print(line, flush=True)
+
+
+def _check_same_task(root: Path, plan: checkpoint_files.ResumePlan, run: FinetuneConfig) -> None:
+    """Refuse to resume a checkpoint of another task, model or seed: its weights and data order belong to
+    that run."""
+    if not plan.candidates:
+        return
+    saved_file = root / plan.candidates[0] / checkpoint_files.CONFIG_NAME
+    if not saved_file.is_file():
+        return
+    saved, ours = json.loads(saved_file.read_text()), json.loads(json.dumps(run.to_dict()))
+    resumable = ("save_interval", "keep_last", "log_interval", "eval_interval", "train_steps", "restart",
+                 "trust_checkpoint", "wandb_project", "num_workers")
+    for section in ("task", "model", "train"):
+        for key, value in ours[section].items():
+            if section == "train" and key in resumable:
+                continue
+            if saved.get(section, {}).get(key) != value:
+                raise ValueError(f"{root.parent}: its checkpoint is of a run with {section}.{key}="
+                                 f"{saved.get(section, {}).get(key)!r}, this run says {value!r}; use another "
+                                 "train.save_dir, or train.restart=true to start over")
 
 
 class _Epochs:
-    """Micro-batches of the train split, epoch after epoch; each epoch reshuffled by DistributedSampler."""
+    """Micro-batches of the train split, epoch after epoch; each epoch reshuffled by DistributedSampler (from
+    train.seed and the epoch: no global random draw decides the order, so a resumed run can seek its place)."""
 
     def __init__(self, loader: DataLoader, sampler: DistributedSampler, kind: str) -> None:
         self.loader, self.sampler, self.kind = loader, sampler, kind
-        self.epoch, self._batches = 0, iter(())
+        self.epoch, self.drawn, self._batches = 0, 0, iter(())
 
     def __iter__(self) -> _Epochs:
         return self
@@ -229,11 +365,27 @@ class _Epochs:
         try:
             values = next(self._batches)
         except StopIteration:
-            self.sampler.set_epoch(self.epoch)
-            self.epoch += 1
-            self._batches = iter(self.loader)
+            self._begin(self.epoch)
             values = next(self._batches)
+        self.drawn += 1
         return dict(zip(task_kind(self.kind).tensors, values, strict=True))
+
+    def _begin(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.drawn = epoch + 1, 0
+        self._batches = iter(self.loader)
+
+    def position(self) -> tuple[int, int]:
+        """(epochs begun, micro-batches drawn in the current one)."""
+        return self.epoch, self.drawn
+
+    def seek(self, epoch: int, drawn: int) -> None:
+        """Continue where a run that was at position() == (epoch, drawn) stopped."""
+        if epoch > 0:
+            self._begin(epoch - 1)
+            for _ in range(drawn):
+                next(self._batches)
+            self.drawn = drawn
 
 
 def _epochs(tensors: dict[str, torch.Tensor], kind: str, train, groups: ProcessGroups) -> _Epochs | None:
@@ -245,12 +397,15 @@ def _epochs(tensors: dict[str, torch.Tensor], kind: str, train, groups: ProcessG
     return _Epochs(loader, sampler, kind) if len(loader) else None
 
 
-def write_outputs(run: FinetuneConfig, inputs: TaskInputs, model, results: dict, predicted: list) -> None:
+def write_outputs(run: FinetuneConfig, inputs: TaskInputs, model, results: dict, predicted: list,
+                  progress: FinetuneProgress, *, best: bool = False) -> None:
     """Rank 0: SAVE_DIR/hf (the classifier, its tokenizer and the task's settings), eval_results.json,
-    valid_predictions.jsonl and finetune_config.json."""
-    from megatron_narrow.convert.export import export_classifier_to_hf
-
-    kind, task, save_dir = run.task.kind, task_kind(run.task.kind), Path(run.train.save_dir)
+    valid_predictions.jsonl, finetune_config.json and finetune_summary.json (the step, the best evaluation's step
+    and value, whether it stopped early); best=True: the same under SAVE_DIR/best, for the best evaluation so far."""
+    kind, task = run.task.kind, task_kind(run.task.kind)
+    save_dir = Path(run.train.save_dir) / "best" if best else Path(run.train.save_dir)
+    summary = {"step": progress.step, "best_metric": run.task.selection_metric, "best_value": progress.best_value,
+               "best_step": progress.best_step, "stopped_early": progress.stopped_early}
     export_classifier_to_hf(model, save_dir / "hf", inputs.labels, task_settings={
         "finetune_max_seq_len": run.task.max_seq_len, "finetune_text_field": run.task.text_field,
         "finetune_text_pair_field": run.task.text_pair_field, "finetune_tokens_field": run.task.tokens_field,
@@ -262,3 +417,4 @@ def write_outputs(run: FinetuneConfig, inputs: TaskInputs, model, results: dict,
         (save_dir / "valid_predictions.jsonl").write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     (save_dir / "finetune_config.json").write_text(json.dumps(run.to_dict(), indent=1) + "\n")
+    (save_dir / "finetune_summary.json").write_text(json.dumps(summary, indent=1) + "\n")

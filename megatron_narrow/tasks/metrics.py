@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+LOWER_IS_BETTER = frozenset({"mse"})
+"""Metrics where a smaller value is the better model (every other is better higher)."""
+
 
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     if len(predictions) != len(labels):
