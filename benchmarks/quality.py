@@ -46,18 +46,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import heapq
-import itertools
 import json
 import os
-import random
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,15 +59,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_narrow.data.offline_corpus import (  # noqa: E402
-    iter_installed_package_docstrings,
-    iter_stdlib_docstrings,
+# the study's task builders live in example_tasks; library_examples, sentence_ends and top_libraries are
+# imported as quality.X for tests/test_quality_study.py
+from megatron_narrow.tasks.example_tasks import (  # noqa: E402
+    EXAMPLE_TASKS,
+    library_docstrings,
+    library_examples,  # noqa: F401
+    prose_sentences,
+    sentence_ends,  # noqa: F401
+    split_held_out,
+    top_libraries,  # noqa: F401
+    write_example_tasks,
 )
+from megatron_narrow.tasks.jobs import JobPool, one_rank_env  # noqa: E402
 
 VARIANTS = ("bert", "narrow", "token_drop")
 MODELS = (*VARIANTS, "narrow_time")  # narrow_time: NarrowBERT for bert's wall-clock
-TASKS = {"library": ("sequence", "accuracy", "sentence"), "sentence_ends": ("token", "span_f1", "token")}
-"""task -> (fine-tuning kind, metric, level: what makes it informative)"""
+TASKS = {task: (EXAMPLE_TASKS[task].kind, EXAMPLE_TASKS[task].metric, level)
+         for task, level in (("library", "sentence"), ("sentence_ends", "token"))}
+"""task -> (fine-tuning kind, metric: from example_tasks.EXAMPLE_TASKS, level: what makes it informative)"""
 ABLATIONS = {"narrow_as_bert": ("narrow", "bert"), "bert_as_narrow": ("bert", "narrow")}
 """Item 5, where narrow loses to bert: name -> (checkpoint, model.variant it is fine-tuned as), every task.
 narrow_as_bert runs a narrow checkpoint with every layer full-length (its top layers' queries, [CLS] or the tagged
@@ -85,7 +89,6 @@ TOKEN_F1 = 50.0
 """A token task is informative when bert's span F1 reaches this."""
 MLM_FACTOR = 3.0
 """bert's held-out masked top-1 must be this many times the unigram baseline's."""
-LIBRARIES = 6
 VOCAB_SIZE = 8000
 # model shape and pretraining recipe shared by every variant (NarrowBERT's paper: 2 full-length layers of 12;
 # here 2 of 6; token dropping keeps half the tokens in its middle layers, as the paper)
@@ -105,153 +108,69 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(command: list[str], log_file: Path, threads: int | None = None) -> None:
-    """Run one stage as its own process (one rank, gloo; `threads` intra-op threads, default torch's); its
-    output goes to log_file. A failure raises with the log's tail, so a broken stage says why."""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    """Run one stage as its own process (rank 0 of a world of one; `threads` intra-op threads, default torch's);
+    its output goes to log_file. A failure raises with the log's tail, so a broken stage says why."""
     with open(log_file, "w") as out:
-        code = subprocess.call([sys.executable, *command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, *command], cwd=ROOT, env={**one_rank_env(threads), **CPU},
+                               stdout=out, stderr=subprocess.STDOUT)
+    _check(code, command, log_file)
+
+
+def _check(code: int | None, command: list[str], log_file: Path) -> None:
     if code != 0:
         tail = log_file.read_text().splitlines()[-15:]
         raise RuntimeError(f"{' '.join(command[:2])} failed (exit {code}); {log_file}:\n" + "\n".join(tail))
 
 
+CPU = {"DS_ACCELERATOR": "cpu"}  # the study runs on the CPU even where a GPU is
+
+
 class Runner:
-    """Runs stages `jobs` at a time, each with cores // jobs threads: this model (hidden 128) keeps one core
-    busy far better than two (RESULTS.md), so two one-thread runs finish sooner than two two-thread runs in
-    turn. A free slot goes to the waiting stage of lowest priority number, then in order: a checkpoint's MLM
-    score and the equal-wall-clock run (which waits on bert's and narrow's) first, then pretraining, then
-    fine-tuning, so that the long runs start early and the short ones fill the gaps."""
+    """Runs stages `jobs` at a time (megatron_narrow/tasks/jobs.py), each with cores // jobs threads: this model
+    (hidden 128) keeps one core busy far better than two (RESULTS.md), so two one-thread runs finish sooner than
+    two two-thread runs in turn. A free slot goes to the waiting stage of lowest priority number, then in order:
+    a checkpoint's MLM score and the equal-wall-clock run (which waits on bert's and narrow's) first, then
+    pretraining, then fine-tuning, so that the long runs start early and the short ones fill the gaps."""
 
     def __init__(self, jobs: int) -> None:
-        self.jobs = jobs
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
-        self._free = jobs
-        self._waiting: list[tuple[int, int]] = []
-        self._tickets = itertools.count()
-        self._changed = threading.Condition()
+        self.pool = JobPool(jobs, cwd=ROOT, env=CPU)
+        self.jobs, self.threads = self.pool.jobs, self.pool.threads
 
     def __call__(self, command: list[str], log_file: Path, priority: int = 1) -> None:
-        with self._changed:
-            ticket = (priority, next(self._tickets))
-            heapq.heappush(self._waiting, ticket)
-            self._changed.wait_for(lambda: self._free > 0 and self._waiting[0] == ticket)
-            heapq.heappop(self._waiting)
-            self._free -= 1
-            self._changed.notify_all()
-        try:
-            run(command, log_file, self.threads)
-        finally:
-            with self._changed:
-                self._free += 1
-                self._changed.notify_all()
+        log_file.unlink(missing_ok=True)  # the pool appends: a stage's log is its last attempt's
+        _check(self.pool.run(command, log_file, priority), command, log_file)
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-def is_prose(sentence: str) -> bool:
-    """A full sentence of mostly plain words (not code, a table or a signature)."""
-    words = sentence.split()
-    plain = sum(bool(re.fullmatch(r"[A-Za-z][a-z]*[,.;:]?", w)) for w in words)
-    return 8 <= len(words) <= 40 and plain >= 0.8 * len(words) and sentence.endswith(".")
-
-
 def split_corpus(work: Path) -> tuple[Path, list[tuple[str, str]]]:
-    """(pretraining JSONL, held-out (library, sentence) pairs): every tenth distinct docstring is held out."""
-    pretrain, held_out, seen = [], [], set()
-    sources = itertools.chain((("stdlib", t) for t in iter_stdlib_docstrings()), iter_installed_package_docstrings())
-    for library, text in sources:
-        if text not in seen:  # templated docstrings repeat across packages
-            seen.add(text)
-            (held_out if len(seen) % 10 == 0 else pretrain).append((library, text))
+    """(pretraining JSONL, held-out (library, sentence) pairs): every tenth distinct docstring of the standard
+    library and the installed packages is held out (megatron_narrow/tasks/example_tasks.py)."""
+    pretrain, held_out = split_held_out(library_docstrings(packages=True))
     path = work / "raw" / "pretrain.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in pretrain))
-    sentences = set()
-    for library, text in held_out:
-        for paragraph in text.splitlines():
-            for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-                if is_prose(sentence):
-                    sentences.add((library, " ".join(sentence.split())))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in pretrain))
+    sentences = prose_sentences(held_out)
     log(f"corpus: {len(pretrain)} documents to pretrain on, {len(sentences)} held-out sentences")
-    return path, sorted(sentences)
-
-
-def sentence_ends(sentences: list[str], rng: random.Random) -> list[dict]:
-    """Sentence segmentation of unpunctuated text: runs of two or three sentences (in the given order) joined
-    with the full stops between them removed (the last keeps its own), each word that a removed stop followed tagged
-    B-END. Capitals help but do not settle it: docstrings capitalise None, True and class names mid-sentence."""
-    examples, start = [], 0
-    while start < len(sentences) - 1:
-        group = sentences[start:start + rng.choice((2, 3))]
-        start += len(group)
-        words, tags = [], []
-        for i, sentence in enumerate(group):
-            sentence_words = sentence.split()
-            if i < len(group) - 1:
-                sentence_words[-1] = sentence_words[-1].rstrip(".")
-            words += sentence_words
-            tags += ["O"] * (len(sentence_words) - 1) + ["B-END" if i < len(group) - 1 else "O"]
-        examples.append({"tokens": words, "tags": tags})
-    return examples
-
-
-def top_libraries(sentences: list[tuple[str, str]]) -> list[str]:
-    """The LIBRARIES libraries with the most held-out sentences that do not name them (chosen once, on the
-    whole held-out pool, so train and valid share the label set)."""
-    counts: dict[str, int] = {}
-    for library, sentence in sentences:
-        if library.lower() not in sentence.lower():
-            counts[library] = counts.get(library, 0) + 1
-    return sorted(counts, key=lambda name: (-counts[name], name))[:LIBRARIES]
-
-
-def library_examples(sentences: list[tuple[str, str]], libraries: list[str], count: int,
-                     rng: random.Random) -> list[dict]:
-    """Balanced examples of `libraries`, none naming its library."""
-    by_library: dict[str, list[str]] = {name: [] for name in libraries}
-    for library, sentence in sentences:
-        if library in by_library and library.lower() not in sentence.lower():
-            by_library[library].append(sentence)
-    per_class = min(count // len(libraries), *(len(found) for found in by_library.values()))
-    examples = [{"text": s, "label": name} for name in libraries for s in rng.sample(by_library[name], per_class)]
-    rng.shuffle(examples)
-    return examples
+    return path, sentences
 
 
 def write_tasks(sentences: list[tuple[str, str]], work: Path, sizes: tuple[int, int], seed: int = 0
                 ) -> dict[str, dict]:
-    """The downstream tasks' train/valid JSONL files; held-out sentences are split between train and valid
-    first, so no valid sentence is seen in fine-tuning."""
-    rng = random.Random(seed)
-    pool = sentences[:]
-    rng.shuffle(pool)
-    cut = len(pool) * sizes[1] // sum(sizes)
-    splits = {"valid": pool[:cut], "train": pool[cut:]}
-    libraries = top_libraries(pool)
-    files: dict[str, dict] = {task: {} for task in TASKS}
-    for split, wanted in zip(("train", "valid"), sizes, strict=True):
-        tasks = {"library": library_examples(splits[split], libraries, wanted, rng),
-                 "sentence_ends": sentence_ends([s for _, s in splits[split]], rng)[:wanted]}
-        for task, records in tasks.items():
-            path = work / "tasks" / f"{task}_{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
-            files[task][split] = str(path)
-            log(f"task {task} {split}: {len(records)} examples" + (
-                f" ({', '.join(sorted({r['label'] for r in records}))})" if task == "library" else ""))
-    return files
+    """The downstream tasks' train/valid JSONL files in WORK/tasks (example_tasks.write_example_tasks: held-out
+    sentences are split between train and valid first, so no valid sentence is seen in fine-tuning), with
+    `exclusive=False` as before it: the few sentence texts held out under two libraries may fall to both sides
+    (8 at --scale 1 here), kept so that a rerun writes the very files its finished fine-tuning runs, reused by
+    path, were made with."""
+
+    def written(task: str, split: str, records: list[dict], path: Path) -> None:
+        labels = EXAMPLE_TASKS[task].labels(records) if TASKS[task][2] == "sentence" else None
+        log(f"task {task} {split}: {len(records)} examples" + (f" ({', '.join(labels)})" if labels is not None else ""))
+
+    return write_example_tasks(sentences, work / "tasks", sizes, seed, tuple(TASKS), exclusive=False,
+                               on_written=written)
 
 
 def majority_baseline(valid_file: str) -> float:

@@ -13,28 +13,9 @@ writes SAVE_DIR/metrics.jsonl, SAVE_DIR/eval_results.json and the exported model
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from megatron_narrow.entry import exit_now, script_main
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_narrow.entry import exit_now, run_entry  # noqa: E402  (the same command line as pretraining)
-
-
-def _finetune(args, stop) -> None:
-    from megatron_narrow.cli import refusing
-    from megatron_narrow.tasks.config import load_finetune_config
-    from megatron_narrow.tasks.loop import finetune
-
-    with refusing():
-        run = load_finetune_config(args.config, args.overrides)
-    finetune(run, args.deepspeed_config, stop)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_entry(argv, _finetune, description=__doc__, sections="task, model, train")
-
+main = script_main("finetune", __doc__)
 
 if __name__ == "__main__":
     exit_now(main())

@@ -16,29 +16,9 @@ command again to resume); 2 a refused config or input (one `error:` line; --debu
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+from megatron_narrow.entry import exit_now, script_main
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_narrow.entry import exit_now, run_entry  # noqa: E402
-
-
-def _pretrain(args: argparse.Namespace, stop) -> None:
-    from megatron_narrow.cli import refusing
-    from megatron_narrow.config import load_run_config
-    from megatron_narrow.training.loop import pretrain
-
-    with refusing():
-        run = load_run_config(args.config, args.overrides)
-    pretrain(run, args.deepspeed_config, stop)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_entry(argv, _pretrain, description=__doc__, sections="model, data, parallel, train")
-
+main = script_main("pretrain", __doc__)
 
 if __name__ == "__main__":
     exit_now(main())

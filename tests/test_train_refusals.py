@@ -217,16 +217,19 @@ def test_only_set_up_errors_are_refusals_a_training_bug_keeps_its_traceback(caps
 
     argv = ["--deepspeed_config", "unused.json"]
 
-    def refused(args, stop) -> None:
+    def refused(config, ds_config, stop) -> None:
         with refusing():
             raise ValueError("data.seq_len=7: give at least 8")
 
-    assert run_entry(argv, refused, description="", sections="") == 2
+    def load(path, overrides) -> None:
+        return None
+
+    assert run_entry(argv, lambda: (load, refused), description="", sections="") == 2
     assert capsys.readouterr().err.strip() == "error: data.seq_len=7: give at least 8"
 
-    def bug(args, stop) -> None:
+    def bug(config, ds_config, stop) -> None:
         raise ValueError("operands could not be broadcast together")
 
     with pytest.raises(ValueError, match="operands could not be broadcast"):
-        run_entry(argv, bug, description="", sections="")
+        run_entry(argv, lambda: (load, bug), description="", sections="")
     assert "error:" not in capsys.readouterr().err
