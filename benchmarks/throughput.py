@@ -47,7 +47,10 @@ In bf16 the targets are those of fp32 but bert_vs_hf >= 1.48 (the FLOP ratio) an
 reported only.
 
   python benchmarks/throughput.py --json OUT.json [--precision bf16] [--rounds 7] [--repeats 2] [--batch 4]
-      [--layers 12 --hidden 256 --heads 4 --seq 512 --vocab 30522] [--profile]
+      [--layers 12 --hidden 256 --heads 4 --seq 512 --vocab 30522] [--device cuda] [--profile]
+
+On a GPU (--device cuda) it also reports tokens/s and MFU per training variant (counted FLOPs / step time / the
+device's bf16 dense peak); benchmarks/gpu_check.sh runs it at BERT-base shape.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_narrow.config import ModelConfig  # noqa: E402
 from megatron_narrow.model import BertForPreTraining, BertForSequenceClassification  # noqa: E402
 from megatron_narrow.model.recompute import set_activation_checkpointing  # noqa: E402
+from megatron_narrow.training.flops import peak_flops  # noqa: E402
 
 CLS, SEP, MASK = 101, 102, 103  # BERT WordPiece ids (the model's DEFAULT_SPECIAL_IDS)
 FIRST_WORD_ID = 999  # ids below are [unused*] / specials in BERT's vocabulary
@@ -278,6 +282,10 @@ def add_shape_arguments(parser: argparse.ArgumentParser, *, batch: int = 4, hidd
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the core count)")
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({core_count()} cores)"
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -294,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: bf16 parameters with fp32 master weights, as DeepSpeed's bf16 mode (default fp32)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: time on the GPU (TF32 off in fp32) and report tokens/s and MFU against the "
+                             "device's bf16 dense peak (training/flops.py) (default cpu)")
     parser.add_argument("--profile", nargs="*", default=None, metavar="VARIANT",
                         help="after timing, print torch.profiler's top ops by self CPU time for these training "
                              "variants (none given: all) and the classification forwards")
@@ -305,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or core_count()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    batch = make_batch(args.batch, args.seq, args.vocab, args.max_predictions, args.valid_targets, args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    batch = {key: value.to(device) for key, value in
+             make_batch(args.batch, args.seq, args.vocab, args.max_predictions, args.valid_targets, args.seed).items()}
 
     train_models: dict[str, torch.nn.Module] = {}
     for name in TRAIN_VARIANTS:
@@ -317,16 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         train_models[name].train()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     for model in train_models.values():
-        model.to(dtype)
+        model.to(device, dtype)
     optimizers = {name: optimizer_for(model, args.precision) for name, model in train_models.items()}
     steps = {name: make_train_step(name, train_models[name], optimizers[name], batch) for name in TRAIN_VARIANTS}
-    infer_models = {name: BertForSequenceClassification(model_config(args, name), num_labels=2).eval().to(dtype)
+    infer_models = {name: BertForSequenceClassification(model_config(args, name), num_labels=2).eval().to(device,
+                                                                                                         dtype)
                     for name in INFER_VARIANTS}
     infers = {name: make_infer(infer_models[name], batch) for name in INFER_VARIANTS}
     fused = {name: bool(opt.defaults.get("fused")) for name, opt in optimizers.items()}
 
     targets = BF16_TARGETS if args.precision == "bf16" else TARGETS
-    print(f"{args.precision}, threads {threads}, batch {args.batch} x seq {args.seq}, {args.layers} layers, "
+    print(f"{args.precision} on {device_name(device)}, threads {threads}, batch {args.batch} x seq {args.seq}, "
+          f"{args.layers} layers, "
           f"hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, "
           f"{args.valid_targets}/{args.max_predictions} targets, "
           f"AdamW {'fused' if all(fused.values()) else 'foreach'}", flush=True)
@@ -394,11 +411,16 @@ def main(argv: list[str] | None = None) -> int:
         results["narrow_vs_hf_flops_ratio"] = train_flops["hf"] / train_flops["narrow"]
         results["token_drop_vs_hf_flops_ratio"] = train_flops["hf"] / train_flops["token_drop"]
         results["narrow_infer_vs_bert_flops_ratio"] = infer_flops["bert"] / infer_flops["narrow"]
+        peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+        for name in TRAIN_VARIANTS:  # model FLOPs utilisation: the step's counted FLOPs at its measured time
+            results[f"{name}_mfu"] = train_flops[name] / train_s[name] / peak if peak else None
+    for name in TRAIN_VARIANTS:
+        results[f"{name}_tokens_per_s"] = args.batch * args.seq / train_s[name]
 
     results["config"] = {"batch": args.batch, "seq": args.seq, "layers": args.layers, "hidden": args.hidden,
                          "heads": args.heads, "vocab": args.vocab, "max_predictions": args.max_predictions,
                          "valid_targets": args.valid_targets, "rounds": args.rounds, "threads": threads,
-                         "precision": args.precision,
+                         "precision": args.precision, "device": device_name(device),
                          "adamw_fused": fused, "torch": torch.__version__}
     results["samples"] = {"train_s": train_times, "infer_s": infer_times}
     results["targets"] = {key: f"{op} {value}" for key, (op, value) in targets.items()}
@@ -418,9 +440,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{results[f'bert_{mode}_checkpointing_step_time_vs_none']:.3f}")
     print("best-of-rounds ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in results["best_of_rounds"].items()))
     for name in TRAIN_VARIANTS:
-        gflop = results.get(f"{name}_train_gflop")
+        gflop, mfu = results.get(f"{name}_train_gflop"), results.get(f"{name}_mfu")
         print(f"{name + ' train step (s)':<28}{train_s[name]:>12.3f}"
-              + (f"{gflop:>12.1f} GFLOP" if gflop is not None else ""))
+              + (f"{gflop:>12.1f} GFLOP" if gflop is not None else "")
+              + f"{results[f'{name}_tokens_per_s']:>12,.0f} tokens/s" + (f"  MFU {mfu:.1%}" if mfu else ""))
     for name in INFER_VARIANTS:
         gflop = results.get(f"{name}_infer_gflop")
         print(f"{name + ' cls inference (s)':<28}{infer_s[name]:>12.3f}"

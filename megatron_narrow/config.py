@@ -265,8 +265,10 @@ class ModelConfig:
     """Seed of the master-weight initialisation (identical weights for any TP size)."""
 
     attention_backend: str = "sdpa"
-    """Attention kernel (model/attention_backends.py): sdpa (torch picks the fastest it can) or math (the
-    readable reference). Not part of the weights: a run may resume or export with another."""
+    """Attention kernel (model/attention_backends.py): sdpa (torch picks the fastest it can), math (the
+    readable reference) or varlen (each packed segment alone, as variable-length sequences: FlashAttention-2's
+    varlen kernel when flash_attn is installed, torch's jagged NestedTensors otherwise). Not part of the
+    weights: a run may resume or export with another."""
 
     compile: bool = False
     """Compile the model with torch.compile (DeepSpeed's engine.compile; inductor on the CPU and on CUDA), which

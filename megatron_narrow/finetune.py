@@ -13,7 +13,12 @@ writes SAVE_DIR/metrics.jsonl, SAVE_DIR/eval_results.json and the exported model
 
 from __future__ import annotations
 
-from megatron_narrow.entry import exit_now, script_main
+import sys
+from pathlib import Path
+
+sys.path[:0] = [] if __package__ else [str(Path(__file__).resolve().parents[1])]  # as a script: this checkout
+
+from megatron_narrow.entry import exit_now, script_main  # noqa: E402
 
 main = script_main("finetune", __doc__)
 

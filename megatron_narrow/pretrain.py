@@ -16,7 +16,12 @@ command again to resume); 2 a refused config or input (one `error:` line; --debu
 
 from __future__ import annotations
 
-from megatron_narrow.entry import exit_now, script_main
+import sys
+from pathlib import Path
+
+sys.path[:0] = [] if __package__ else [str(Path(__file__).resolve().parents[1])]  # as a script: this checkout
+
+from megatron_narrow.entry import exit_now, script_main  # noqa: E402
 
 main = script_main("pretrain", __doc__)
 

@@ -184,16 +184,39 @@ def run_in_this_process(argv: list[str], monkeypatch, *, entry: str = "pretrain"
     return entry_point(entry).main(argv)
 
 
-def run_tool(name: str, argv: list[str]) -> int:
-    """tools/NAME.py's exit code for `argv`, run in this process (its main(argv) is the command line). A test that
-    kills a tool starts it as a process of its own; the documents' commands run in tests/doc_commands.py."""
+def run_tool(name: str, argv: list[str], **hooks) -> int:
+    """tools/NAME.py's exit code for `argv`, run in this process (its main(argv) is the command line; `hooks` are
+    main's keyword arguments for tests, e.g. evaluate_suite's `launch`). A test that kills a tool starts it as a
+    process of its own; the documents' commands run in tests/doc_commands.py."""
     module = sys.modules.get(f"tool_{name}")
     if module is None:
         spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[spec.name] = module
-    return module.main(argv)
+    return module.main(argv, **hooks)
+
+
+class WarmJob:
+    """A job of tasks/jobs.py's JobPool (`python ENTRY.py ARGS`) as a warm rank of the fork server: a suite's
+    run costs its work, not ~8 s of imports. Its output is appended to the pool's log file when it ends."""
+
+    def __init__(self, command: list[str], log_file: Path, env: dict[str, str]) -> None:
+        self.log_file = log_file
+        self.run = start_run(command[1:], entry=Path(command[0]).stem, env={"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]})
+
+    def poll(self) -> int | None:
+        return self.run.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.run.send_signal(signum)
+
+    def wait(self) -> int:
+        code = self.run.wait(600)
+        with open(self.log_file, "a") as log:
+            log.write(self.run.output())
+        shutil.rmtree(self.run.workdir, ignore_errors=True)
+        return code
 
 
 def start_run_until(argv: list[str], ready: Callable[[], bool], *, world: int = 1, timeout: float = 300,

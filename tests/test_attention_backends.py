@@ -37,11 +37,14 @@ def batch(packed: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(variant: str, backend: str, data: dict[str, torch.Tensor]):
+def run(variant: str, backend: str, data: dict[str, torch.Tensor], device: str = "cpu",
+        dtype: torch.dtype = torch.float32):
+    """(per-target losses, gradients by parameter name) of one forward and backward (tests/test_gpu.py: on CUDA)."""
     config = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=SEQ,
                          full_length_layers=2, hidden_dropout=0.0, attention_dropout=0.0, token_drop_keep_ratio=0.75,
                          attention_backend=backend, variant=variant)
     model = BertForPreTraining(config, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    model.to(device, dtype)
     out = model(**data)
     out.loss.backward()
     return out.target_losses, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -63,5 +66,5 @@ def test_backends_equal_the_math_reference(variant, packed):
 
 def test_unavailable_backend_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"model.attention_backend='flash9' is not available here; choose one of "
-                                         r"math, sdpa"):
+                                         r"math, sdpa, varlen"):
         attention_backend("flash9")

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
 from .conftest import REPO
 from .doc_commands import doc_block, doc_workspace
-from .runs import latest
+from .runs import WarmJob, latest, run_tool
 
 QUICK = ("--seeds 1 2 --lrs 1e-3 --set train.train_steps=150 train.micro_batch_size=8 task.max_seq_len=32 "
          "train.log_interval=1 train.save_interval=50")
@@ -41,41 +43,49 @@ def training(output_dir: Path) -> list[Path]:
     return [p for p in run_dirs(output_dir) if (p / "metrics.jsonl").is_file() and p not in finished(output_dir)]
 
 
-def running(pid: int, script: str) -> int | None:
-    """The pid running `script`: `pid` itself (bash runs a one-command script in its own process) or a child."""
-    if script in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace"):
-        return pid
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == pid and script in command:
-                return int(entry.name)
-    return None
+def suite_argv(work: Path, output_dir: str = "runs/suite") -> list[str]:
+    """The README's suite command (at test scale) as the tool's argv."""
+    script = doc_block("readme-suite").script(readme_suite(output_dir)).replace("\\\n", " ")
+    words = shlex.split(script)
+    assert words[:2] == ["python", "tools/evaluate_suite.py"], words
+    return words[2:]
 
 
-def test_the_example_suite_survives_a_stop_and_its_table_is_its_runs(tmp_path, reference_runs):
+def stop_when(ready, deadline_s: float = 300) -> threading.Thread:
+    """A thread that sends this process SIGTERM once `ready()` holds: the tool's handler stops its runs, as a
+    scheduler's SIGTERM to the suite does."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + deadline_s
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_example_suite_survives_a_stop_and_its_table_is_its_runs(tmp_path, reference_runs, monkeypatch,
+                                                                     capsys):
+    """The README's commands (the suite run in this process, its fine-tuning runs as warm ranks): SIGTERM once two
+    runs are done and others train; the rerun finishes only the rest, resuming the stopped ones."""
     work = doc_workspace(tmp_path / "work")
     shutil.copytree(reference_runs("narrow"), work / "runs/tiny")
     doc_block("readme-example-tasks").run(work, replace={
         "runs/example_tasks": "runs/example_tasks --stdlib-only --train 96 --valid 48"})
-    block, output_dir = doc_block("readme-suite"), work / "runs/suite"
-    process = block.start(work, replace=readme_suite())
-    deadline = time.monotonic() + 300
-    while not (len(finished(output_dir)) >= 2 and training(output_dir)):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    os.kill(running(process.pid, "evaluate_suite.py"), signal.SIGTERM)  # the suite, as a scheduler stops it
-    output = block.finish(process, expect=75, timeout=120).stdout
-    assert "stopped: every running fine-tuning saved a checkpoint" in output
+    monkeypatch.chdir(work)
+    output_dir = work / "runs/suite"
+    watcher = stop_when(lambda: len(finished(output_dir)) >= 2 and bool(training(output_dir)))
+    assert run_tool("evaluate_suite", suite_argv(work), launch=WarmJob) == 75
+    watcher.join()
+    assert "stopped: every running fine-tuning saved a checkpoint" in capsys.readouterr().out
     interrupted = [p for p in run_dirs(output_dir) if p not in finished(output_dir) and latest(p) is not None]
     assert interrupted, "a run was stopped mid-way with a checkpoint"
     done_before = {p: (p / "eval_results.json").stat().st_mtime_ns for p in finished(output_dir)}
 
-    output = block.run(work, replace=readme_suite()).stdout
+    assert run_tool("evaluate_suite", suite_argv(work), launch=WarmJob) == 0
+    output = capsys.readouterr().out
     assert f"6 runs: {len(done_before)} finished earlier, {6 - len(done_before)} to run" in output
     assert all((p / "eval_results.json").stat().st_mtime_ns == t for p, t in done_before.items()), "left alone"
     for run in interrupted:
@@ -97,8 +107,8 @@ def test_the_example_suite_survives_a_stop_and_its_table_is_its_runs(tmp_path, r
     shutil.copytree(output_dir, fresh)
     for run in interrupted:
         shutil.rmtree(fresh / run.relative_to(output_dir))
-    output = block.run(work, replace=readme_suite("runs/fresh")).stdout
-    assert f"6 runs: {6 - len(interrupted)} finished earlier, {len(interrupted)} to run" in output
+    assert run_tool("evaluate_suite", suite_argv(work, "runs/fresh"), launch=WarmJob) == 0
+    assert f"6 runs: {6 - len(interrupted)} finished earlier, {len(interrupted)} to run" in capsys.readouterr().out
     assert json.loads((fresh / "suite_results.json").read_text())["table"] == results["table"]
 
 

@@ -89,7 +89,8 @@ def run_jobs(jobs: list, suite, pool, output_dir: Path) -> list:
     return failed
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launch=None) -> int:
+    """`launch`: how a fine-tuning run starts (JobPool's; tests start warm processes)."""
     args = parse_args(argv)
     from megatron_narrow.tasks.jobs import JobPool
     from megatron_narrow.tasks.suite import checkpoint_labels, load_suite, markdown_table, plan_jobs, plot, summarise
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         suite = load_suite(args.suite, args.data_dir, overrides=args.settings, seeds=args.seeds, lrs=args.lrs)
         checkpoints = checkpoint_labels(args.checkpoint)
-        pool = JobPool(args.jobs)
+        pool = JobPool(args.jobs, launch=launch)
         output_dir = Path(args.output_dir).resolve()
         jobs = plan_jobs(suite, checkpoints, output_dir)
     except ValueError as error:

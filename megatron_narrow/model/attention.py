@@ -16,6 +16,7 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention_backends import attention_backend
+from megatron_narrow.model.attention_mask import AttentionMask
 from megatron_narrow.model.dropout import dropout
 from megatron_narrow.model.recompute import recomputed
 from megatron_narrow.model.residual import PostNormResidual
@@ -32,11 +33,6 @@ def few_queries(num_queries: int, head_dim: int) -> bool:
     projecting keys and values for every context position: per head it costs ~Q x S x H against
     S x H x head_dim, so below head_dim queries; a margin of 4 covers its less efficient batched GEMMs."""
     return num_queries * 4 <= head_dim
-
-
-def head_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A key mask (B, S) or a per-query mask (B, Q, S), True = may attend, broadcast over heads: (B, 1, ., S)."""
-    return mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -66,7 +62,7 @@ class BertSelfAttention(nn.Module):
         return split_heads(k, self.head_dim), split_heads(v, self.head_dim)
 
     def attend_through_weights(self, queries: torch.Tensor, context: torch.Tensor,
-                               key_mask: torch.Tensor) -> torch.Tensor:
+                               key_mask: AttentionMask | torch.Tensor) -> torch.Tensor:
         """Attention of a few query rows over every context position without projecting keys and values for
         all of them (NarrowBERT classification: [CLS] is the only query).
 
@@ -81,7 +77,7 @@ class BertSelfAttention(nn.Module):
         context = self.key.region_input(context)  # key and value weights are both applied to it
         pulled = torch.einsum("bhqd,hdk->bhqk", q, self.key.weight.view(heads, d, hidden))  # (B, h, Q, H)
         scores = torch.einsum("bhqk,bsk->bhqs", pulled, context) * d ** -0.5  # (B, h, Q, S)
-        probs = scores.masked_fill(~head_mask(key_mask), float("-inf")).softmax(dim=-1)
+        probs = scores.masked_fill(~AttentionMask.of(key_mask).dense(), float("-inf")).softmax(dim=-1)
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0:
             fork = self.tracker.fork() if self.tracker is not None else contextlib.nullcontext()
@@ -93,17 +89,19 @@ class BertSelfAttention(nn.Module):
         weight = 1.0 if dropout_p == 0 else probs.sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, Q, h, 1)
         return (out + weight * self.value.bias.view(heads, d)).reshape(b, q_len, heads * d)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
               dropout_p: float) -> torch.Tensor:
         """The kernel, its dropout drawn from this rank's heads' stream."""
         fork = self.tracker.fork() if (self.tracker is not None and dropout_p > 0) else contextlib.nullcontext()
         with fork:
             return self.kernel(q, k, v, mask, dropout_p)
 
-    def forward(self, queries: torch.Tensor, key_mask: torch.Tensor, *, context: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, through_weights: bool = False) -> torch.Tensor:
-        """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask (B, S) True = real,
-        or (B, Q, S) True where that query may attend that key (packed segments: encoder.segment_mask).
+    def forward(self, queries: torch.Tensor, key_mask: AttentionMask | torch.Tensor, *,
+                context: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                through_weights: bool = False) -> torch.Tensor:
+        """queries (B, Q, H) attend to context (B, S, H), or to precomputed kv; key_mask an AttentionMask (the
+        encoder's: segments), a key mask (B, S) True = real, or (B, Q, S) True where that query may attend that
+        key.
 
         With neither context nor kv this is ordinary self-attention (Q, K, V from one region entry). With
         through_weights (the encoder walk decides: `few_queries`), queries against a context attend through the
@@ -118,7 +116,7 @@ class BertSelfAttention(nn.Module):
         else:
             q = split_heads(self.query(queries), self.head_dim)
             k, v = kv if kv is not None else self.project_kv(context)
-        mask = head_mask(key_mask)
+        mask = AttentionMask.of(key_mask)
         dropout_p = self.dropout_p if self.training else 0.0
         if self.recompute_core and self.training and torch.is_grad_enabled():
             out = recomputed(self._core, q, k, v, mask, dropout_p, tracker=self.tracker)

@@ -10,9 +10,10 @@ its own (model/pipeline.py), with the state packed into fixed-shape tensors betw
               all; layers L/2..L-2 on kept tokens only; the dropped tokens' states wait and are scattered
               back before layer L-1, which runs on all positions.
 
-Packed segments (data.packing=segments) carry `segment_ids`; every attention then takes a per-query mask
-(segment_mask) so that each row (a full position, a narrow query, a kept token) sees only the keys of its
-own segment. Without segment ids the key mask is used as before.
+Packed segments (data.packing=segments) carry `segment_ids`; every attention then takes an AttentionMask of
+query and key segments (model/attention_mask.py) so that each row (a full position, a narrow query, a kept
+token) sees only the keys of its own segment: dense kernels read it as a per-query mask, `varlen` computes
+each segment alone. Without segment ids the key mask is used as before.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from megatron_narrow.config import ModelConfig
 from megatron_narrow.model.attention import few_queries, split_heads
+from megatron_narrow.model.attention_mask import AttentionMask
 from megatron_narrow.model.layer import BertLayer
 from megatron_narrow.model.token_drop import TokenImportance
 from megatron_narrow.parallel import (
@@ -69,14 +71,6 @@ class EncoderState:
     """narrow with packed segments, after the full-length layers: (B, Q) segment of each query row."""
 
 
-def segment_mask(query_segments: torch.Tensor, key_segments: torch.Tensor) -> torch.Tensor:
-    """(B, Q) and (B, S) segment ids -> (B, Q, S) bool: a query may attend the real keys of its own segment.
-    A query on padding (segment 0; nobody reads its output) may attend every real key, as unpacked padding
-    does: a row with no key at all would make the softmax NaN, and NaN leaks into gradients."""
-    queries, keys = query_segments.unsqueeze(-1), key_segments.unsqueeze(1)
-    return (keys != 0) & ((queries == keys) | (queries == 0))
-
-
 def transition_layer(config: ModelConfig) -> int | None:
     """The layer whose queries are the kept tokens (token dropping), or None."""
     roles = layer_roles(config)
@@ -115,7 +109,8 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
     layers = list(layers)
     num_layers, roles = config.num_layers, layer_roles(config)
     segments = state.segment_ids
-    full_mask = state.key_mask if segments is None else None  # packed: built when a full layer needs it
+    # unpacked: every query of a row may attend the row's real keys; packed: those of its own segment
+    full_mask = AttentionMask.of(state.key_mask) if segments is None else AttentionMask(segments, segments)
     narrow_mask = None
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in layers:
@@ -130,7 +125,7 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
                         segments.gather(1, state.query_positions)
                 state.query_positions = None
             if narrow_mask is None:
-                narrow_mask = state.key_mask if segments is None else segment_mask(state.query_segments, segments)
+                narrow_mask = full_mask if segments is None else AttentionMask(segments, state.query_segments)
             if few_queries(state.hidden.shape[1], config.head_dim):  # e.g. [CLS] only: no K/V for all positions
                 state.hidden = layer(state.hidden, narrow_mask, context=state.context, through_weights=True)
             else:
@@ -143,18 +138,16 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
             _drop_tokens(config, layer, state, importance)
         elif role == "kept":
             if segments is None:
-                state.hidden = layer(state.hidden, state.kept_mask)
+                state.hidden = layer(state.hidden, AttentionMask.of(state.kept_mask))
             else:
                 kept_segments = segments.gather(1, state.kept)
-                state.hidden = layer(state.hidden, segment_mask(kept_segments, kept_segments))
+                state.hidden = layer(state.hidden, AttentionMask(kept_segments, kept_segments))
         elif role == "rejoin":
             index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
             restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin
             state.context = state.kept = state.kept_mask = None
-            full_mask = full_mask if full_mask is not None else segment_mask(segments, segments)
             state.hidden = layer(restored, full_mask)
         else:
-            full_mask = full_mask if full_mask is not None else segment_mask(segments, segments)
             state.hidden = layer(state.hidden, full_mask)
         if index == num_layers - 1 and state.query_positions is not None:
             state.hidden = gather_positions(state.hidden, state.query_positions)
@@ -170,9 +163,9 @@ def _drop_tokens(config: ModelConfig, layer: BertLayer, state: EncoderState,
         raise ValueError(f"variant={config.variant} drops tokens: it needs the importance vector and the input ids")
     k = config.kept_tokens(state.hidden.shape[1])
     kept, kept_mask = importance.select(state.input_ids, state.key_mask, state.query_positions, state.query_valid, k)
-    mask = state.key_mask
+    mask = AttentionMask.of(state.key_mask)
     if state.segment_ids is not None:
-        mask = segment_mask(state.segment_ids.gather(1, kept), state.segment_ids)
+        mask = AttentionMask(state.segment_ids, state.segment_ids.gather(1, kept))
     state.context = state.hidden  # the dropped tokens' states wait here unchanged
     state.hidden = layer(gather_positions(state.hidden, kept), mask, context=state.hidden,
                          through_weights=few_queries(kept.shape[1], config.head_dim))

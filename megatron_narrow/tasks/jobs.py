@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 REPO = Path(__file__).resolve().parents[2]
 FINETUNE = REPO / "megatron_narrow" / "finetune.py"
@@ -35,22 +37,37 @@ def one_rank_env(threads: int | None) -> dict[str, str]:
     return env
 
 
+class Process(Protocol):
+    def wait(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+
+Launch = Callable[[list[str], Path, dict[str, str]], Process]
+"""(command, log file to append to, environment) -> the started process."""
+
+
 class JobPool:
     """Runs commands (`python SCRIPT ARGS`) `jobs` at a time, each with cores // jobs
     threads; a free slot goes to the waiting command of lowest priority number, first come first served among
     equals. Thread-safe: call `run` from one thread per command."""
 
-    def __init__(self, jobs: int, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
-        """`cwd`: where the commands run (default: this process's working directory); `env`: added to theirs."""
+    def __init__(self, jobs: int, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 launch: Launch | None = None) -> None:
+        """`cwd`: where the commands run (default: this process's working directory); `env`: added to theirs;
+        `launch`: how a command starts (default: `python COMMAND` as a subprocess; tests start warm processes)."""
         if jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
         self.jobs, self.cwd, self.env = jobs, cwd, env or {}
+        self.launch = launch or self._subprocess
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self._free = jobs
         self._waiting: list[tuple[int, int]] = []
         self._tickets = itertools.count()
         self._changed = threading.Condition()
-        self._running: set[subprocess.Popen] = set()
+        self._running: set[Process] = set()
         self.stopping = False
 
     def run(self, command: list[str], log_file: Path, priority: int = 1) -> int | None:
@@ -67,9 +84,7 @@ class JobPool:
             self._free -= 1
             self._changed.notify_all()
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_file, "a") as out:
-                process = subprocess.Popen([sys.executable, *command], cwd=self.cwd, stdout=out,
-                                           stderr=subprocess.STDOUT, env={**one_rank_env(self.threads), **self.env})
+            process = self.launch(command, log_file, {**one_rank_env(self.threads), **self.env})
             self._running.add(process)
         try:
             return process.wait()
@@ -78,6 +93,11 @@ class JobPool:
                 self._running.discard(process)
                 self._free += 1
                 self._changed.notify_all()
+
+    def _subprocess(self, command: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
+        with open(log_file, "a") as out:
+            return subprocess.Popen([sys.executable, *command], cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Start nothing more; `signum` to every running command (fine-tuning checkpoints and exits 75)."""
