@@ -16,8 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the fork server preload
 REPO = Path(__file__).resolve().parents[1]
 # The longest modules first (tools/run_tests.sh gives each of two workers whole modules): the short ones then fill
 # the end of both workers' queues instead of one worker finishing a long module alone.
-LONGEST_FIRST = ("test_quickstart.py", "test_slurm.py", "test_pipeline_train.py", "test_finetune.py",
-                 "test_train_layouts.py", "test_train_launchers.py", "test_ds_configs.py")
+LONGEST_FIRST = ("test_quickstart.py", "test_finetune.py", "test_train_layouts.py", "test_pipeline_train.py",
+                 "test_train_launchers.py", "test_evaluate_suite.py", "test_ds_configs.py", "test_slurm.py",
+                 "test_convert_checkpoint.py", "test_doc_commands.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

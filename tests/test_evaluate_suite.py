@@ -19,12 +19,12 @@ from .conftest import REPO
 from .doc_commands import doc_block, doc_workspace
 from .runs import WarmJob, latest, run_tool
 
-QUICK = ("--seeds 1 2 --lrs 1e-3 --set train.train_steps=150 train.micro_batch_size=8 task.max_seq_len=32 "
-         "train.log_interval=1 train.save_interval=50")
+QUICK = ("--seeds 1 2 --lrs 1e-3 --set train.train_steps=100 train.micro_batch_size=8 task.max_seq_len=32 "
+         "train.log_interval=1 train.save_interval=25")
 
 
 def readme_suite(output_dir: str = "runs/suite") -> dict[str, str]:
-    """The README's suite commands at test scale: small tasks, one tiny checkpoint, two seeds, one lr, 150 steps."""
+    """The README's suite commands at test scale: small tasks, one tiny checkpoint, two seeds, one lr, 100 steps."""
     return {"--checkpoint bert=runs/quality/pretrain/bert_seed1 narrow=runs/quality/pretrain/narrow_seed1":
                 "--checkpoint tiny=runs/tiny",
             "--output-dir runs/suite": f"--output-dir {output_dir}", "--jobs 2": f"--jobs 2 {QUICK}"}

@@ -5,8 +5,10 @@ CUDA RNG states round-trip (a resumed run with dropout equals the uninterrupted 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,15 +45,19 @@ def test_backends_equal_math_on_cuda(backend, variant, packed):
         assert error <= BF16_GRAD_TOLERANCE, f"{backend} {name}: {error:.3f}"
 
 
-def cuda_run(argv: list[str], entry: str = "pretrain") -> subprocess.CompletedProcess:
-    """`python megatron_narrow/ENTRY.py argv` as rank 0 of one on the GPU (a fresh process: the tests' fork server
-    has DeepSpeed's CPU accelerator loaded)."""
+def cuda_env() -> dict[str, str]:
+    """Rank 0 of one on the GPU, in a fresh process (the tests' fork server has DeepSpeed's CPU accelerator)."""
     env = {**os.environ, "DS_ACCELERATOR": "cuda", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    result = subprocess.run([sys.executable, str(REPO / f"megatron_narrow/{entry}.py"), *argv], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    return env
+
+
+def cuda_run(argv: list[str]) -> subprocess.CompletedProcess:
+    """`python megatron_narrow/pretrain.py argv` on the GPU, to its end."""
+    result = subprocess.run([sys.executable, str(REPO / "megatron_narrow/pretrain.py"), *argv], env=cuda_env(),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -65,17 +71,24 @@ def test_bf16_zero1_run_trains_on_cuda(tmp_path, tiny_corpus_data):
 
 
 def test_cuda_rng_states_round_trip_bit_exactly(tmp_path, tiny_corpus_data):
-    """Dropout on (tiny_cpu.yaml's 0.1), fp32, the math kernel (deterministic): 10 steps in one go, and 10 steps
-    as 5 then a resume from step 5's checkpoint, give the same losses bit for bit."""
-    settings = {"train.precision": "fp32", "model.attention_backend": "math", "train.save_interval": "5"}
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    cuda_run(pretrain_argv(tiny_corpus_data, whole, "narrow", **settings, **{"train.train_steps": "10"}))
-    cuda_run(pretrain_argv(tiny_corpus_data, halves, "narrow", **settings, **{"train.train_steps": "5"}))
-    assert latest(halves) == "step_0000005"
-    output = cuda_run(pretrain_argv(tiny_corpus_data, halves, "narrow", **settings,
-                                    **{"train.train_steps": "10"})).stdout
-    assert "resumed from step 5" in output
-    assert losses(halves) == losses(whole) and len(losses(whole)) == 10
+    """Dropout on (tiny_cpu.yaml's 0.1), fp32, the math kernel (deterministic): a 10-step run stopped by SIGTERM
+    once step 3 is checkpointed, then resumed, gives the uninterrupted run's losses bit for bit."""
+    settings = {"train.precision": "fp32", "model.attention_backend": "math", "train.save_interval": "3",
+                "train.train_steps": "10"}
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    cuda_run(pretrain_argv(tiny_corpus_data, whole, "narrow", **settings))
+    argv = pretrain_argv(tiny_corpus_data, stopped, "narrow", **settings)
+    process = subprocess.Popen([sys.executable, str(REPO / "megatron_narrow/pretrain.py"), *argv], env=cuda_env(),
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while latest(stopped) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 75
+    stopped_at = int(latest(stopped).removeprefix("step_"))
+    assert stopped_at < 10
+    assert f"resumed from step {stopped_at}" in cuda_run(argv).stdout
+    assert losses(stopped) == losses(whole) and len(losses(whole)) == 10
 
 
 def test_nccl_starts_on_one_rank():
