@@ -9,6 +9,10 @@ pretraining checkpoint (a save_dir or step_ directory) or a Hugging Face BERT / 
 models run their narrow layers for [CLS] only (classification) or for the labeled words only (NER). The run
 writes SAVE_DIR/metrics.jsonl, SAVE_DIR/eval_results.json and the exported model in SAVE_DIR/hf:
     pipeline("text-classification", model="SAVE_DIR/hf", trust_remote_code=True)   # narrow needs remote code
+
+The run checkpoints every train.save_interval steps and at the end, keeps its best evaluation in SAVE_DIR/best,
+and resumes from SAVE_DIR when run again. Exit codes: 0 finished; 75 stopped by SIGTERM or Ctrl-C after saving a
+checkpoint (run the same command again to resume); 2 a refused config or input; 1 stopped on a non-finite loss.
 """
 
 from __future__ import annotations

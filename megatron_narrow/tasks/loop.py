@@ -4,7 +4,12 @@ export of the result to Hugging Face.
 Every rank evaluates the whole valid file (task files are small), so the metrics need no gathering and
 rank 0 reports them. The loss is the mean cross-entropy of each micro-batch (over its labeled words for
 token classification). At the end, rank 0 writes SAVE_DIR/hf (model, tokenizer, labels in the config),
-SAVE_DIR/eval_results.json and SAVE_DIR/valid_predictions.jsonl.
+SAVE_DIR/eval_results.json, SAVE_DIR/valid_predictions.jsonl and, last, SAVE_DIR/finetune_summary.json.
+
+A run keeps pretraining's guarantees: checkpoints under SAVE_DIR/checkpoints (every train.save_interval steps,
+at the end, and on SIGTERM / Ctrl-C, then exit 75) hold the engine, the place in the epoch, the best evaluation
+and the RNG states, so the same command resumes bit for bit. The best evaluation's model is kept in SAVE_DIR/best;
+task.early_stopping_patience ends a run that stopped improving.
 """
 
 from __future__ import annotations
