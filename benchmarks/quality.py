@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +70,7 @@ from megatron_narrow.tasks.example_tasks import (  # noqa: E402
     top_libraries,  # noqa: F401
     write_example_tasks,
 )
-from megatron_narrow.tasks.jobs import JobPool, one_rank_env  # noqa: E402
+from megatron_narrow.tasks.jobs import JobPool  # noqa: E402
 
 VARIANTS = ("bert", "narrow", "token_drop")
 MODELS = (*VARIANTS, "narrow_time")  # narrow_time: NarrowBERT for bert's wall-clock
@@ -108,13 +107,10 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(command: list[str], log_file: Path, threads: int | None = None) -> None:
-    """Run one stage as its own process (rank 0 of a world of one; `threads` intra-op threads, default torch's);
-    its output goes to log_file. A failure raises with the log's tail, so a broken stage says why."""
-    with open(log_file, "w") as out:
-        code = subprocess.call([sys.executable, *command], cwd=ROOT, env={**one_rank_env(threads), **CPU},
-                               stdout=out, stderr=subprocess.STDOUT)
-    _check(code, command, log_file)
+def run(command: list[str], log_file: Path) -> None:
+    """Run one stage alone, as its own process with every core (a Runner of one); its output goes to log_file.
+    A failure raises with the log's tail, so a broken stage says why."""
+    Runner(1)(command, log_file)
 
 
 def _check(code: int | None, command: list[str], log_file: Path) -> None:

@@ -21,6 +21,7 @@ backend: it holds under every backend.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -122,8 +123,10 @@ def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_offs
     return out.transpose(1, 2).values()
 
 
+@functools.cache
 def _flash_varlen():
-    """flash_attn's flash_attn_varlen_func, or None where flash_attn is not installed."""
+    """flash_attn's flash_attn_varlen_func, or None where flash_attn is not installed (asked once: a failed
+    import is not cached by Python, and every layer would search sys.path again)."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:

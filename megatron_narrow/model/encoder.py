@@ -111,7 +111,7 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
     segments = state.segment_ids
     # unpacked: every query of a row may attend the row's real keys; packed: those of its own segment
     full_mask = AttentionMask.of(state.key_mask) if segments is None else AttentionMask(segments, segments)
-    narrow_mask = None
+    narrow_mask = kept_attention = None  # built at the first layer that needs them, then shared
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in layers:
         role = roles[index]
@@ -137,11 +137,11 @@ def run_layers(config: ModelConfig, layers: Iterable[tuple[int, BertLayer]], sta
         elif role == "transition":
             _drop_tokens(config, layer, state, importance)
         elif role == "kept":
-            if segments is None:
-                state.hidden = layer(state.hidden, AttentionMask.of(state.kept_mask))
-            else:
-                kept_segments = segments.gather(1, state.kept)
-                state.hidden = layer(state.hidden, AttentionMask(kept_segments, kept_segments))
+            if kept_attention is None:
+                kept_segments = None if segments is None else segments.gather(1, state.kept)
+                kept_attention = AttentionMask.of(state.kept_mask) if segments is None else \
+                    AttentionMask(kept_segments, kept_segments)
+            state.hidden = layer(state.hidden, kept_attention)
         elif role == "rejoin":
             index_rows = state.kept.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1])
             restored = state.context.scatter(1, index_rows, state.hidden)  # the dropped tokens rejoin

@@ -36,10 +36,11 @@ from megatron_narrow.tasks.kinds import label_set, read_examples, task_kind
 from megatron_narrow.tasks.metrics import LOWER_IS_BETTER
 from megatron_narrow.tasks.source import Pretrained, load_pretrained
 from megatron_narrow.training import checkpoint
-from megatron_narrow.training.engine import all_reduce, build_engine, training_device
+from megatron_narrow.training.engine import agree_to_stop, build_engine, training_device
 from megatron_narrow.training.metrics import MetricsLogger
 from megatron_narrow.training.optim import set_learning_rate
 from megatron_narrow.training.precision import with_resolved_precision
+from megatron_narrow.training.resume import check_resume_config
 from megatron_narrow.training.setup import (
     DeepSpeedMPU,
     check_wandb,
@@ -48,7 +49,7 @@ from megatron_narrow.training.setup import (
     world_size_from_env,
 )
 from megatron_narrow.training.step import train_step
-from megatron_narrow.training.stop import RunStopped, StopSignal
+from megatron_narrow.training.stop import StopSignal
 
 
 def build_task_model(run: FinetuneConfig, pretrained: Pretrained, num_labels: int,
@@ -204,13 +205,10 @@ def read_task_inputs(run: FinetuneConfig, ds_config_path: str) -> TaskInputs:
 
 @dataclass
 class FinetuneProgress:
-    """Where a fine-tuning run stands; saved in every checkpoint, so a resumed run continues bit for bit."""
+    """Where a fine-tuning run stands; saved in every checkpoint with the place in the train split (_Epochs'
+    position) and the RNG states, so a resumed run continues bit for bit."""
 
     step: int = 0
-    epoch: int = 0
-    """Epochs of the train split begun."""
-    drawn: int = 0
-    """Micro-batches drawn (on this rank) in the current epoch."""
     best_value: float | None = None
     """task.selection_metric of the best evaluation so far (its model is SAVE_DIR/best)."""
     best_step: int | None = None
@@ -245,8 +243,8 @@ class FineTuning:
             return FinetuneProgress(), None
         ours = loaded[1]["megatron_narrow"]
         progress = FinetuneProgress(**ours["progress"])
-        self.batches.seek(progress.epoch, progress.drawn)
-        self._report(f"resumed from step {progress.step} (epoch {progress.epoch})")
+        self.batches.seek(*ours["data_position"])
+        self._report(f"resumed from step {progress.step} (epoch {self.batches.epoch})")
         return progress, ours["rng"]
 
     def train_and_evaluate(self, progress: FinetuneProgress, stop: StopSignal) -> tuple[dict, list]:
@@ -270,10 +268,9 @@ class FineTuning:
             train_step(self.engine, micro_batches, self.inputs.ds_config["gradient_accumulation_steps"], forward,
                        step=progress.step + 1, policy="stop", optimizer=self.optimizer, device=self.device)
             progress.step += 1
-            progress.epoch, progress.drawn = self.batches.position()
             if progress.step % train.log_interval == 0 or progress.step == train.train_steps:
                 self.logger.log({"step": progress.step, "loss": sum(loss / len(losses) for loss in losses), "lr": lr,
-                                 "step_time_s": time.perf_counter() - started, "epoch": progress.epoch})
+                                 "step_time_s": time.perf_counter() - started, "epoch": self.batches.epoch})
             if train.eval_interval and progress.step % train.eval_interval == 0 and progress.step != train.train_steps:
                 self._evaluate(progress)
             self._checkpoint_or_stop(progress, stop)
@@ -313,17 +310,17 @@ class FineTuning:
 
     def _checkpoint_or_stop(self, progress: FinetuneProgress, stop: StopSignal) -> None:
         train = self.run.train
-        preempted = all_reduce(torch.tensor(float(stop.received is not None), device=self.device),
-                               op=dist.ReduceOp.MAX).item() > 0
+        preempted = agree_to_stop(stop, self.device)
         if (train.save_interval and progress.step % train.save_interval == 0) or preempted:
             self._save(progress)
         if preempted:
-            stopped = RunStopped(stop.received or "signal on another rank", progress.step)
+            stopped = stop.stopped(progress.step)
             self._report(str(stopped))
             raise stopped
 
     def _save(self, progress: FinetuneProgress) -> None:
-        client_state = {"megatron_narrow": {"progress": asdict(progress), "rng": checkpoint.rng_state(self.tracker)}}
+        client_state = {"megatron_narrow": {"progress": asdict(progress), "data_position": self.batches.position(),
+                                            "rng": checkpoint.rng_state(self.tracker)}}
         train = self.run.train
         checkpoint.save(self.engine, train.save_dir, progress.step, client_state, run_config=self.run.to_dict(),
                         tokenizer_model=None, keep_last=train.keep_last, is_rank0=self.is_rank0)
@@ -334,25 +331,19 @@ class FineTuning:
             print(line, flush=True)
 
 
+RESUMABLE = ("save_interval", "keep_last", "log_interval", "eval_interval", "train_steps", "restart",
+             "trust_checkpoint", "wandb_project", "num_workers")
+"""train.* keys a fine-tuning run may change when it resumes; every other task.*, model.* and train.* key is what
+its weights and data order come from, so a change is refused."""
+
+
 def _check_same_task(root: Path, plan: checkpoint_files.ResumePlan, run: FinetuneConfig) -> None:
-    """Refuse to resume a checkpoint of another task, model or seed: its weights and data order belong to
-    that run."""
-    if not plan.candidates:
-        return
-    saved_file = root / plan.candidates[0] / checkpoint_files.CONFIG_NAME
-    if not saved_file.is_file():
-        return
-    saved, ours = json.loads(saved_file.read_text()), json.loads(json.dumps(run.to_dict()))
-    resumable = ("save_interval", "keep_last", "log_interval", "eval_interval", "train_steps", "restart",
-                 "trust_checkpoint", "wandb_project", "num_workers")
-    for section in ("task", "model", "train"):
-        for key, value in ours[section].items():
-            if section == "train" and key in resumable:
-                continue
-            if saved.get(section, {}).get(key) != value:
-                raise ValueError(f"{root.parent}: its checkpoint is of a run with {section}.{key}="
-                                 f"{saved.get(section, {}).get(key)!r}, this run says {value!r}; use another "
-                                 "train.save_dir, or train.restart=true to start over")
+    """Refuse to resume a checkpoint of another task, model, seed or schedule (training/resume.py)."""
+    if plan.candidates:
+        settings = run.to_dict()
+        fixed = {f"{section}.{key}" for section in ("task", "model", "train") for key in settings[section]
+                 if not (section == "train" and key in RESUMABLE)}
+        check_resume_config(root / plan.candidates[0], settings, fixed)
 
 
 class _Epochs:

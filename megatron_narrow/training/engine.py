@@ -12,6 +12,7 @@ from torch import nn
 
 from megatron_narrow.config import TrainConfig
 from megatron_narrow.training.optim import build_optimizer
+from megatron_narrow.training.stop import StopSignal
 
 
 def training_device() -> torch.device:
@@ -24,6 +25,12 @@ def all_reduce(value: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.T
     if dist.is_initialized():
         dist.all_reduce(value, op=op, group=group)
     return value
+
+
+def agree_to_stop(stop: StopSignal, device: torch.device) -> bool:
+    """Whether any rank has received a stop signal (every rank asks at the same step boundary)."""
+    flag = torch.tensor(float(stop.received is not None), device=device)
+    return all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0
 
 
 def agree_finite(finite: bool, step: int, policy: str, device: torch.device) -> bool:

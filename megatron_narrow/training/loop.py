@@ -26,7 +26,14 @@ from megatron_narrow.parallel import ProcessGroups, RNGStatesTracker, padded_voc
 from megatron_narrow.training import checkpoint
 from megatron_narrow.training.batch_schedule import BatchSchedule
 from megatron_narrow.training.data import PretrainingData, build_datasets_in_turn, make_loader
-from megatron_narrow.training.engine import agree_finite, all_reduce, build_engine, rank0_print, training_device
+from megatron_narrow.training.engine import (
+    agree_finite,
+    agree_to_stop,
+    all_reduce,
+    build_engine,
+    rank0_print,
+    training_device,
+)
 from megatron_narrow.training.flops import peak_flops, training_flops_per_sequence
 from megatron_narrow.training.layout import (
     UNIVERSAL_SUFFIX,
@@ -248,13 +255,12 @@ def train_steps(setup: PretrainingRun, progress: Progress, logger: MetricsLogger
                 micro_batch_size=shape.micro_batch_size)})
             logger.log(records[-1])
             engine.train()
-        preempted = all_reduce(torch.tensor(float(stop.received is not None), device=setup.device),
-                               op=dist.ReduceOp.MAX).item() > 0
+        preempted = agree_to_stop(stop, setup.device)
         if (train.save_interval and progress.step % train.save_interval == 0) or preempted or (
                 progress.step == train.train_steps):
             _save(setup, progress, universal_info)
         if preempted:
-            stopped = RunStopped(stop.received or "signal on another rank", progress.step)
+            stopped = stop.stopped(progress.step)
             setup.report(str(stopped))
             raise stopped
     return records

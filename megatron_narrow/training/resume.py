@@ -32,10 +32,15 @@ def _flatten(config: dict) -> dict[str, object]:
             for key, value in values.items()}
 
 
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(refused, changed): `section.key old -> new` for fixed keys that differ, and for every other key."""
-    old, new = {**BEFORE_THE_KEY, **_flatten(saved)}, _flatten(current)
-    fixed = {f"{section}.{key}" for section, keys in FIXED.items() for key in keys}
+def fixed_keys(sections: dict[str, tuple[str, ...]]) -> set[str]:
+    return {f"{section}.{key}" for section, keys in sections.items() for key in keys}
+
+
+def config_changes(saved: dict, current: dict, fixed: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """(refused, changed): `section.key old -> new` for fixed keys that differ (default: pretraining's FIXED), and
+    for every other key."""
+    old, new = {**BEFORE_THE_KEY, **_flatten(saved)}, _flatten(json.loads(json.dumps(current)))
+    fixed = fixed_keys(FIXED) if fixed is None else fixed
     refused, changed = [], []
     for key in sorted(set(old) | set(new)):
         if key in old and key in new and old[key] != new[key]:
@@ -51,13 +56,14 @@ def saved_run_config(tag_dir: Path) -> dict | None:
         return None
 
 
-def check_resume_config(tag_dir: Path, current: dict) -> list[str]:
-    """Refuse a resume that changes the model shape, variant, vocabulary or sequence length (one line naming
-    both values); return the other changes for the run to report."""
+def check_resume_config(tag_dir: Path, current: dict, fixed: set[str] | None = None) -> list[str]:
+    """Refuse a resume that changes the model shape, variant, vocabulary or sequence length (or the `fixed`
+    section.key names given: fine-tuning's) in one line naming both values; return the other changes for the
+    run to report."""
     saved = saved_run_config(tag_dir)
     if saved is None:
         return []
-    refused, changed = config_changes(saved, current)
+    refused, changed = config_changes(saved, current, fixed)
     if refused:
         raise ValueError(f"cannot resume {tag_dir} with a changed {'; '.join(refused)} (checkpoint -> config): "
                          "restore the checkpoint's values, or start a new run with another train.save_dir or "

@@ -38,6 +38,11 @@ class StopSignal:
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def stopped(self, step: int) -> RunStopped:
+        """The exception that ends the run after its checkpoint at `step` (the signal seen by another rank when
+        not by this one)."""
+        return RunStopped(self.received or "signal on another rank", step)
+
     def uninstall(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
